@@ -1,0 +1,225 @@
+"""Typed configuration: one frozen dataclass per stage, loadable from YAML.
+
+Defaults are the walkthrough's numbers (``shared/seed/NOTES.md``): VGG16 at stride 16, an
+800x800 canvas, 9 anchors (ratios 0.5/1/2 x scales 8/16/32), 256 anchors sampled per image,
+12000/2000 (train) and 6000/300 (test) proposals, 128 RoIs at most 25 % foreground, 7x7 pooling.
+
+    cfg = ModelConfig.from_yaml("configs/tiny.yaml")
+    cfg.to_dict()      # flat, resolved values: what MLflow logs as params
+    cfg.target_hash()  # what the precomputed shards are keyed on
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+@dataclass(frozen=True)
+class CanvasConfig:
+    """Every image is resized (aspect kept) and padded bottom-right onto this canvas."""
+
+    height: int = 800
+    width: int = 800
+    # ImageNet statistics: torchvision backbones expect them.
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    stride: int = 16
+    # Scales are multiples of the stride (paper: 8, 16, 32 x 16 = 128, 256, 512 px).
+    scales: tuple[float, ...] = (8.0, 16.0, 32.0)
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.scales) * len(self.ratios)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "vgg16"  # vgg16 | resnet50 | mobilenet_v3 | tiny
+    # "imagenet" downloads torchvision's weights; a path loads a local state dict; None: random init.
+    weights: str | None = None
+    # Only for the tiny backbone: channel widths of its stride-2 stages.
+    tiny_channels: tuple[int, ...] = (16, 32, 64, 128)
+    freeze_at: int = 0  # number of leading backbone layers whose weights stay fixed
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    mid_channels: int = 512
+    pos_iou: float = 0.7
+    neg_iou: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_n_train: int = 12000
+    post_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 6000
+    post_nms_top_n_test: int = 300
+    nms_thresh: float = 0.7
+    min_size: float = 16.0
+    box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    # Paper: L = L_cls / N_cls + lambda * L_reg / N_reg with lambda = 10 and N_reg the number of
+    # anchor locations. "positives" divides by the positives (the walkthrough), "sampled" by the
+    # sampled anchors (torchvision).
+    loc_weight: float = 10.0
+    loc_normalizer: str = "locations"  # locations | positives | sampled
+    smooth_l1_beta: float = 1.0 / 9.0
+
+
+@dataclass(frozen=True)
+class RoIHeadConfig:
+    batch_size_per_image: int = 128
+    positive_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou_hi: float = 0.5
+    bg_iou_lo: float = 0.0
+    pool: str = "align"  # align | pool  (torchvision.ops.roi_align / roi_pool)
+    pool_size: int = 7
+    sampling_ratio: int = 2
+    head: str = "auto"  # auto | vgg | light ; auto: VGG's fc6/fc7 for vgg16, light otherwise
+    representation_size: int = 4096  # width of the fully connected head
+    dropout: float = 0.5
+    box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    loc_weight: float = 1.0
+    loc_normalizer: str = "sampled"  # sampled | positives
+    smooth_l1_beta: float = 1.0 / 9.0
+    # Inference
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.3
+    detections_per_img: int = 100
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_classes: int = 20  # foreground classes; the head predicts num_classes + 1
+    class_names: tuple[str, ...] = ()
+    canvas: CanvasConfig = field(default_factory=CanvasConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+
+    @property
+    def feature_size(self) -> tuple[int, int]:
+        s = self.anchors.stride
+        return self.canvas.height // s, self.canvas.width // s
+
+    @property
+    def num_anchor_positions(self) -> int:
+        h, w = self.feature_size
+        return h * w * self.anchors.num_anchors
+
+    def __post_init__(self) -> None:
+        s = self.anchors.stride
+        if self.canvas.height % s or self.canvas.width % s:
+            raise ValueError(
+                f"canvas {self.canvas.height}x{self.canvas.width} must be a multiple of the stride {s}"
+            )
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names given for num_classes={self.num_classes}"
+            )
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self, prefix: str = "model") -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        return _flatten(self.to_dict(), prefix)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        return _build(cls, data, "model")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        model = data.get("model", data)
+        return cls.from_dict(model)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def target_fields(self) -> dict[str, Any]:
+        """What precomputed anchor targets depend on: shards must match these exactly."""
+        return {
+            "canvas_height": self.canvas.height,
+            "canvas_width": self.canvas.width,
+            "stride": self.anchors.stride,
+            "anchor_scales": list(self.anchors.scales),
+            "anchor_ratios": list(self.anchors.ratios),
+            "rpn_pos_iou": self.rpn.pos_iou,
+            "rpn_neg_iou": self.rpn.neg_iou,
+            "rpn_box_weights": list(self.rpn.box_weights),
+            "num_classes": self.num_classes,
+        }
+
+    def target_hash(self) -> str:
+        blob = json.dumps(self.target_fields(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str):
+    """Build a (nested) frozen dataclass from a mapping; unknown keys are an error, not ignored."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = known[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple) and value is not None:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def tiny_config(num_classes: int = 5, class_names: tuple[str, ...] = (), canvas: int = 192) -> ModelConfig:
+    """A CPU-sized detector: tiny backbone, small canvas, proposal counts scaled to the canvas."""
+    return ModelConfig(
+        num_classes=num_classes,
+        class_names=class_names,
+        canvas=CanvasConfig(height=canvas, width=canvas),
+        anchors=AnchorConfig(stride=16, scales=(2.0, 4.0, 8.0), ratios=(0.5, 1.0, 2.0)),
+        backbone=BackboneConfig(name="tiny"),
+        rpn=RPNConfig(
+            mid_channels=128,
+            pre_nms_top_n_train=1000,
+            post_nms_top_n_train=200,
+            pre_nms_top_n_test=600,
+            post_nms_top_n_test=100,
+            min_size=4.0,
+        ),
+        roi=RoIHeadConfig(batch_size_per_image=64, representation_size=256, dropout=0.0),
+    )

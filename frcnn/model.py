@@ -1,0 +1,101 @@
+"""Faster R-CNN: backbone -> RPN -> RoI heads, on a fixed canvas, batched.
+
+    model = FasterRCNN(tiny_config())
+    losses = model(images, targets)        # training: dict with LOSS_KEYS
+    dets = model(images)                   # eval: canvas boxes per image
+    dets = model.detect(images, scales, orig_sizes)   # eval: original-image boxes
+
+``images``: ``(B, 3, H, W)`` uint8 (0..255) or float (0..1) canvases; normalisation is inside.
+``targets``: ``{"boxes": [FloatTensor[N_i, 4]], "labels": [Int64Tensor[N_i]]}`` in canvas pixels,
+optionally with precomputed ``"anchor_labels"`` (B, H*W*A) int8 and ``"anchor_deltas"``
+(B, H*W*A, 4); without them the model assigns anchor targets itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .anchors import assign_anchor_targets, grid_anchors
+from .backbones import build_backbone
+from .boxes import BoxCoder
+from .canvas import CanvasTransform
+from .config import ModelConfig
+from .roi_heads import RoIHeads
+from .rpn import ProposalLayer, RPNHead, rpn_loss
+
+# Stable metric names: what makes runs comparable in MLflow.
+LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls", "loss_roi_loc")
+
+
+class FasterRCNN(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        bb = build_backbone(cfg.backbone, cfg.roi, cfg.anchors.stride)
+        self.backbone = bb.body
+        self.rpn_head = RPNHead(bb.out_channels, cfg.rpn.mid_channels, cfg.anchors.num_anchors)
+        self.roi_heads = RoIHeads(cfg.roi, bb.head, bb.head_out, cfg.num_classes + 1, cfg.anchors.stride)
+        self.rpn_coder = BoxCoder(cfg.rpn.box_weights)
+        self.proposal_layer = ProposalLayer(cfg.rpn, self.rpn_coder)
+        fh, fw = cfg.feature_size
+        a = cfg.anchors
+        self.register_buffer("anchors", grid_anchors(fh, fw, a.stride, a.scales, a.ratios), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.canvas.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.canvas.std).view(1, 3, 1, 1), persistent=False)
+        self.canvas = CanvasTransform(cfg.canvas.height, cfg.canvas.width)
+
+    @property
+    def canvas_hw(self) -> tuple[int, int]:
+        return self.cfg.canvas.height, self.cfg.canvas.width
+
+    def normalize(self, images: Tensor) -> Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def anchor_targets(self, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Assign anchor targets in the model (when none were precomputed)."""
+        labels, deltas = [], []
+        for b in boxes:
+            t = assign_anchor_targets(self.anchors, b, self.canvas_hw, self.cfg.rpn.pos_iou,
+                                      self.cfg.rpn.neg_iou, self.rpn_coder)
+            labels.append(t.labels)
+            deltas.append(t.deltas)
+        return torch.stack(labels), torch.stack(deltas)
+
+    def forward(self, images: Tensor, targets: dict | None = None):
+        if images.shape[-2:] != self.canvas_hw:
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the canvas is {self.canvas_hw}")
+        features = self.backbone(self.normalize(images))
+        logits, deltas = self.rpn_head(features)
+        proposals = self.proposal_layer(self.anchors, logits, deltas, self.canvas_hw, self.training)
+        if self.training:
+            if targets is None:
+                raise ValueError("training needs targets")
+            if "anchor_labels" in targets:
+                a_labels, a_deltas = targets["anchor_labels"], targets["anchor_deltas"]
+            else:
+                a_labels, a_deltas = self.anchor_targets(targets["boxes"])
+            losses = rpn_loss(self.cfg.rpn, logits, deltas, a_labels, a_deltas, tuple(features.shape[-2:]))
+            losses.update(self.roi_heads.forward_train(features, proposals, targets["boxes"], targets["labels"]))
+            return losses
+        cls_logits, box_deltas = self.roi_heads.predict(features, proposals)
+        return self.roi_heads.postprocess_detections(cls_logits, box_deltas, proposals, self.canvas_hw)
+
+    @torch.no_grad()
+    def detect(self, images: Tensor, scales: list[float] | Tensor, orig_sizes: list[tuple[int, int]]
+               ) -> list[dict[str, Tensor]]:
+        """Detections with boxes mapped back to each original image through the canvas transform."""
+        was_training = self.training
+        self.eval()
+        try:
+            dets = self(images)
+        finally:
+            self.train(was_training)
+        for d, s, (h, w) in zip(dets, scales, orig_sizes):
+            d["boxes"] = self.canvas.invert_boxes(d["boxes"], float(s), int(h), int(w))
+        return dets
+
+
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
+    return sum(losses[k] for k in LOSS_KEYS)

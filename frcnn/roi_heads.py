@@ -1,0 +1,129 @@
+"""Fast R-CNN head: proposal targets, RoI pooling, classification and box regression."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
+
+from .boxes import BoxCoder, clip_boxes
+from .config import RoIHeadConfig
+
+
+class ProposalTargetCreator:
+    """Sample ``batch_size_per_image`` RoIs per image, at most ``positive_fraction`` foreground
+    (IoU >= fg_iou), the rest background (IoU in [bg_iou_lo, bg_iou_hi)); ground-truth boxes are
+    added to the proposals so that the head always sees some foreground."""
+
+    def __init__(self, cfg: RoIHeadConfig, box_coder: BoxCoder) -> None:
+        self.cfg = cfg
+        self.box_coder = box_coder
+
+    @torch.no_grad()
+    def __call__(self, proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """-> sampled rois (R, 4), labels (R,) 0..C, regression targets (R, 4)."""
+        cfg = self.cfg
+        device = proposals.device
+        gt_boxes = gt_boxes.to(device=device, dtype=proposals.dtype)
+        rois = torch.cat([proposals, gt_boxes], dim=0)
+        if gt_boxes.numel() == 0:
+            max_iou = torch.zeros(rois.shape[0], device=device)
+            matched = torch.zeros(rois.shape[0], dtype=torch.long, device=device)
+        else:
+            max_iou, matched = box_iou(rois, gt_boxes).max(dim=1)
+        fg = torch.nonzero(max_iou >= cfg.fg_iou).flatten()
+        bg = torch.nonzero((max_iou < cfg.bg_iou_hi) & (max_iou >= cfg.bg_iou_lo)).flatten()
+        n_fg = min(int(cfg.batch_size_per_image * cfg.positive_fraction), fg.numel())
+        fg = fg[torch.randperm(fg.numel(), generator=generator, device="cpu")[:n_fg].to(device)]
+        n_bg = min(cfg.batch_size_per_image - n_fg, bg.numel())
+        bg = bg[torch.randperm(bg.numel(), generator=generator, device="cpu")[:n_bg].to(device)]
+        keep = torch.cat([fg, bg])
+        rois = rois[keep]
+        labels = torch.zeros(keep.numel(), dtype=torch.long, device=device)
+        targets = torch.zeros((keep.numel(), 4), dtype=torch.float32, device=device)
+        if n_fg:
+            labels[:n_fg] = gt_labels.to(device)[matched[fg]]
+            targets[:n_fg] = self.box_coder.encode(gt_boxes[matched[fg]], rois[:n_fg])
+        return rois, labels, targets
+
+
+class RoIHeads(nn.Module):
+    def __init__(self, cfg: RoIHeadConfig, head: nn.Module, head_out: int, num_classes: int, stride: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.head = head
+        self.num_classes = num_classes  # including background
+        self.spatial_scale = 1.0 / stride
+        self.cls_score = nn.Linear(head_out, num_classes)
+        self.bbox_pred = nn.Linear(head_out, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+        self.box_coder = BoxCoder(cfg.box_weights)
+        self.target_creator = ProposalTargetCreator(cfg, self.box_coder)
+
+    def pool(self, features: Tensor, rois: list[Tensor]) -> Tensor:
+        """RoIs in canvas pixels -> (R, C, P, P) features (torchvision.ops; no Python loop)."""
+        p = self.cfg.pool_size
+        boxes = [r.to(features.dtype) for r in rois]
+        if self.cfg.pool == "align":
+            return roi_align(features, boxes, (p, p), self.spatial_scale, self.cfg.sampling_ratio, aligned=True)
+        if self.cfg.pool == "pool":
+            return roi_pool(features, boxes, (p, p), self.spatial_scale)
+        raise ValueError(f"roi.pool {self.cfg.pool!r}: align or pool")
+
+    def predict(self, features: Tensor, rois: list[Tensor]) -> tuple[Tensor, Tensor]:
+        x = self.head(self.pool(features, rois))
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def loss(self, cls_logits: Tensor, box_deltas: Tensor, labels: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        cfg = self.cfg
+        loss_cls = F.cross_entropy(cls_logits.float(), labels)
+        fg = torch.nonzero(labels > 0).flatten()
+        pred = box_deltas.reshape(box_deltas.shape[0], -1, 4)[fg, labels[fg]]  # (R, K*4) -> (F, 4)
+        loc_sum = F.smooth_l1_loss(pred.float(), targets[fg], beta=cfg.smooth_l1_beta, reduction="sum")
+        if cfg.loc_normalizer == "sampled":
+            norm = max(labels.numel(), 1)
+        elif cfg.loc_normalizer == "positives":
+            norm = max(fg.numel(), 1)
+        else:
+            raise ValueError(f"roi.loc_normalizer {cfg.loc_normalizer!r}: sampled or positives")
+        return {"loss_roi_cls": loss_cls, "loss_roi_loc": cfg.loc_weight * loc_sum / norm}
+
+    def forward_train(self, features: Tensor, proposals: list[Tensor], gt_boxes: list[Tensor],
+                      gt_labels: list[Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        rois, labels, targets = [], [], []
+        for props, boxes, labs in zip(proposals, gt_boxes, gt_labels):
+            r, l, t = self.target_creator(props, boxes, labs, generator)
+            rois.append(r)
+            labels.append(l)
+            targets.append(t)
+        cls_logits, box_deltas = self.predict(features, rois)
+        return self.loss(cls_logits, box_deltas, torch.cat(labels), torch.cat(targets))
+
+    @torch.no_grad()
+    def postprocess_detections(self, cls_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor],
+                               canvas_hw: tuple[int, int]) -> list[dict[str, Tensor]]:
+        """Per-class decode, clip, score threshold, ``batched_nms``, top detections: canvas boxes."""
+        cfg = self.cfg
+        k = self.num_classes
+        scores_all = F.softmax(cls_logits.float(), dim=-1)
+        boxes_all = self.box_coder.decode(box_deltas, torch.cat(proposals))  # (R, K*4)
+        boxes_all = clip_boxes(boxes_all.reshape(-1, k, 4), *canvas_hw)
+        out = []
+        start = 0
+        for props in proposals:
+            n = props.shape[0]
+            boxes = boxes_all[start:start + n, 1:].reshape(-1, 4)  # drop background
+            scores = scores_all[start:start + n, 1:].reshape(-1)
+            labels = torch.arange(1, k, device=boxes.device).repeat(n)
+            start += n
+            wh = boxes[:, 2:] - boxes[:, :2]
+            keep = torch.nonzero((scores > cfg.score_thresh) & (wh > 1e-2).all(dim=1)).flatten()
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
+            out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return out
