@@ -1,0 +1,1 @@
+"""jobs: the frcnn-jobs CLI and its glue to Ray Train and MLflow."""

@@ -1,0 +1,115 @@
+"""The precomputed-shard contract: one Parquet row per image, plus a manifest written last.
+
+| column              | type            | meaning                                                       |
+| ------------------- | --------------- | ------------------------------------------------------------- |
+| image_id            | string          | the split entry (``YEAR/id`` when several years are joined)    |
+| image               | binary          | the canvas (H x W x 3), JPEG-encoded                          |
+| orig_height/width   | int32           | the original image size                                       |
+| scale               | float32         | canvas = original * scale (resized region at the top left)     |
+| boxes               | list<float32>   | N x 4 flattened, canvas xyxy                                  |
+| labels              | list<int32>     | 1..C                                                          |
+| difficult           | list<bool>      | VOC's flag; difficult boxes are stored, not used as targets    |
+| anchor_labels       | list<int8>      | H*W*A values in the detector's anchor order, before sampling   |
+| pos_anchor_index    | list<int32>     | indices of the positive anchors                               |
+| pos_anchor_deltas   | list<float32>   | 4 per positive (RPN weights 1, 1, 1, 1)                       |
+
+``_frcnn_manifest.json`` is written last, into the published folder: its presence is what makes
+a folder readable, and ``check_manifest`` refuses shards made for another model config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+MANIFEST_NAME = "_frcnn_manifest.json"
+
+SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("image", pa.binary()),
+    ("orig_height", pa.int32()),
+    ("orig_width", pa.int32()),
+    ("scale", pa.float32()),
+    ("boxes", pa.list_(pa.float32())),
+    ("labels", pa.list_(pa.int32())),
+    ("difficult", pa.list_(pa.bool_())),
+    ("anchor_labels", pa.list_(pa.int8())),
+    ("pos_anchor_index", pa.list_(pa.int32())),
+    ("pos_anchor_deltas", pa.list_(pa.float32())),
+])
+
+
+class ManifestMismatch(ValueError):
+    """Shards were precomputed for a different model configuration."""
+
+
+def encode_canvas(canvas: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_canvas(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def read_manifest(fs, root: str) -> dict[str, Any]:
+    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no manifest: not a published precompute output (was the run killed?)") from None
+
+
+def check_manifest(manifest: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    """Refuse shards whose anchor-target fields differ from the model config's, naming the field."""
+    got = manifest.get("targets", {})
+    for key, want in expected.items():
+        have = got.get(key)
+        if isinstance(have, list) and isinstance(want, (list, tuple)):
+            same = len(have) == len(want) and all(float(a) == float(b) for a, b in zip(have, want))
+        else:
+            same = have == want
+        if not same:
+            raise ManifestMismatch(
+                f"{where}: shards were precomputed with {key}={have!r}, the model config has {key}={want!r}; "
+                "precompute again with this config")
+
+
+def batch_to_tensors(batch: Mapping[str, Any], num_anchor_positions: int, use_difficult: bool = False
+                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A numpy batch of rows (Ray Data's ``batch_format="numpy"``) -> model inputs.
+
+    Returns ``images`` (B, 3, H, W) uint8 and targets with ``boxes``, ``labels`` (difficult
+    boxes dropped unless ``use_difficult``), dense ``anchor_labels`` (B, N) int8 and
+    ``anchor_deltas`` (B, N, 4).
+    """
+    n = len(batch["image_id"])
+    images = torch.from_numpy(np.stack([decode_canvas(b) for b in batch["image"]])).permute(0, 3, 1, 2)
+    a_labels = torch.from_numpy(np.stack([np.asarray(x, dtype=np.int8) for x in batch["anchor_labels"]]))
+    if a_labels.shape[1] != num_anchor_positions:
+        raise ManifestMismatch(
+            f"rows hold {a_labels.shape[1]} anchor labels, the model has {num_anchor_positions} anchors")
+    a_deltas = torch.zeros((n, num_anchor_positions, 4), dtype=torch.float32)
+    boxes, labels = [], []
+    for i in range(n):
+        idx = torch.from_numpy(np.asarray(batch["pos_anchor_index"][i], dtype=np.int64))
+        if idx.numel():
+            a_deltas[i, idx] = torch.from_numpy(np.asarray(batch["pos_anchor_deltas"][i], dtype=np.float32)).view(-1, 4)
+        bx = torch.from_numpy(np.asarray(batch["boxes"][i], dtype=np.float32)).view(-1, 4)
+        lb = torch.from_numpy(np.asarray(batch["labels"][i], dtype=np.int64))
+        if not use_difficult:
+            keep = ~torch.from_numpy(np.asarray(batch["difficult"][i], dtype=bool))
+            bx, lb = bx[keep], lb[keep]
+        boxes.append(bx)
+        labels.append(lb)
+    targets = {"boxes": boxes, "labels": labels, "anchor_labels": a_labels, "anchor_deltas": a_deltas}
+    return images, targets
