@@ -1,0 +1,1 @@
+"""Data readers and Ray Data jobs for frcnn-jobs."""
