@@ -84,32 +84,51 @@ def check_manifest(manifest: Mapping[str, Any], expected: Mapping[str, Any], whe
                 "precompute again with this config")
 
 
-def batch_to_tensors(batch: Mapping[str, Any], num_anchor_positions: int, use_difficult: bool = False
-                     ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """A numpy batch of rows (Ray Data's ``batch_format="numpy"``) -> model inputs.
+def decode_batch(batch: Mapping[str, Any], num_anchor_positions: int) -> dict[str, Any]:
+    """Rows (Ray Data ``batch_format="numpy"``) -> dense numpy arrays, ready for ``torch.from_numpy``.
 
-    Returns ``images`` (B, 3, H, W) uint8 and targets with ``boxes``, ``labels`` (difficult
-    boxes dropped unless ``use_difficult``), dense ``anchor_labels`` (B, N) int8 and
-    ``anchor_deltas`` (B, N, 4).
+    Runs inside Ray Data's ``map_batches`` during training, so JPEG decoding and densifying the
+    sparse deltas overlap with the training step instead of stalling it.
     """
     n = len(batch["image_id"])
-    images = torch.from_numpy(np.stack([decode_canvas(b) for b in batch["image"]])).permute(0, 3, 1, 2)
-    a_labels = torch.from_numpy(np.stack([np.asarray(x, dtype=np.int8) for x in batch["anchor_labels"]]))
+    images = np.stack([decode_canvas(b) for b in batch["image"]])  # (B, H, W, 3) uint8
+    a_labels = np.stack([np.asarray(x, dtype=np.int8) for x in batch["anchor_labels"]])
     if a_labels.shape[1] != num_anchor_positions:
         raise ManifestMismatch(
             f"rows hold {a_labels.shape[1]} anchor labels, the model has {num_anchor_positions} anchors")
-    a_deltas = torch.zeros((n, num_anchor_positions, 4), dtype=torch.float32)
-    boxes, labels = [], []
+    a_deltas = np.zeros((n, num_anchor_positions, 4), dtype=np.float32)
     for i in range(n):
-        idx = torch.from_numpy(np.asarray(batch["pos_anchor_index"][i], dtype=np.int64))
-        if idx.numel():
-            a_deltas[i, idx] = torch.from_numpy(np.asarray(batch["pos_anchor_deltas"][i], dtype=np.float32)).view(-1, 4)
-        bx = torch.from_numpy(np.asarray(batch["boxes"][i], dtype=np.float32)).view(-1, 4)
-        lb = torch.from_numpy(np.asarray(batch["labels"][i], dtype=np.int64))
+        idx = np.asarray(batch["pos_anchor_index"][i], dtype=np.int64)
+        if idx.size:
+            a_deltas[i, idx] = np.asarray(batch["pos_anchor_deltas"][i], dtype=np.float32).reshape(-1, 4)
+    out = {k: batch[k] for k in ("image_id", "orig_height", "orig_width", "scale", "boxes", "labels", "difficult")}
+    out.update(image=images, anchor_labels=a_labels, anchor_deltas=a_deltas)
+    return out
+
+
+def to_model_inputs(decoded: Mapping[str, Any], use_difficult: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Decoded numpy batch -> ``images`` (B, 3, H, W) uint8 and the model's ``targets``: boxes and
+    labels (difficult boxes dropped unless ``use_difficult``), dense anchor labels and deltas."""
+    images = torch.from_numpy(np.ascontiguousarray(decoded["image"])).permute(0, 3, 1, 2)
+    boxes, labels = [], []
+    for bx, lb, df in zip(decoded["boxes"], decoded["labels"], decoded["difficult"]):
+        bx = torch.from_numpy(np.asarray(bx, dtype=np.float32)).view(-1, 4)
+        lb = torch.from_numpy(np.asarray(lb, dtype=np.int64))
         if not use_difficult:
-            keep = ~torch.from_numpy(np.asarray(batch["difficult"][i], dtype=bool))
+            keep = ~torch.from_numpy(np.asarray(df, dtype=bool))
             bx, lb = bx[keep], lb[keep]
         boxes.append(bx)
         labels.append(lb)
-    targets = {"boxes": boxes, "labels": labels, "anchor_labels": a_labels, "anchor_deltas": a_deltas}
+    targets = {
+        "boxes": boxes,
+        "labels": labels,
+        "anchor_labels": torch.from_numpy(np.asarray(decoded["anchor_labels"])),
+        "anchor_deltas": torch.from_numpy(np.asarray(decoded["anchor_deltas"])),
+    }
     return images, targets
+
+
+def batch_to_tensors(batch: Mapping[str, Any], num_anchor_positions: int, use_difficult: bool = False
+                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Rows -> model inputs in one call (``decode_batch`` then ``to_model_inputs``)."""
+    return to_model_inputs(decode_batch(batch, num_anchor_positions), use_difficult)
