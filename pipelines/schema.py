@@ -69,6 +69,14 @@ def read_manifest(fs, root: str) -> dict[str, Any]:
             f"{path}: no manifest: not a published precompute output (was the run killed?)") from None
 
 
+def read_manifest_at(path_or_uri: str) -> dict[str, Any]:
+    """The manifest of a published precompute output, local path or object-store URI."""
+    from .voc import resolve_filesystem
+
+    fs, path = resolve_filesystem(path_or_uri)
+    return read_manifest(fs, path)
+
+
 def check_manifest(manifest: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
     """Refuse shards whose anchor-target fields differ from the model config's, naming the field."""
     got = manifest.get("targets", {})
