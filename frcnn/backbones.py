@@ -97,40 +97,42 @@ def _freeze(body: nn.Module, n: int) -> None:
 def build_backbone(cfg: BackboneConfig, roi: RoIHeadConfig, stride: int) -> Backbone:
     p = roi.pool_size
     head_kind = roi.head
+    if roi.reduce_channels and head_kind in ("vgg", "resnet"):
+        raise ValueError(f"roi.reduce_channels needs the light head, not {head_kind!r}")
     if cfg.name == "vgg16":
         vgg = torchvision.models.vgg16(weights=None)
         _load_weights(vgg, cfg.weights, torchvision.models.VGG16_Weights.IMAGENET1K_V1)
         body = nn.Sequential(*list(vgg.features)[:30])  # conv1_1 .. conv5_3 + ReLU, stride 16
         channels, body_stride = 512, 16
-        if head_kind in ("auto", "vgg"):
+        if head_kind == "vgg" or (head_kind == "auto" and not roi.reduce_channels):
             if p != 7:
                 raise ValueError("the VGG head (fc6 of 25088 inputs) needs roi.pool_size 7")
             # fc6, ReLU, Dropout, fc7, ReLU, Dropout: the walkthrough dropped the ReLUs.
             head = nn.Sequential(nn.Flatten(1), *list(vgg.classifier)[:6])
             head_out = 4096
         else:
-            head, head_out = LightHead(channels * p * p, roi.representation_size, roi.dropout), roi.representation_size
+            head, head_out = LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size, roi.dropout), roi.representation_size
     elif cfg.name == "resnet50":
         rn = torchvision.models.resnet50(weights=None)
         _load_weights(rn, cfg.weights, torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
         body = nn.Sequential(rn.conv1, rn.bn1, rn.relu, rn.maxpool, rn.layer1, rn.layer2, rn.layer3)
         channels, body_stride = 1024, 16
-        if head_kind in ("auto", "resnet"):
+        if head_kind == "resnet" or (head_kind == "auto" and not roi.reduce_channels):
             head, head_out = ResNetC5Head(rn.layer4), 2048
         else:
-            head, head_out = LightHead(channels * p * p, roi.representation_size, roi.dropout), roi.representation_size
+            head, head_out = LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size, roi.dropout), roi.representation_size
     elif cfg.name == "mobilenet_v3":
         mb = torchvision.models.mobilenet_v3_large(weights=None)
         _load_weights(mb, cfg.weights, torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1)
         body = nn.Sequential(*list(mb.features)[:13])  # up to the last stride-16 block
         channels, body_stride = 112, 16
-        head, head_out = LightHead(channels * p * p, roi.representation_size, roi.dropout), roi.representation_size
+        head, head_out = LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size, roi.dropout), roi.representation_size
     elif cfg.name == "tiny":
         body = tiny_body(tuple(cfg.tiny_channels))
         channels, body_stride = cfg.tiny_channels[-1], 2 ** len(cfg.tiny_channels)
         if cfg.weights:
             body.load_state_dict(torch.load(cfg.weights, map_location="cpu", weights_only=True))
-        head, head_out = LightHead(channels * p * p, roi.representation_size, roi.dropout), roi.representation_size
+        head, head_out = LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size, roi.dropout), roi.representation_size
     else:
         raise ValueError(f"unknown backbone {cfg.name!r}: vgg16, resnet50, mobilenet_v3 or tiny")
     if body_stride != stride:

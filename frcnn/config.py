@@ -88,6 +88,9 @@ class RoIHeadConfig:
     sampling_ratio: int = 2
     head: str = "auto"  # auto | vgg | light ; auto: VGG's fc6/fc7 for vgg16, light otherwise
     representation_size: int = 4096  # width of the fully connected head
+    # Light-Head R-CNN (Li et al. 2017): a 1x1 conv thins the feature map before RoI pooling, so
+    # pooling (and its backward, the slowest op on CPU) handles fewer channels. 0 disables.
+    reduce_channels: int = 0
     dropout: float = 0.5
     box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     loc_weight: float = 1.0
@@ -221,5 +224,6 @@ def tiny_config(num_classes: int = 5, class_names: tuple[str, ...] = (), canvas:
             post_nms_top_n_test=100,
             min_size=4.0,
         ),
-        roi=RoIHeadConfig(batch_size_per_image=64, representation_size=256, dropout=0.0),
+        roi=RoIHeadConfig(batch_size_per_image=64, representation_size=256, dropout=0.0,
+                          reduce_channels=32, sampling_ratio=1),
     )

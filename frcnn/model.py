@@ -35,7 +35,8 @@ class FasterRCNN(nn.Module):
         bb = build_backbone(cfg.backbone, cfg.roi, cfg.anchors.stride)
         self.backbone = bb.body
         self.rpn_head = RPNHead(bb.out_channels, cfg.rpn.mid_channels, cfg.anchors.num_anchors)
-        self.roi_heads = RoIHeads(cfg.roi, bb.head, bb.head_out, cfg.num_classes + 1, cfg.anchors.stride)
+        self.roi_heads = RoIHeads(cfg.roi, bb.head, bb.head_out, cfg.num_classes + 1, cfg.anchors.stride,
+                                  bb.out_channels)
         self.rpn_coder = BoxCoder(cfg.rpn.box_weights)
         self.proposal_layer = ProposalLayer(cfg.rpn, self.rpn_coder)
         fh, fw = cfg.feature_size

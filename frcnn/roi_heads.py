@@ -50,9 +50,12 @@ class ProposalTargetCreator:
 
 
 class RoIHeads(nn.Module):
-    def __init__(self, cfg: RoIHeadConfig, head: nn.Module, head_out: int, num_classes: int, stride: int) -> None:
+    def __init__(self, cfg: RoIHeadConfig, head: nn.Module, head_out: int, num_classes: int, stride: int,
+                 in_channels: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.reduce = (nn.Sequential(nn.Conv2d(in_channels, cfg.reduce_channels, 1), nn.ReLU(inplace=True))
+                       if cfg.reduce_channels else nn.Identity())
         self.head = head
         self.num_classes = num_classes  # including background
         self.spatial_scale = 1.0 / stride
@@ -68,6 +71,7 @@ class RoIHeads(nn.Module):
     def pool(self, features: Tensor, rois: list[Tensor]) -> Tensor:
         """RoIs in canvas pixels -> (R, C, P, P) features (torchvision.ops; no Python loop)."""
         p = self.cfg.pool_size
+        features = self.reduce(features)
         boxes = [r.to(features.dtype) for r in rois]
         if self.cfg.pool == "align":
             return roi_align(features, boxes, (p, p), self.spatial_scale, self.cfg.sampling_ratio, aligned=True)
