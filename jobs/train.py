@@ -121,6 +121,16 @@ def _gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
+def _rank_weight_diff(core: torch.nn.Module, world: int) -> float:
+    """Largest difference between ranks of per-tensor weight fingerprints (0.0: DDP kept the
+    replicas identical)."""
+    with torch.no_grad():
+        fp = torch.stack([torch.stack((p.double().sum(), p.double().pow(2).sum())) for p in core.state_dict().values()
+                          if p.is_floating_point()]).cpu()
+    prints = _gather(fp, world)
+    return float(max((a - prints[0]).abs().max() for a in prints))
+
+
 def _validate(model: torch.nn.Module, core: FasterRCNN, shard, batch_size: int, use_difficult: bool,
               device: torch.device, world: int) -> dict[str, float]:
     """Validation loss and VOC mAP@0.5 (all-point) over this worker's shard, combined across ranks."""
@@ -266,7 +276,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     win_n, win_data, win_time, win_images = 0, 0.0, 0.0, 0
             if nan_step is not None:
                 break
-            metrics = {"epoch": epoch, "step": step}
+            metrics = {"epoch": epoch, "step": step, "rank_weight_diff": _rank_weight_diff(core, world)}
             if val_shard is not None:
                 model.eval()
                 metrics.update(_validate(model, core, val_shard, tcfg.batch_size, use_difficult, device, world))
