@@ -1,0 +1,297 @@
+"""``frcnn-jobs evaluate`` / ``promote`` / ``ui``: real Ray (inference), real MLflow (a tmp sqlite store).
+
+The model is never trained here: an initialised tiny detector is saved as a checkpoint, so the
+test checks the plumbing (runs, tags, metrics, artifacts, registry), not the numbers. The numbers
+are checked with hand-built detections files, whose AP follows from counting.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from frcnn import FasterRCNN, tiny_config
+from frcnn.training import TrainConfig, checkpoint_state
+from jobs.evaluate import (EvaluationError, PromotionError, load_ground_truth, promote, run_evaluation,
+                           ui_command)
+from pipelines.synth import SYNTH_CLASSES, generate
+
+ARTIFACTS = {"per_class.csv", "pr_curves.png", "detections_grid.png", "detections.parquet"}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    started = not ray.is_initialized()
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n_images=20, min_size=96, max_size=200)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory) -> str:
+    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{path}")
+    client.search_experiments()
+    client.search_registered_models()
+    return str(path)
+
+
+@pytest.fixture()
+def store(empty_db, tmp_path, monkeypatch) -> str:
+    """A fresh store per test: a copy of the empty one."""
+    import mlflow
+
+    shutil.copyfile(empty_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _checkpoint(path, class_names=SYNTH_CLASSES) -> str:
+    cfg = tiny_config(num_classes=5, class_names=tuple(class_names), canvas=128)
+    torch.manual_seed(0)
+    model = FasterRCNN(cfg)
+    torch.save(checkpoint_state(model, None, 0, 0, cfg, TrainConfig()), path)
+    return str(path)
+
+
+def _write_dets(path, rows) -> str:
+    pq.write_table(pa.table({
+        "image_id": pa.array([r[0] for r in rows], pa.string()),
+        "boxes": pa.array([np.asarray(r[1], np.float32).reshape(-1) for r in rows], pa.list_(pa.float32())),
+        "scores": pa.array([np.ones(len(r[2]), np.float32) for r in rows], pa.list_(pa.float32())),
+        "labels": pa.array([np.asarray(r[2], np.int32) for r in rows], pa.list_(pa.int32())),
+    }), path)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- evaluate a model
+
+
+def test_evaluate_checkpoint_logs_a_tagged_run_with_artifacts(ray_session, synth, store, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    res = run_evaluation(ckpt, data_root=synth, split="test", experiment="eval-test", batch_size=2)
+    client = MlflowClient(store)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "evaluate-test"
+    tags = run.data.tags
+    assert tags["frcnn.job"] == "evaluate" and tags["frcnn.dataset"] == "voc" and tags["frcnn.split"] == "test"
+    assert tags["frcnn.model_uri"] == ckpt and tags["frcnn.data_root"] == synth
+    assert "mlflow.parentRunId" not in tags
+    m = run.data.metrics
+    assert 0.0 <= m["map50"] <= 1.0 and math.isfinite(m["map50_voc07"]) and "coco_map" in m
+    assert m["images"] == len(load_ground_truth(synth, "test")) and m["images_with_errors"] == 0
+    assert m["images_per_s"] > 0
+    assert [r["class"] for r in res.per_class] == list(SYNTH_CLASSES)
+    assert {a.path for a in client.list_artifacts(res.run_id)} >= ARTIFACTS
+    local = client.download_artifacts(res.run_id, "per_class.csv", str(tmp_path))
+    assert open(local).readline().strip() == "class,num_gt,num_det,ap_voc,ap_voc07"
+    out = capsys.readouterr().out
+    assert res.run_id in out and "map50=" in out and "ellipse" in out
+
+
+def test_evaluate_refuses_a_model_of_other_classes(synth, store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    ckpt = _checkpoint(tmp_path / "other.pt", class_names=("a", "b", "c", "d", "e"))
+    with pytest.raises(EvaluationError, match="classes"):
+        run_evaluation(ckpt, data_root=synth, split="test", experiment="eval-test")
+    exp = MlflowClient(store).get_experiment_by_name("eval-test")
+    assert not MlflowClient(store).search_runs([exp.experiment_id])  # refused before any run
+
+
+def test_evaluate_registered_version_tags_run_and_registry(synth, store, tmp_path, monkeypatch):
+    """A registry reference is resolved once (alias -> version), recorded in the run's tags, and the
+    version gets the numbers as tags. Inference is replaced by perfect detections (no Ray here)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import jobs.evaluate as ev
+    from jobs import tracking
+    from jobs.models import register_model
+
+    tracking.setup(store, "registry-test")
+    with mlflow.start_run() as train_run:
+        assert register_model(_checkpoint(tmp_path / "checkpoint.pt"), "frcnn") == "1"
+    client = MlflowClient(store)
+    client.set_registered_model_alias("frcnn", "champion", "1")
+
+    def perfect(gt, checkpoint, **kwargs):
+        assert checkpoint[:2] == b"PK"  # the checkpoint file's bytes (torch.save writes a zip)
+        return [{"image_id": i, "boxes": g["boxes"], "scores": np.ones(len(g["labels"]), np.float32),
+                 "labels": g["labels"], "height": -1, "width": -1, "error": None} for i, g in gt.boxes.items()]
+
+    monkeypatch.setattr(ev, "predict_split", perfect)
+    res = run_evaluation("models:/frcnn@champion", data_root=synth, split="test", experiment="eval-test",
+                         verbose=False)
+    tags = client.get_run(res.run_id).data.tags
+    assert tags["frcnn.model_uri"] == "models:/frcnn@champion"
+    assert (tags["frcnn.model_name"], tags["frcnn.model_version"]) == ("frcnn", "1")
+    assert tags["frcnn.train_run_id"] == train_run.info.run_id
+    vtags = client.get_model_version("frcnn", "1").tags
+    assert vtags["map50_test"] == "1.0000" and vtags["eval_run_test"] == res.run_id
+    assert "map50_voc07_test" in vtags and "coco_map_test" in vtags
+
+
+# --------------------------------------------------------------------------- evaluate a detections file
+
+
+def test_detections_file_perfect_then_half(synth, store, tmp_path):
+    gt = load_ground_truth(synth, "trainval")
+    perfect = [(i, g["boxes"], g["labels"]) for i, g in gt.boxes.items()]
+    res = run_evaluation(detections=_write_dets(tmp_path / "perfect.parquet", perfect), data_root=synth,
+                         split="trainval", experiment="eval-test", verbose=False)
+    assert res.metrics["map50"] == 1.0 and res.metrics["map50_voc07"] == pytest.approx(1.0)
+    assert res.metrics["coco_map"] == pytest.approx(1.0)
+
+    # Drop every other non-difficult object of each class: every kept box is a TP at score 1, so
+    # precision stays 1 and each class's all-point AP is its recall, kept / total.
+    seen = {c: 0 for c in range(1, 6)}
+    half = []
+    for i, g in gt.boxes.items():
+        keep = []
+        for b, lab, diff in zip(g["boxes"], g["labels"], g["difficult"]):
+            if not diff:
+                seen[int(lab)] += 1
+                if seen[int(lab)] % 2 == 0:
+                    continue
+            keep.append((b, lab))
+        half.append((i, [b for b, _ in keep], [lab for _, lab in keep]))
+    expected = {c: math.ceil(n / 2) / n for c, n in seen.items() if n}
+    res = run_evaluation(detections=_write_dets(tmp_path / "half.parquet", half), data_root=synth,
+                         split="trainval", experiment="eval-test", verbose=False)
+    for row in res.per_class:
+        c = SYNTH_CLASSES.index(row["class"]) + 1
+        if c not in expected:  # no ground truth of that class: NaN, left out of the mean
+            assert math.isnan(row["ap_voc"])
+            continue
+        assert row["ap_voc"] == pytest.approx(expected[c])
+        assert row["ap_voc07"] == pytest.approx(sum(expected[c] >= t for t in np.arange(0, 1.1, 0.1)) / 11)
+    assert res.metrics["map50"] == pytest.approx(np.mean(list(expected.values())))
+    assert 0 < res.metrics["coco_map"] < 1.0
+
+
+def test_detections_file_with_unknown_ids_is_refused(synth, store, tmp_path):
+    path = _write_dets(tmp_path / "other.parquet", [("nope", [[0, 0, 5, 5]], [1])])
+    with pytest.raises(EvaluationError, match="none of its 1 image ids"):
+        run_evaluation(detections=path, data_root=synth, split="test", experiment="eval-test")
+
+
+def test_cli_evaluate_detections(synth, store, tmp_path):
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    gt = load_ground_truth(synth, "test")
+    path = _write_dets(tmp_path / "d.parquet", [(i, g["boxes"], g["labels"]) for i, g in gt.boxes.items()])
+    runner = CliRunner()
+    res = runner.invoke(main, ["evaluate", "--detections", path, "--dataset", "voc", "--data-root", synth,
+                               "--split", "test", "--experiment", "cli-eval"])
+    assert res.exit_code == 0, res.output
+    assert "map50=1.0000" in res.output and "MLflow evaluation run" in res.output
+    res = runner.invoke(main, ["evaluate", "--data-root", synth])
+    assert res.exit_code == 2 and "exactly one of --model or --detections" in res.output
+
+
+# --------------------------------------------------------------------------- promote
+
+
+def _fake_eval(client, exp_id, version, value, status="FINISHED", data_root="/data/voc"):
+    run = client.create_run(exp_id, run_name="evaluate-test", tags={
+        "frcnn.job": "evaluate", "frcnn.dataset": "voc", "frcnn.split": "test", "frcnn.data_root": data_root,
+        "frcnn.years": "all", "frcnn.model_name": "frcnn", "frcnn.model_version": str(version)})
+    client.log_metric(run.info.run_id, "map50", value)
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def _holder(client, alias="champion") -> str:
+    return str(client.get_model_version_by_alias("frcnn", alias).version)
+
+
+def test_promote_if_better_than(store, tmp_path, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from jobs import tracking
+    from jobs.models import register_model
+
+    tracking.setup(store, "promote-test")
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    with mlflow.start_run():
+        assert register_model(ckpt, "frcnn") == "1"
+    with mlflow.start_run():
+        assert register_model(ckpt, "frcnn") == "2"
+    client = MlflowClient(store)
+    v1 = client.get_model_version("frcnn", "1")
+    for _ in (3, 4):  # same files, registered again without a second upload
+        client.create_model_version("frcnn", v1.source, run_id=v1.run_id)
+    exp_id = client.get_experiment_by_name("promote-test").experiment_id
+    _fake_eval(client, exp_id, 1, 0.6)
+    _fake_eval(client, exp_id, 2, 0.7)
+    _fake_eval(client, exp_id, 3, 0.5)
+    _fake_eval(client, exp_id, 4, 0.99, status="FAILED")  # not FINISHED: does not count
+    _fake_eval(client, exp_id, 4, 0.99, data_root="/elsewhere")  # other data: not comparable
+
+    res = promote("models:/frcnn/1", "champion", if_better_than="champion")
+    assert res.promoted and "nobody holds @champion" in res.message
+    assert _holder(client) == "1"
+
+    capsys.readouterr()
+    res = promote("frcnn/2", "champion", if_better_than="champion", metric="map50")
+    out = capsys.readouterr().out
+    assert res.promoted and (res.candidate_value, res.incumbent_value) == (0.7, 0.6)
+    assert "0.7000" in out and "0.6000" in out and "version 2 (was 1)" in out
+    assert _holder(client) == "2"
+
+    res = promote("models:/frcnn/3", "champion", if_better_than="champion")
+    assert not res.promoted and "NOT promoted" in res.message
+    assert _holder(client) == "2"
+
+    with pytest.raises(PromotionError, match="no FINISHED evaluation run of models:/frcnn/4 on voc/test"):
+        promote("models:/frcnn/4", "champion", if_better_than="champion", data_root="/data/voc")
+    assert _holder(client) == "2"
+
+    # An incumbent evaluated elsewhere only: the comparison is refused, not guessed.
+    with pytest.raises(PromotionError, match="@champion version models:/frcnn/2 on voc/test at /elsewhere"):
+        promote("models:/frcnn/4", "champion", if_better_than="champion")
+
+    # Without a condition the alias is just set; the CLI reports a missing evaluation as exit 1.
+    assert promote("models:/frcnn/3", "staging").promoted
+    assert _holder(client, "staging") == "3"
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    res = CliRunner().invoke(main, ["promote", "models:/frcnn/4", "--alias", "champion", "--if-better-than",
+                                    "champion", "--data-root", "/data/voc"])
+    assert res.exit_code == 1 and "no FINISHED evaluation run" in res.output
+
+
+def test_ui_command(store):
+    cmd = ui_command(port=5123, host="0.0.0.0")
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == store
+    assert cmd[cmd.index("--port") + 1] == "5123" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
