@@ -37,6 +37,7 @@ import io
 import logging
 import math
 import os
+import posixpath
 import re
 import shutil
 import subprocess
@@ -197,9 +198,7 @@ def predict_split(gt: GroundTruth, checkpoint: bytes, *, batch_size: int = 8, co
             num_cpus=cpus_per_actor, batch_format="numpy", **kwargs)
         out = [_normalise_row(r) for r in ds.take_all()]
     for image_id in missing:
-        out.append({"image_id": image_id, "boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
-                    "labels": np.zeros(0, np.int32), "height": -1, "width": -1,
-                    "error": "no image file for this id (JPEGImages/<id>.jpg|.jpeg|.png)"})
+        out.append(_empty_row(image_id, "no image file for this id (JPEGImages/<id>.jpg|.jpeg|.png)"))
     order = {i: k for k, i in enumerate(gt.image_ids)}
     out.sort(key=lambda r: order.get(r["image_id"], len(order)))
     return out
@@ -235,44 +234,156 @@ def _list_column(column) -> list[np.ndarray]:
     raise EvaluationError(f"expected a list column, got {arr.type}")
 
 
-def read_detections(path: str) -> list[dict[str, Any]]:
-    """Rows of a detections Parquet (a file or a folder of parts, local or a URI), as ``infer``
-    writes them: ``image_id``, ``boxes`` (list<float32>, N x 4 flattened, original pixels),
-    ``scores``, ``labels`` and optionally ``error``, ``height``, ``width``."""
-    import pyarrow.parquet as pq
+MODEL_COLUMNS = ("model_name", "model_version", "model_uri", "model_sha256", "train_run_id")
+
+
+def _detection_files(path: str):
+    """``(fs, [(detection files, error files)] per partition, oldest first)`` for a detections path:
+    a Parquet file; a folder of ``*.parquet`` parts (plus ``errors/``); or an ``infer`` output root,
+    whose published ``run=...`` partitions (those holding ``_SUCCESS``) are read, never staging."""
+    import pyarrow.fs as pafs
 
     from pipelines.voc import resolve_filesystem
 
-    fs, fs_path = resolve_filesystem(path)
-    try:
-        table = pq.read_table(fs_path, filesystem=fs)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{path}: detections file not found") from exc
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a non-Parquet file
-        raise EvaluationError(f"{path}: not a readable Parquet file or folder: {exc}") from exc
+    fs, root = resolve_filesystem(path)
+    root = root.rstrip("/") or "/"
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{path}: detections file not found")
+    if kind == pafs.FileType.File:
+        return fs, [([root], [])]
+
+    def listing(folder: str):
+        return fs.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+
+    def parquet(folder: str) -> list[str]:
+        return sorted(i.path for i in listing(folder) if i.type == pafs.FileType.File
+                      and i.base_name.endswith(".parquet") and not i.base_name.startswith(("_", ".")))
+
+    entries = listing(root)
+    runs = sorted(i.path for i in entries if i.type == pafs.FileType.Directory and i.base_name.startswith("run="))
+    if runs:
+        published = [r for r in runs if fs.get_file_info(f"{r}/_SUCCESS").type == pafs.FileType.File]
+        if not published:
+            raise EvaluationError(f"{path}: no published run=... partition (none holds _SUCCESS yet)")
+        parts = published
+    else:
+        parts = [root]
+    out = [(parquet(d), parquet(f"{d}/errors")) for d in parts]
+    if not any(det for det, _ in out):
+        raise EvaluationError(f"{path}: no *.parquet detections inside")
+    return fs, out
+
+
+def _table_rows(table, source: str) -> list[dict[str, Any]]:
     missing = [c for c in DETECTION_COLUMNS if c not in table.column_names]
     if missing:
-        raise EvaluationError(f"{path}: missing column(s) {missing}; need {list(DETECTION_COLUMNS)} "
+        raise EvaluationError(f"{source}: missing column(s) {missing}; need {list(DETECTION_COLUMNS)} "
                               f"(what `frcnn-jobs infer` writes)")
+    n = table.num_rows
     ids = [str(v) for v in table.column("image_id").to_pylist()]
     boxes, scores, labels = (_list_column(table.column(c)) for c in ("boxes", "scores", "labels"))
-    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * len(ids)
-    heights = table.column("height").to_pylist() if "height" in table.column_names else [-1] * len(ids)
-    widths = table.column("width").to_pylist() if "width" in table.column_names else [-1] * len(ids)
+
+    def col(name: str, default: Any) -> list[Any]:
+        return table.column(name).to_pylist() if name in table.column_names else [default] * n
+
+    errors, heights, widths = col("error", None), col("height", -1), col("width", -1)
+    model = {c: col(c, None) for c in MODEL_COLUMNS}
     rows, seen = [], set()
     for k, image_id in enumerate(ids):
         if image_id in seen:
-            raise EvaluationError(f"{path}: image_id {image_id!r} appears more than once")
+            raise EvaluationError(f"{source}: image_id {image_id!r} appears more than once")
         seen.add(image_id)
         b = np.asarray(boxes[k], dtype=np.float32)
         if b.size % 4:
-            raise EvaluationError(f"{path}: image {image_id!r}: boxes has {b.size} values, not a multiple of 4")
+            raise EvaluationError(f"{source}: image {image_id!r}: boxes has {b.size} values, not a multiple of 4")
         if not (len(scores[k]) == len(labels[k]) == b.size // 4):
-            raise EvaluationError(f"{path}: image {image_id!r}: {b.size // 4} boxes, {len(scores[k])} scores, "
+            raise EvaluationError(f"{source}: image {image_id!r}: {b.size // 4} boxes, {len(scores[k])} scores, "
                                   f"{len(labels[k])} labels")
-        rows.append(_normalise_row({"image_id": image_id, "boxes": b, "scores": scores[k], "labels": labels[k],
-                                    "error": errors[k], "height": heights[k], "width": widths[k]}))
+        row = _normalise_row({"image_id": image_id, "boxes": b, "scores": scores[k], "labels": labels[k],
+                              "error": errors[k], "height": heights[k], "width": widths[k]})
+        row["model"] = tuple(model[c][k] for c in MODEL_COLUMNS)
+        rows.append(row)
     return rows
+
+
+def read_detections(path: str) -> list[dict[str, Any]]:
+    """Rows of a detections Parquet, local or a URI: one file, a folder of parts, or an ``infer``
+    output (its published partitions; their ``errors/`` tables become rows with an error).
+    Columns: ``image_id``, ``boxes`` (list<float32>, N x 4 flattened, original pixels), ``scores``,
+    ``labels``; optional ``error``, ``height``, ``width`` and infer's model columns. Each row also
+    gets ``model``: (model_name, model_version, model_uri, model_sha256, train_run_id), Nones when
+    absent. Detections of one image from several partitions: the newest wins, and every row must come
+    from one model (else point at one ``run=...`` partition)."""
+    import pyarrow.parquet as pq
+
+    fs, parts = _detection_files(path)
+
+    def read(file: str):
+        try:
+            return pq.read_table(file, filesystem=fs)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a non-Parquet file
+            raise EvaluationError(f"{file}: not a readable Parquet file: {exc}") from exc
+
+    by_id: dict[str, dict[str, Any]] = {}
+    for det_files, err_files in parts:
+        part: dict[str, dict[str, Any]] = {}
+        for file in det_files:
+            for row in _table_rows(read(file), file):
+                if row["image_id"] in part:
+                    raise EvaluationError(f"{path}: image_id {row['image_id']!r} appears more than once in a run")
+                part[row["image_id"]] = row
+        by_id.update(part)  # a newer partition's detections replace an older one's
+        for file in err_files:
+            table = read(file)
+            if "image_id" not in table.column_names:
+                continue
+            reasons = (table.column("reason").to_pylist() if "reason" in table.column_names
+                       else ["unreadable"] * table.num_rows)
+            for image_id, reason in zip(table.column("image_id").to_pylist(), reasons):
+                if image_id is not None and str(image_id) not in by_id:  # a detection elsewhere wins
+                    by_id[str(image_id)] = {**_empty_row(str(image_id), str(reason or "unreadable")),
+                                            "model": (None,) * len(MODEL_COLUMNS)}
+    models = {r["model"] for r in by_id.values() if not r.get("error") and any(v is not None for v in r["model"])}
+    if len(models) > 1:
+        shown = sorted(f"{m[0]}/{m[1]}" if m[0] else f"sha256 {str(m[3])[:12]}" for m in models)
+        raise EvaluationError(f"{path}: detections of {len(models)} models ({', '.join(shown)}); point "
+                              f"--detections at one run=... partition or file")
+    return list(by_id.values())
+
+
+def _empty_row(image_id: str, error: str) -> dict[str, Any]:
+    return {"image_id": image_id, "boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+            "labels": np.zeros(0, np.int32), "height": -1, "width": -1, "error": error}
+
+
+def detections_model(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The model that made the detections, from infer's columns: {} when unknown."""
+    for r in rows:
+        m = r.get("model")
+        if m and not r.get("error") and any(v is not None for v in m):
+            return {k: str(v) for k, v in zip(MODEL_COLUMNS, m) if v is not None}
+    return {}
+
+
+def split_ids_for(rows: Sequence[Mapping[str, Any]], gt: GroundTruth) -> list[dict[str, Any]]:
+    """Give detections the split's image ids: infer names an image by its path under the input
+    folder (``000001.jpg``, ``VOC2007/JPEGImages/000001.jpg``), the split by the bare id
+    (``000001``, or ``2007/000001`` when several years are joined)."""
+    known = set(gt.image_ids)
+    out = []
+    for r in rows:
+        image_id = r["image_id"]
+        if image_id not in known:
+            parts = image_id.replace("\\", "/").split("/")
+            stem = posixpath.splitext(parts[-1])[0]
+            years = [m.group(1) for p in parts[:-1] if (m := re.match(r"^VOC(\d{4})$", p))]
+            for key in ([f"{years[-1]}/{stem}"] if years else []) + [stem]:
+                if key in known:
+                    image_id = key
+                    break
+        out.append({**r, "image_id": image_id})
+    return out
 
 
 def write_detections(rows: Sequence[Mapping[str, Any]], path: str) -> None:
@@ -295,6 +406,11 @@ def write_detections(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 def match_detections(rows: Sequence[Mapping[str, Any]], gt: GroundTruth, source: str) -> tuple[dict, dict[str, int]]:
     """Detections keyed by image id, restricted to the split; counts of what did not line up."""
     known = set(gt.image_ids)
+    seen: set[str] = set()
+    for r in rows:
+        if r["image_id"] in known and r["image_id"] in seen:
+            raise EvaluationError(f"{source}: two detection rows for split image {r['image_id']!r}")
+        seen.add(r["image_id"])
     dets = {r["image_id"]: {"boxes": r["boxes"], "scores": r["scores"], "labels": r["labels"]}
             for r in rows if r["image_id"] in known}
     extra = sum(1 for r in rows if r["image_id"] not in known)
@@ -473,8 +589,9 @@ def run_evaluation(model: str | None = None, detections: str | None = None, *, d
         model_cfg = ModelConfig.from_dict(load_checkpoint(io.BytesIO(ckpt_bytes))["model_config"])
         check_class_names(model_cfg, gt.class_names)
     else:
-        src_rows = read_detections(detections)
+        src_rows = split_ids_for(read_detections(detections), gt)
         dets, counts = match_detections(src_rows, gt, detections)
+        made_by = detections_model(src_rows)
 
     tags = {"frcnn.job": "evaluate", "frcnn.dataset": dataset, "frcnn.split": split, "frcnn.data_root": fs_root,
             "frcnn.years": ",".join(map(str, years)) if years else "all"}
@@ -486,7 +603,17 @@ def run_evaluation(model: str | None = None, detections: str | None = None, *, d
             if value:
                 tags[key] = str(value)
     else:
+        # Detections written by `infer` name their model: the evaluation is then that model's, and
+        # `promote` finds it like one made with --model.
+        # Only a complete set counts as that model's evaluation (a partial one would under-score it).
         tags["frcnn.detections"] = detections
+        prefix = "frcnn." if not counts["images_missing"] else "frcnn.detections_"
+        if made_by and counts["images_missing"]:
+            log.warning("%s: %d split image(s) without a row: not recorded as an evaluation of %s", detections,
+                        counts["images_missing"], made_by.get("model_uri") or made_by.get("model_sha256"))
+        for key in ("model_uri", "model_name", "model_version", "train_run_id"):
+            if made_by.get(key):
+                tags[f"{prefix}{key}"] = made_by[key]
     params: dict[str, Any] = {"model": model, "detections": detections, "dataset": dataset, "data_root": fs_root,
                               "split": split, "years": ",".join(map(str, years)) if years else "all", "images": len(gt)}
     if model_cfg is not None:
@@ -530,8 +657,8 @@ def run_evaluation(model: str | None = None, detections: str | None = None, *, d
             mlflow.log_artifacts(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if ref is not None and ref.name and ref.version:
-            _tag_model_version(client, ref.name, ref.version, split, metrics, run_id)
+        if tags.get("frcnn.model_name") and tags.get("frcnn.model_version"):
+            _tag_model_version(client, tags["frcnn.model_name"], tags["frcnn.model_version"], split, metrics, run_id)
 
     result = EvaluationResult(run_id, metrics, per_class, ref, tags)
     if verbose:
@@ -553,6 +680,11 @@ def _shown_root(data_root: str) -> str:
 
 
 def _tag_model_version(client, name: str, version: str, split: str, metrics: Mapping[str, float], run_id: str) -> None:
+    try:
+        client.get_model_version(name, version)
+    except Exception:  # noqa: BLE001 - e.g. detections made with another tracking store's model
+        log.info("models:/%s/%s is not in this registry: no version tags set", name, version)
+        return
     for key in VERSION_TAG_METRICS:
         value = metrics.get(key)
         if value is not None and math.isfinite(value):

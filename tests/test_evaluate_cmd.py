@@ -193,6 +193,43 @@ def test_detections_file_perfect_then_half(synth, store, tmp_path):
     assert 0 < res.metrics["coco_map"] < 1.0
 
 
+def test_detections_from_an_infer_output_folder(synth, store, tmp_path):
+    """infer's layout: published run=... partitions (with _SUCCESS), errors/ tables, ids that are paths
+    under the input folder, model columns. An unpublished partition is never read."""
+    from mlflow.tracking import MlflowClient
+
+    gt = load_ground_truth(synth, "test")
+    ids = list(gt.boxes)
+    out = tmp_path / "infer-out"
+
+    def part(folder, rows, version):
+        folder.mkdir(parents=True)
+        table = pa.table({
+            "image_id": pa.array([f"VOC2007/JPEGImages/{i}.jpg" for i in rows], pa.string()),
+            "boxes": pa.array([gt.boxes[i]["boxes"].reshape(-1) for i in rows], pa.list_(pa.float32())),
+            "scores": pa.array([np.ones(len(gt.boxes[i]["labels"]), np.float32) for i in rows],
+                               pa.list_(pa.float32())),
+            "labels": pa.array([gt.boxes[i]["labels"].astype(np.int32) for i in rows], pa.list_(pa.int32())),
+            "model_name": pa.array(["frcnn"] * len(rows), pa.string()),
+            "model_version": pa.array([version] * len(rows), pa.string()),
+        })
+        pq.write_table(table, folder / "part-0.parquet")
+
+    part(out / "run=20260101T000000-aaaa", ids[1:], "7")
+    (out / "run=20260101T000000-aaaa" / "errors").mkdir()
+    pq.write_table(pa.table({"image_id": [f"VOC2007/JPEGImages/{ids[0]}.jpg"], "reason": ["unreadable file"]}),
+                   out / "run=20260101T000000-aaaa" / "errors" / "part-0.parquet")
+    (out / "run=20260101T000000-aaaa" / "_SUCCESS").write_text("{}")
+    part(out / "run=20260102T000000-bbbb", ids, "8")  # no _SUCCESS: still being written
+
+    res = run_evaluation(detections=str(out), data_root=synth, split="test", experiment="eval-test", verbose=False)
+    assert res.metrics["images_with_errors"] == 1 and res.metrics["images_missing"] == 0
+    lost = int((~gt.boxes[ids[0]]["difficult"]).sum())  # the unreadable image's objects are misses
+    assert (res.metrics["map50"] == 1.0) == (lost == 0)
+    tags = MlflowClient(store).get_run(res.run_id).data.tags
+    assert (tags["frcnn.model_name"], tags["frcnn.model_version"]) == ("frcnn", "7")
+
+
 def test_detections_file_with_unknown_ids_is_refused(synth, store, tmp_path):
     path = _write_dets(tmp_path / "other.parquet", [("nope", [[0, 0, 5, 5]], [1])])
     with pytest.raises(EvaluationError, match="none of its 1 image ids"):
