@@ -1,0 +1,380 @@
+"""The Ray Data precompute job, its publishing protocol and its CLI (real Ray, real MLflow).
+
+Small on purpose (2 shared cores): a 24-image synthetic dataset at 64-128 px, a 128 px canvas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import torch
+from click.testing import CliRunner
+
+from frcnn.anchors import assign_anchor_targets, grid_anchors
+from frcnn.boxes import BoxCoder
+from frcnn.config import AnchorConfig, ModelConfig, tiny_config
+from pipelines import precompute as pc
+from pipelines.schema import MANIFEST_NAME, ManifestMismatch, batch_to_tensors, decode_canvas
+from pipelines.synth import SYNTH_CLASSES, generate
+from pipelines.voc import VOC_CLASSES, list_split, parse_annotation
+
+REPO = Path(__file__).resolve().parents[1]
+CANVAS = 128
+
+
+@pytest.fixture(scope="module")
+def cfg() -> ModelConfig:
+    return tiny_config(5, SYNTH_CLASSES, canvas=CANVAS)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n_images=24, seed=3, min_size=64, max_size=128)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def good(ray_session, synth_root, cfg, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pre") / "trainval")
+    summary = pc.precompute(synth_root, "trainval", out, cfg, rows_per_shard=8, progress=False)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def voc_xml(width: int, height: int, objects=()) -> bytes:
+    """objects: (name, (xmin, ymin, xmax, ymax) or None for no <bndbox>, difficult)."""
+    parts = [f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    for name, box, difficult in objects:
+        parts.append(f"<object><name>{name}</name><difficult>{int(difficult)}</difficult>")
+        if box is not None:
+            parts.append("<bndbox>" + "".join(f"<{t}>{v}</{t}>" for t, v in zip(
+                ("xmin", "ymin", "xmax", "ymax"), box)) + "</bndbox>")
+        parts.append("</object>")
+    return ("".join(parts) + "</annotation>").encode()
+
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE lolz [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+ <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+]>
+<annotation><size><width>64</width><height>64</height></size><object><name>&lol4;</name></object></annotation>
+"""
+
+
+def image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+@pytest.fixture(scope="module")
+def damaged(synth_root, tmp_path_factory):
+    """A copy of the synth dataset with one split entry per problem case.
+
+    Returns (root, expected skipped {image_id: source}, expected warning {image_id: source},
+    ids of every split entry).
+    """
+    root = tmp_path_factory.mktemp("damaged") / "data"
+    shutil.copytree(synth_root, root)
+    voc = root / "VOCdevkit" / "VOC2007"
+    ids = [i.image_id for i in list_split(str(root), "trainval")]
+    assert len(ids) >= 14
+    ann = lambda i: voc / "Annotations" / f"{i}.xml"  # noqa: E731
+    img = lambda i: voc / "JPEGImages" / f"{i}.jpg"  # noqa: E731
+    good_obj = ("rectangle", (3, 3, 30, 30), False)
+    skipped, warned = {}, {}
+
+    data = img(ids[0]).read_bytes()  # truncated JPEG
+    img(ids[0]).write_bytes(data[: len(data) // 2])
+    skipped[ids[0]] = str(img(ids[0]))
+    img(ids[1]).write_bytes(b"this is not a JPEG at all" * 40)  # garbage JPEG
+    skipped[ids[1]] = str(img(ids[1]))
+    ann(ids[2]).write_bytes(b"<annotation><size><width>10</width>")  # malformed XML
+    skipped[ids[2]] = str(ann(ids[2]))
+    ann(ids[3]).write_bytes(BILLION_LAUGHS)  # entity expansion
+    skipped[ids[3]] = str(ann(ids[3]))
+    cases = {
+        4: [("ellipse", None, False), good_obj],  # missing bndbox
+        5: [("ellipse", (40, 10, 20, 30), False), good_obj],  # inverted box
+        6: [("ellipse", (11, 10, 10, 30), False), good_obj],  # zero-area (VOC: xmax = xmin - 1)
+        7: [("ellipse", (10, 10, 5000, 30), False), ("cross", (4000, 4000, 4100, 4100), False), good_obj],
+        8: [("unicorn", (5, 5, 20, 20), False), good_obj],  # unknown class
+        9: [],  # no objects at all
+    }
+    for k, objects in cases.items():
+        w, h = image_size(str(img(ids[k])))
+        ann(ids[k]).write_bytes(voc_xml(w, h, objects))
+        warned[ids[k]] = str(ann(ids[k]))
+    img(ids[10]).unlink()  # annotation but no image
+    skipped[ids[10]] = str(voc / "JPEGImages" / f"{ids[10]}.jpg")
+    ann(ids[11]).unlink()  # image but no annotation
+    skipped[ids[11]] = str(ann(ids[11]))
+    split = voc / "ImageSets" / "Main" / "trainval.txt"
+    split.write_text(split.read_text() + "ghost\n")  # a split entry with no file at all
+    skipped["ghost"] = str(ann("ghost"))
+    return str(root), skipped, warned, ids + ["ghost"]
+
+
+def recompute(cfg: ModelConfig, boxes: np.ndarray, difficult: np.ndarray):
+    fh, fw = cfg.feature_size
+    anchors = grid_anchors(fh, fw, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
+    return assign_anchor_targets(anchors, torch.from_numpy(boxes[~difficult]), (cfg.canvas.height, cfg.canvas.width),
+                                 cfg.rpn.pos_iou, cfg.rpn.neg_iou, BoxCoder(cfg.rpn.box_weights))
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_targets_read_back_equal_recomputed(good, cfg, synth_root):
+    out, summary = good
+    items = {i.image_id: i for i in list_split(synth_root, "trainval")}
+    ds, manifest = pc.open_precomputed(out, cfg)
+    rows = ds.take_all()
+    assert summary.rows == manifest["rows"] == len(items) == len(rows)
+    assert summary.skipped == [] and manifest["skipped"] == []
+    assert all("all-negative" in w["reason"] for w in summary.warnings)  # synth's empty images only
+    assert manifest["targets"] == cfg.target_fields() and manifest["config_hash"] == cfg.target_hash()
+    assert manifest["class_names"] == list(SYNTH_CLASSES) and manifest["split"] == "trainval"
+    assert ModelConfig.from_dict(manifest["model_config"]) == cfg
+    assert manifest["package_version"] and manifest["created_at"]
+    assert sorted(os.listdir(out)) == sorted(manifest["shards"] + [MANIFEST_NAME])
+    assert len(manifest["shards"]) >= 3  # 8 rows per shard at most
+
+    n_difficult = 0
+    for row in rows:
+        item = items[row["image_id"]]
+        ann, _ = parse_annotation(Path(item.annotation_path).read_bytes(), item.annotation_path,
+                                  SYNTH_CLASSES, row["image_id"])
+        assert (row["orig_width"], row["orig_height"]) == image_size(item.image_path) == (ann.width, ann.height)
+        scale = min(CANVAS / ann.height, CANVAS / ann.width)
+        assert row["scale"] == pytest.approx(scale, rel=1e-6)
+        boxes = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)
+        difficult = np.asarray(row["difficult"], dtype=bool)
+        np.testing.assert_allclose(boxes, ann.boxes * scale, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(row["labels"], ann.labels)
+        np.testing.assert_array_equal(difficult, ann.difficult)
+        n_difficult += int(difficult.sum())
+        assert decode_canvas(row["image"]).shape == (CANVAS, CANVAS, 3)
+
+        t = recompute(cfg, boxes, difficult)
+        np.testing.assert_array_equal(row["anchor_labels"], t.labels.numpy())
+        np.testing.assert_array_equal(row["pos_anchor_index"], t.pos_index.numpy())
+        np.testing.assert_allclose(np.asarray(row["pos_anchor_deltas"]).reshape(-1, 4),
+                                   t.deltas[t.pos_index].numpy(), rtol=1e-5, atol=1e-6)
+    positives = manifest["positives_per_image"]
+    assert positives > 0 and summary.positives_per_image == positives
+
+    batch = {k: [r[k] for r in rows[:4]] for k in rows[0]}  # rows as Ray Data hands them over
+    images, targets = batch_to_tensors(batch, cfg.num_anchor_positions)
+    assert images.shape == (4, 3, CANVAS, CANVAS) and images.dtype == torch.uint8
+    assert targets["anchor_labels"].shape == (4, cfg.num_anchor_positions)
+    assert targets["anchor_deltas"].shape == (4, cfg.num_anchor_positions, 4)
+
+
+def test_every_bad_input_is_reported_and_good_images_kept(ray_session, damaged, cfg, tmp_path):
+    root, skipped, warned, ids = damaged
+    out = str(tmp_path / "out")
+    summary = pc.precompute(root, "trainval", out, cfg, rows_per_shard=8, progress=False)
+    manifest = json.loads((Path(out) / MANIFEST_NAME).read_text())
+
+    by_source = {r["source"]: r["reason"] for r in manifest["skipped"]}
+    assert set(by_source) == set(skipped.values()), manifest["skipped"]
+    reasons = {i: by_source[src] for i, src in skipped.items()}
+    assert "image does not decode" in reasons[ids[0]] and "truncated" in reasons[ids[0]]
+    assert "image does not decode" in reasons[ids[1]]
+    assert "does not parse" in reasons[ids[2]]
+    assert "forbidden" in reasons[ids[3]] and "Entit" in reasons[ids[3]]
+    assert "no image file" in reasons[ids[10]]
+    assert "annotation file not found" in reasons[ids[11]]
+    assert "no annotation file and no image file" in reasons["ghost"]
+
+    warn = {}
+    for r in manifest["warnings"]:
+        warn.setdefault(r["source"], []).append(r["reason"])
+    for i, src in warned.items():
+        assert src in warn, (i, manifest["warnings"])
+    w = {i: " | ".join(warn[src]) for i, src in warned.items()}
+    assert "missing <bndbox>" in w[ids[4]]
+    assert "inverted box" in w[ids[5]]
+    assert "zero-area box" in w[ids[6]]
+    assert "clipped" in w[ids[7]] and "entirely outside" in w[ids[7]]
+    assert "unknown class 'unicorn'" in w[ids[8]]
+    assert "no objects: kept as an all-negative example" in w[ids[9]]
+
+    ds, _ = pc.open_precomputed(out, cfg)
+    rows = {r["image_id"]: r for r in ds.take_all()}
+    assert set(rows) == set(ids) - set(skipped)
+    assert summary.rows == len(rows) and summary.skipped == manifest["skipped"]
+    assert len(rows[ids[7]]["labels"]) == 2  # the clipped ellipse and the good rectangle
+    np.testing.assert_allclose(np.asarray(rows[ids[7]]["boxes"]).reshape(-1, 4)[:, 2].max() / rows[ids[7]]["scale"],
+                               rows[ids[7]]["orig_width"], rtol=1e-5)  # clipped at the image border
+
+    # drop_empty turns the image without objects into a skipped one
+    out2 = str(tmp_path / "out2")
+    s2 = pc.precompute(root, "trainval", out2, cfg, drop_empty=True, progress=False)
+    assert any(r["source"] == warned[ids[9]] and "drop_empty" in r["reason"] for r in s2.skipped)
+    assert s2.rows == summary.rows - sum("all-negative" in r["reason"] for r in summary.warnings)
+
+
+def test_on_error_fail_names_the_file_and_publishes_nothing(ray_session, damaged, tmp_path, tracking_uri,
+                                                            monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.data_cmds import run_precompute
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    root, skipped, warned, _ = damaged
+    out = tmp_path / "out"
+    with pytest.raises(pc.PrecomputeError) as err:
+        run_precompute(root, "trainval", str(out), on_error="fail", experiment="fail-test", progress=False,
+                       tracking_uri=tracking_uri, rows_per_shard=4)
+    source, _, reason = str(err.value).partition(": ")
+    assert source in set(skipped.values()) | set(warned.values()) and reason, str(err.value)
+    assert (err.value.source, err.value.reason) == (source, reason)
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []  # the staging folder is gone too
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("fail-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["frcnn.job"] == "precompute"
+
+
+def test_killed_run_leaves_nothing_readable_and_overwrite_is_atomic(ray_session, good, synth_root, cfg, tmp_path):
+    good_out, good_summary = good
+    # A run killed half-way: `out` never appears; only a staging folder, never read.
+    out = tmp_path / "killed"
+    with pytest.raises(pc._SimulatedCrash):
+        pc.precompute(synth_root, "trainval", str(out), cfg, rows_per_shard=4, progress=False, _fail_after=8)
+    assert not out.exists()
+    assert [p.name.startswith("killed.staging-") for p in tmp_path.iterdir()] == [True]
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        pc.open_precomputed(str(out), cfg)
+    staging = next(tmp_path.iterdir())
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        pc.open_precomputed(str(staging), cfg)
+
+    # An existing good output survives a killed rerun with overwrite, byte for byte.
+    existing = tmp_path / "existing"
+    shutil.copytree(good_out, existing)
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    with pytest.raises(pc._SimulatedCrash):
+        pc.precompute(synth_root, "trainval", str(existing), cfg, overwrite=True, rows_per_shard=4,
+                      progress=False, _fail_after=8)
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+    ds, _ = pc.open_precomputed(str(existing), cfg)
+    assert ds.count() == good_summary.rows
+
+    # Without overwrite: refused before any work (no staging folder is even created).
+    entries = set(os.listdir(tmp_path))
+    with pytest.raises(FileExistsError, match="already exists"):
+        pc.precompute(synth_root, "trainval", str(existing), cfg, progress=False)
+    assert set(os.listdir(tmp_path)) == entries
+
+    # With overwrite: replaced cleanly, nothing of the old output left behind.
+    summary = pc.precompute(synth_root, "trainval", str(existing), cfg, overwrite=True, rows_per_shard=4,
+                            progress=False)
+    names = set(os.listdir(existing))
+    assert names == set(summary.shards) | {MANIFEST_NAME} and not names & set(before) - {MANIFEST_NAME}
+    assert not [n for n in os.listdir(tmp_path) if ".old-" in n]
+    ds, manifest = pc.open_precomputed(str(existing), cfg)
+    assert ds.count() == manifest["rows"] == good_summary.rows
+
+
+def test_object_store_publish_copies_then_writes_the_marker(tmp_path):
+    # A filesystem that is not LocalFileSystem takes the copy-then-manifest path of object stores.
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.parquet").write_bytes(b"old")
+    (tmp_path / "out" / MANIFEST_NAME).write_text("{}")
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "new.parquet").write_bytes(b"new")
+    (tmp_path / "stage" / MANIFEST_NAME).write_text('{"rows": 1}')
+    pc._publish(fs, "stage", "out", ["new.parquet"])
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(["new.parquet", MANIFEST_NAME])
+    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text()) == {"rows": 1}
+
+
+def test_manifest_guard_names_the_field(good, cfg):
+    out, _ = good
+    other = cfg.replace(anchors=AnchorConfig(stride=16, scales=(2.0, 4.0, 16.0), ratios=(0.5, 1.0, 2.0)))
+    with pytest.raises(ManifestMismatch, match="anchor_scales"):
+        pc.open_precomputed(out, other)
+    with pytest.raises(ManifestMismatch, match="canvas_height"):
+        pc.open_precomputed(out, tiny_config(5, SYNTH_CLASSES, canvas=192))
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        pc.open_precomputed(str(Path(out).parent / "nothing-here"), cfg)
+
+
+def test_run_precompute_tracks_params_metrics_and_manifest(ray_session, synth_root, tmp_path, tracking_uri,
+                                                           monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from jobs.data_cmds import run_precompute
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    out = str(tmp_path / "train")
+    # A file:// URI goes through the same pyarrow filesystem layer as s3:// or gs://.
+    res = run_precompute(Path(synth_root).as_uri(), "train", out, experiment="precompute-test",
+                         tracking_uri=tracking_uri, rows_per_shard=8, progress=False)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "precompute-train"
+    assert run.data.tags["frcnn.job"] == "precompute"
+    params = run.data.params
+    assert params["model.canvas.height"] == "192" and params["model.num_classes"] == "5"  # tiny defaults
+    assert params["precompute.split"] == "train" and params["precompute.out"] == out
+    m = run.data.metrics
+    assert m["images_written"] == res.summary.rows == len(list_split(synth_root, "train"))
+    assert m["images_skipped"] == 0 and m["positives_per_image"] > 0 and m["images_per_s"] > 0
+    assert MANIFEST_NAME in {a.path for a in client.list_artifacts(res.run_id)}
+    local = client.download_artifacts(res.run_id, MANIFEST_NAME, str(tmp_path))
+    assert json.loads(Path(local).read_text())["rows"] == res.summary.rows
+
+
+def test_cli_synth_then_precompute(ray_session, tmp_path, tracking_uri, monkeypatch):
+    from jobs.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    runner = CliRunner()
+    data, out = str(tmp_path / "data"), str(tmp_path / "pre")
+    r = runner.invoke(main, ["synth", "--out", data, "--images", "8", "--min-size", "64", "--max-size", "96"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 8 images" in r.output
+    args = ["precompute", "--dataset", "voc", "--data-root", data, "--split", "trainval", "--out", out,
+            "--year", "2007", "--rows-per-shard", "4", "--experiment", "cli-test"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "MLflow run" in r.output
+    ds, manifest = pc.open_precomputed(out, tiny_config(5, SYNTH_CLASSES))
+    assert ds.count() == manifest["rows"] == len(list_split(data, "trainval")) and manifest["years"] == ["2007"]
+
+    r = runner.invoke(main, args)  # out exists: a clear error, no traceback
+    assert r.exit_code == 1 and "already exists" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, args[:-4] + ["--year", "20x7"])
+    assert r.exit_code == 2 and "expected years" in r.output
+    r = runner.invoke(main, ["precompute", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_config_files_match_the_code():
+    assert ModelConfig.from_yaml(REPO / "configs" / "tiny.yaml") == tiny_config(5, SYNTH_CLASSES)
+    assert ModelConfig.from_yaml(REPO / "configs" / "vgg16_voc.yaml") == ModelConfig(20, VOC_CLASSES)
