@@ -2,7 +2,8 @@
 
 The model is never trained here: an initialised tiny detector is saved as a checkpoint, so the
 test checks the plumbing (runs, tags, metrics, artifacts, registry), not the numbers. The numbers
-are checked with hand-built detections files, whose AP follows from counting.
+are checked with hand-built detections files, whose AP follows from counting. Ray comes from the
+session fixture ``ray_session`` of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,6 @@ from jobs.evaluate import (EvaluationError, PromotionError, load_ground_truth, p
 from pipelines.synth import SYNTH_CLASSES, generate
 
 ARTIFACTS = {"per_class.csv", "pr_curves.png", "detections_grid.png", "detections.parquet"}
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    started = not ray.is_initialized()
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
