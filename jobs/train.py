@@ -122,11 +122,11 @@ def _gather(obj: Any, world: int) -> list[Any]:
 
 
 def _rank_weight_diff(core: torch.nn.Module, world: int) -> float:
-    """Largest difference between ranks of per-tensor weight fingerprints (0.0: DDP kept the
-    replicas identical)."""
+    """Largest difference between ranks of per-parameter fingerprints (0.0: DDP kept the replicas
+    identical). BatchNorm running statistics are buffers, updated from each rank's own batch, and
+    are left out: the checkpoint holds rank 0's."""
     with torch.no_grad():
-        fp = torch.stack([torch.stack((p.double().sum(), p.double().pow(2).sum())) for p in core.state_dict().values()
-                          if p.is_floating_point()]).cpu()
+        fp = torch.stack([torch.stack((p.double().sum(), p.double().pow(2).sum())) for p in core.parameters()]).cpu()
     prints = _gather(fp, world)
     return float(max((a - prints[0]).abs().max() for a in prints))
 
@@ -287,12 +287,47 @@ def train_loop(config: dict[str, Any]) -> None:
                 _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, rank)
             else:
                 ray.train.report(metrics)
-        if nan_step is not None:
-            # Stop without a new checkpoint: the last good one stays; the driver raises.
-            ray.train.report({"nan_step": nan_step, "step": step})
+        if nan_step is not None and rank == 0:
+            # Stop without a new checkpoint: the last good one stays. Ray's result only carries the
+            # metrics of checkpointed reports, so the driver learns of it from this status file.
+            _write_status(config["status_uri"], {"nan_step": nan_step})
     finally:
         if monitor is not None:
             tracking.safe(monitor.finish)
+
+
+def _write_status(uri: str, status: dict[str, Any]) -> None:
+    import json
+
+    from pipelines.voc import resolve_filesystem
+
+    fs, path = resolve_filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(status).encode())
+
+
+def _read_status(uri: str) -> dict[str, Any]:
+    import json
+
+    from pipelines.voc import resolve_filesystem
+
+    fs, path = resolve_filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        return {}
+
+
+def _clear_status(uri: str) -> None:
+    from pipelines.voc import resolve_filesystem
+
+    fs, path = resolve_filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, rank) -> None:
@@ -395,7 +430,10 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
     run_id = active.info.run_id
     print(f"MLflow run {run_id} (tracking {uri})", flush=True)
 
+    status_uri = f"{storage_path.rstrip('/')}/{ray_name}/_frcnn_status.json"
+    _clear_status(status_uri)
     loop_config = {
+        "status_uri": status_uri,
         "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "run_id": run_id, "tracking_uri": uri,
         "train_rows": int(manifest["rows"]), "has_val": bool(val_data),
         "use_difficult": bool(manifest.get("use_difficult", False)),
@@ -419,8 +457,10 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
     try:
         result = trainer.fit()
         metrics = dict(result.metrics or {})
-        if "nan_step" in metrics:
-            raise NonFiniteLoss(f"loss became NaN/Inf at step {metrics['nan_step']}; the last good checkpoint "
+        status = _read_status(status_uri)
+        if "nan_step" in status:
+            tracking.safe(mlflow.set_tag, "frcnn.nan_step", status["nan_step"])
+            raise NonFiniteLoss(f"loss became NaN/Inf at step {status['nan_step']}; the last good checkpoint "
                                 f"is {result.checkpoint.path if result.checkpoint else 'none (no epoch finished)'}")
         final = result.checkpoint
         best = final
