@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -333,7 +332,8 @@ def test_matches_devkit_port_on_random_cases(seed: int) -> None:
     assert checked == 75 * 2 * 2 * len(class_names)
 
 
-def test_many_detections_are_fast() -> None:
+def test_many_detections_are_all_counted() -> None:
+    # Scale, not speed: speed goals live in benchmarks/, never as timed assertions in tests.
     rng = np.random.default_rng(7)
     n_images, per_image, n_classes = 500, 40, 20
     gt, det = {}, {}
@@ -348,11 +348,10 @@ def test_many_detections_are_fast() -> None:
             rng.random(per_image).tolist(),
             rng.integers(1, n_classes + 1, per_image).tolist(),
         )
-    start = time.perf_counter()
     res = evaluate_voc(det, gt, [f"c{k}" for k in range(n_classes)])
-    elapsed = time.perf_counter() - start
     assert sum(res.num_det.values()) == n_images * per_image
-    assert elapsed < 5.0, f"evaluate_voc took {elapsed:.2f}s for 20k detections"
+    assert sum(res.num_gt.values()) == n_images * 5
+    assert all(0.0 <= ap <= 1.0 for ap in res.ap.values() if not np.isnan(ap))
 
 
 # --------------------------------------------------------------------------- #
