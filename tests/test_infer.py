@@ -1,0 +1,246 @@
+"""``frcnn-jobs infer``: real Ray Data (the session's local Ray), real MLflow (a tmp sqlite store).
+
+The model is an initialised, untrained tiny detector saved as a checkpoint: training one that
+finds the shapes takes minutes on these CPUs. So the coordinate test does not match ground-truth
+shapes; it recomputes each image's detections in the test (the model on the canvas, then the
+test's own arithmetic: divide by the canvas scale, clip to the image) and requires the job's
+boxes to equal them, in ORIGINAL pixels of images larger and smaller than the canvas, of several
+aspect ratios and colour modes. The rest checks the scheduling contract: layout, publishing,
+incremental ledger, killed runs, unreadable inputs, Parquet input, MLflow run and exit codes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from frcnn import FasterRCNN, tiny_config
+from frcnn.canvas import to_tensor
+from frcnn.training import TrainConfig, checkpoint_state, load_checkpoint, model_from_checkpoint
+from pipelines import infer
+from pipelines.synth import SYNTH_CLASSES, render_image
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> tuple[str, bytes]:
+    cfg = tiny_config(num_classes=5, class_names=SYNTH_CLASSES, canvas=128)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "checkpoint.pt"
+    torch.save(checkpoint_state(FasterRCNN(cfg), None, 0, 0, cfg, TrainConfig()), path)
+    return str(path), path.read_bytes()
+
+
+def _image(path: Path, w: int, h: int, seed: int, mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image, _ = render_image(np.random.default_rng(seed), w, h)
+    image.convert(mode).save(path)
+    return path
+
+
+def _run(inp, out, ckpt_bytes, **kw) -> infer.InferSummary:
+    kw.setdefault("batch_size", 2)
+    return infer.run_inference(str(inp), str(out), ckpt_bytes, progress=False, **kw)
+
+
+def _boxes(row) -> np.ndarray:
+    return np.asarray(row["boxes"], np.float32).reshape(-1, 4)
+
+
+# --------------------------------------------------------------------------- one run
+
+SIZES = {"a.jpg": (200, 150, "RGB"), "sub/b.png": (300, 260, "RGB"), "sub/deep/grey.png": (90, 140, "L"),
+         "rgba.PNG": (64, 48, "RGBA")}  # larger and smaller than the 128 canvas; tall and wide
+
+
+@pytest.fixture(scope="module")
+def first_run(ckpt, ray_session, tmp_path_factory):
+    """One incremental run over a folder of good and unreadable images (shared: runs cost seconds)."""
+    root = tmp_path_factory.mktemp("first")
+    inp, out = root / "in", root / "out"
+    for k, (name, (w, h, mode)) in enumerate(SIZES.items()):
+        _image(inp / name, w, h, seed=k, mode=mode)
+    (inp / "garbage.jpg").write_bytes(b"not an image at all" * 8)
+    (inp / "sub" / "empty.png").write_bytes(b"")
+    (inp / "notes.txt").write_text("not an input")
+    summary = _run(inp, out, ckpt[1], incremental=True, batch_size=1)  # one image per call, as recomputed
+    return inp, out, summary
+
+
+def test_boxes_in_original_pixels_any_mode_and_unreadable_files_reported(ckpt, first_run):
+    inp, out, s = first_run
+    assert (s.seen, s.new, s.skipped, s.failed, s.written) == (6, 6, 0, 2, 4)
+    table = infer.read_published(str(out))
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert set(rows) == set(SIZES)  # ids are paths relative to the input root
+    assert table.schema.field("boxes").type == pa.list_(pa.float32())
+    assert table.schema.field("labels").type == pa.list_(pa.int32())
+    assert table.schema.field("processed_at").type == pa.timestamp("us", tz="UTC")
+    assert s.detections == sum(len(r["scores"]) for r in rows.values()) > 0
+
+    model = model_from_checkpoint(load_checkpoint(ckpt[0])).eval()
+    for name, (w, h, _) in SIZES.items():
+        row = rows[name]
+        assert (row["width"], row["height"]) == (w, h)
+        image = Image.open(inp / name).convert("RGB")
+        canvas, scale = model.canvas.apply_image(image)
+        with torch.no_grad():
+            det = model(to_tensor(canvas)[None])[0]  # canvas pixels
+        expected = det["boxes"].numpy() / scale
+        expected[:, 0::2] = expected[:, 0::2].clip(0, w)
+        expected[:, 1::2] = expected[:, 1::2].clip(0, h)
+        got = _boxes(row)
+        assert got.shape == expected.shape and got.shape[0] > 0
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        np.testing.assert_allclose(row["scores"], det["scores"].numpy(), atol=1e-5)
+        assert row["labels"] == det["labels"].tolist()
+        assert row["class_names"] == [SYNTH_CLASSES[label - 1] for label in row["labels"]]
+        assert got[:, 2].max() <= w and got[:, 3].max() <= h
+    assert _boxes(rows["sub/b.png"])[:, 2].max() > 128  # original pixels, not the canvas's
+
+    r = rows["a.jpg"]
+    assert r["model_sha256"] and r["model_name"] is None and r["infer_run_id"] == s.run
+
+    errors = infer.read_published(str(out), errors=True).to_pylist()
+    reasons = {e["image_id"]: e for e in errors}
+    assert set(reasons) == {"garbage.jpg", "sub/empty.png"}
+    assert reasons["garbage.jpg"]["path"] == str(inp / "garbage.jpg")
+    assert "unreadable image" in reasons["garbage.jpg"]["reason"]
+    assert reasons["sub/empty.png"]["reason"] == "empty file (0 bytes)"
+    assert {f["image_id"] for f in s.failures} == set(reasons)
+
+    # Layout: one published partition, marker last with the summary, staging empty.
+    [part] = [p for p in out.iterdir() if p.name.startswith("run=")]
+    assert part.name == f"run={s.run}" and (part / "errors").is_dir()
+    assert json.loads((part / "_SUCCESS").read_text())["written"] == 4
+    assert sorted(p.name for p in part.glob("part-*.parquet")) == sorted(s.parts)
+    assert list((out / "_staging").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- a schedule
+
+
+def test_incremental_run_processes_only_new_images_and_retries_failures(ckpt, first_run, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(first_run[0], inp)
+    shutil.copytree(first_run[1], out)
+    s1 = first_run[2]
+    for k in range(2):  # new images arrive between two scheduled runs
+        _image(inp / f"day2/{k}.png", 80, 100, seed=20 + k)
+
+    s2 = _run(inp, out, ckpt[1], incremental=True)
+    # Only the new images, plus the unreadable ones: failures are not in the ledger, so retried.
+    assert (s2.seen, s2.skipped, s2.new, s2.written, s2.failed) == (8, 4, 4, 2, 2)
+    table = infer.read_published(str(out))
+    assert sorted(table.column("image_id").to_pylist()) == sorted([*SIZES, "day2/0.png", "day2/1.png"])  # once each
+    assert sorted(set(table.column("run").to_pylist())) == [s1.run, s2.run]
+    assert infer.published_runs(str(out)) == [f"run={s1.run}", f"run={s2.run}"]
+
+    # The ledger is per model: another version of the model has processed nothing yet.
+    same = infer.ModelIdentity.of_checkpoint(ckpt[1], uri="elsewhere/checkpoint.pt")
+    assert len(infer.published_ids(str(out), same)) == 6
+    other = infer.ModelIdentity.of_checkpoint(ckpt[1], uri="models:/frcnn/2", name="frcnn", version="2")
+    assert infer.published_ids(str(out), other) == set()
+
+
+# --------------------------------------------------------------------------- Parquet input
+
+
+def test_parquet_table_input_and_copy_publishing(ckpt, tmp_path):
+    png = _image(tmp_path / "x.png", 150, 100, seed=30).read_bytes()
+    grey = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("L").save(grey, format="PNG")
+    images = {"s3://cam/1.png": png, "s3://cam/2.jpg": b"garbage", "s3://cam/3.png": None,
+              "s3://cam/4.png": grey.getvalue()}
+    table_dir = tmp_path / "table"
+    table_dir.mkdir()
+    pq.write_table(pa.table({"path": list(images), "image": pa.array(list(images.values()), pa.binary()),
+                             "camera": [1, 1, 2, 2]}), table_dir / "batch-0.parquet")
+
+    out = tmp_path / "out"
+    s = _run(table_dir, out, ckpt[1], _rename=False)  # the object-store way: copy, then the marker
+    assert (s.input_kind, s.seen, s.written, s.failed) == ("table", 4, 2, 2)
+    rows = {r["image_id"]: r for r in infer.read_published(str(out)).to_pylist()}
+    assert set(rows) == {"s3://cam/1.png", "s3://cam/4.png"}
+    assert (rows["s3://cam/4.png"]["width"], rows["s3://cam/4.png"]["height"]) == (150, 100)
+    assert 0 < _boxes(rows["s3://cam/1.png"])[:, 2].max() <= 150
+    errors = {e["image_id"]: e["reason"] for e in infer.read_published(str(out), errors=True).to_pylist()}
+    assert set(errors) == {"s3://cam/2.jpg", "s3://cam/3.png"}
+    assert not (out / "_staging" / s.run).exists() and (out / f"run={s.run}" / "_SUCCESS").is_file()
+
+    # A table whose ids repeat is refused before anything runs.
+    pq.write_table(pa.table({"image_id": ["a", "a"], "image": pa.array([b"x", b"y"], pa.binary())}),
+                   tmp_path / "dupes.parquet")
+    with pytest.raises(ValueError, match="more than once"):
+        infer.list_inputs(str(tmp_path / "dupes.parquet"))
+    with pytest.raises(FileNotFoundError):
+        infer.list_inputs(str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_resolves_alias_once_tracks_the_run_and_fails_a_killed_run(ckpt, tmp_path, monkeypatch):
+    import mlflow
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from jobs.cli import main
+    from jobs.models import register_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "infer-test")
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("train")
+    with mlflow.start_run() as train_run:
+        assert register_model(ckpt[0], "frcnn") == "1"
+    client = MlflowClient(uri)
+    client.set_registered_model_alias("frcnn", "champion", "1")
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for k in range(3):
+        _image(inp / f"{k}.jpg", 120, 90, seed=40 + k)
+    args = ["infer", "--model", "models:/frcnn@champion", "--input", str(inp), "--output", str(out),
+            "--incremental", "--batch-size", "1"]
+
+    # A run killed mid-way: exit code non-zero, nothing visible, its rows only in its staging folder.
+    killed = CliRunner().invoke(main, args + ["--fail-after", "1"])
+    assert killed.exit_code != 0 and "simulated kill" in killed.output, killed.output
+    assert infer.published_runs(str(out)) == []
+    assert infer.read_published(str(out)).num_rows == 0
+    [staging] = list((out / "_staging").iterdir())
+    assert list(staging.glob("part-*.parquet"))
+
+    # The next scheduled run completes every input and deletes the killed run's staging.
+    res = CliRunner().invoke(main, args + ["--concurrency", "1"])
+    assert res.exit_code == 0, res.output
+    assert "3 inputs seen, 3 new, 0 skipped" in res.output and "images/s" in res.output
+    assert not staging.exists()
+    table = infer.read_published(str(out))
+    assert table.num_rows == 3
+    runs = client.search_runs([client.get_experiment_by_name("infer-test").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    run = runs[1]
+    for col, want in (("model_name", "frcnn"), ("model_version", "1"), ("model_uri", "models:/frcnn@champion"),
+                      ("train_run_id", train_run.info.run_id), ("infer_run_id", run.info.run_id)):
+        assert set(table.column(col).to_pylist()) == {want}, col
+    assert run.data.tags["frcnn.job"] == "infer"
+    assert (run.data.tags["frcnn.model_name"], run.data.tags["frcnn.model_version"]) == ("frcnn", "1")
+    assert run.data.tags["frcnn.train_run_id"] == train_run.info.run_id
+    assert run.data.params["incremental"] == "True" and run.data.params["input"] == str(inp)
+    m = run.data.metrics
+    assert (m["inputs_seen"], m["inputs_new"], m["inputs_failed"]) == (3, 3, 0)
+    assert m["detections"] == sum(len(s) for s in table.column("scores").to_pylist()) and m["images_per_s"] > 0
