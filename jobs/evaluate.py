@@ -53,6 +53,7 @@ import click
 import numpy as np
 
 from . import options, tracking
+from pipelines.infer import ERRORS as INFER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ MODEL_COLUMNS = ("model_name", "model_version", "model_uri", "model_sha256", "tr
 
 def _detection_files(path: str):
     """``(fs, [(detection files, error files)] per partition, oldest first)`` for a detections path:
-    a Parquet file; a folder of ``*.parquet`` parts (plus ``errors/``); or an ``infer`` output root,
+    a Parquet file; a folder of ``*.parquet`` parts (plus ``_errors/``); or an ``infer`` output root,
     whose published ``run=...`` partitions (those holding ``_SUCCESS``) are read, never staging."""
     import pyarrow.fs as pafs
 
@@ -269,7 +270,7 @@ def _detection_files(path: str):
         parts = published
     else:
         parts = [root]
-    out = [(parquet(d), parquet(f"{d}/errors")) for d in parts]
+    out = [(parquet(d), parquet(f"{d}/{INFER_ERRORS}")) for d in parts]
     if not any(det for det, _ in out):
         raise EvaluationError(f"{path}: no *.parquet detections inside")
     return fs, out
@@ -309,7 +310,7 @@ def _table_rows(table, source: str) -> list[dict[str, Any]]:
 
 def read_detections(path: str) -> list[dict[str, Any]]:
     """Rows of a detections Parquet, local or a URI: one file, a folder of parts, or an ``infer``
-    output (its published partitions; their ``errors/`` tables become rows with an error).
+    output (its published partitions; their ``_errors/`` tables become rows with an error).
     Columns: ``image_id``, ``boxes`` (list<float32>, N x 4 flattened, original pixels), ``scores``,
     ``labels``; optional ``error``, ``height``, ``width`` and infer's model columns. Each row also
     gets ``model``: (model_name, model_version, model_uri, model_sha256, train_run_id), Nones when

@@ -112,7 +112,7 @@ def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: b
               help="A folder or object-store prefix of images (jpg, jpeg, png; recursive), or a Parquet table "
                    "(file or folder) with an 'image' bytes column and an 'image_id' or 'path' column.")
 @click.option("--output", "output_uri", required=True, metavar="URI",
-              help="Output root: each run publishes <URI>/run=<UTC time>-<id>/ (part-*.parquet, errors/, _SUCCESS).")
+              help="Output root: each run publishes <URI>/run=<UTC time>-<id>/ (part-*.parquet, _errors/, _SUCCESS).")
 @click.option("--incremental", is_flag=True,
               help="Skip inputs already in a published partition made by this model version.")
 @click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True, help="Predictor actors.")

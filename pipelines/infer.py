@@ -27,7 +27,7 @@ through pyarrow's filesystem layer; for a table, ``read_parquet``) -> ``map_batc
 (an actor pool, ``compute=ActorPoolStrategy(size=concurrency)``, ``num_gpus=gpus_per_actor``:
 ``pipelines.predict.Predictor`` loads the model once per actor; greyscale, palette and RGBA images
 become RGB, any size goes onto the model's canvas, boxes come back in ORIGINAL pixels) ->
-``map_batches(_write_part)`` (tasks writing ``part-<hash>.parquet`` and ``errors/part-<hash>.parquet``
+``map_batches(_write_part)`` (tasks writing ``part-<hash>.parquet`` and ``_errors/part-<hash>.parquet``
 into the run's staging folder and returning one small row of counts). The driver consumes only
 the counts. A file name is a hash of the image ids it holds, so a retried task overwrites its own
 file instead of adding a copy; before publishing, the rows in staging must equal the rows counted.
@@ -37,7 +37,7 @@ Output layout
 ::
 
     <output>/run=<UTC timestamp>-<uuid8>/part-*.parquet    detections (OUTPUT_SCHEMA)
-    <output>/run=<...>/errors/part-*.parquet                unreadable inputs (ERROR_SCHEMA)
+    <output>/run=<...>/_errors/part-*.parquet               unreadable inputs (ERROR_SCHEMA)
     <output>/run=<...>/_SUCCESS                             JSON summary; written LAST
     <output>/_staging/<run>/...                             a run in progress (never read)
 
@@ -104,7 +104,9 @@ log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 STAGING = "_staging"
-ERRORS = "errors"
+# Leading underscore: pyarrow, Spark and pandas skip it, so reading a partition (or the output
+# root) as a Parquet dataset yields the detections, not the error table.
+ERRORS = "_errors"
 RUN_PREFIX = "run="
 _TS = pa.timestamp("us", tz="UTC")
 

@@ -184,7 +184,7 @@ def test_detections_file_perfect_then_half(synth, store, tmp_path):
 
 
 def test_detections_from_an_infer_output_folder(synth, store, tmp_path):
-    """infer's layout: published run=... partitions (with _SUCCESS), errors/ tables, ids that are paths
+    """infer's layout: published run=... partitions (with _SUCCESS), _errors/ tables, ids that are paths
     under the input folder, model columns. An unpublished partition is never read."""
     from mlflow.tracking import MlflowClient
 
@@ -206,9 +206,9 @@ def test_detections_from_an_infer_output_folder(synth, store, tmp_path):
         pq.write_table(table, folder / "part-0.parquet")
 
     part(out / "run=20260101T000000-aaaa", ids[1:], "7")
-    (out / "run=20260101T000000-aaaa" / "errors").mkdir()
+    (out / "run=20260101T000000-aaaa" / "_errors").mkdir()
     pq.write_table(pa.table({"image_id": [f"VOC2007/JPEGImages/{ids[0]}.jpg"], "reason": ["unreadable file"]}),
-                   out / "run=20260101T000000-aaaa" / "errors" / "part-0.parquet")
+                   out / "run=20260101T000000-aaaa" / "_errors" / "part-0.parquet")
     (out / "run=20260101T000000-aaaa" / "_SUCCESS").write_text("{}")
     part(out / "run=20260102T000000-bbbb", ids, "8")  # no _SUCCESS: still being written
 

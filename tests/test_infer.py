@@ -121,7 +121,7 @@ def test_boxes_in_original_pixels_any_mode_and_unreadable_files_reported(ckpt, f
 
     # Layout: one published partition, marker last with the summary, staging empty.
     [part] = [p for p in out.iterdir() if p.name.startswith("run=")]
-    assert part.name == f"run={s.run}" and (part / "errors").is_dir()
+    assert part.name == f"run={s.run}" and (part / "_errors").is_dir()
     assert json.loads((part / "_SUCCESS").read_text())["written"] == 4
     assert sorted(p.name for p in part.glob("part-*.parquet")) == sorted(s.parts)
     assert list((out / "_staging").iterdir()) == []

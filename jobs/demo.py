@@ -1,0 +1,124 @@
+"""``frcnn-jobs demo``: the whole workflow on the embedded default, on a laptop.
+
+    frcnn-jobs demo --workdir runs/demo        # what `make demo` runs
+
+generate (VOC layout) -> precompute train and val (Ray Data) -> train (Ray Train, MLflow) ->
+evaluate on the test split (VOC and COCO mAP, an MLflow evaluation run) -> promote to
+``champion`` -> infer the test images twice (the second run, incremental, has nothing new).
+Everything is local: Ray on this machine, MLflow in ``<workdir>/mlflow.db``, CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import click
+
+from frcnn.training import TrainConfig
+
+from . import tracking
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def run_demo(workdir: str, *, images: int = 600, seed: int = 0, config_path: str | None = None,
+             workers: int = 1, cpus_per_worker: float = 2, epochs: int | None = None,
+             experiment: str = "frcnn-demo", fresh: bool = True) -> dict:
+    import ray
+
+    from pipelines.synth import generate
+
+    from .data_cmds import run_precompute
+    from .evaluate import promote, run_evaluation
+    from .infer import run_infer
+    from .train import load_config_file, run_training
+
+    t_start = time.perf_counter()
+    work = Path(workdir).resolve()
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = str(config_path or DEMO_CONFIG)
+    uri = tracking.setup(f"sqlite:///{work / 'mlflow.db'}", experiment)
+    timings: dict[str, float] = {}
+
+    def step(name: str):
+        timings[name] = time.perf_counter()
+        click.secho(f"\n== {name} ({time.perf_counter() - t_start:.0f} s)", fg="cyan", bold=True)
+
+    step("generate")
+    data = work / "data"
+    summary = generate(str(data), n_images=images, seed=seed, min_size=240, max_size=320)
+    print(f"{summary['images']} images in VOC layout at {data}: splits {summary['splits']}")
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(workers * cpus_per_worker) + 1), include_dashboard=False,
+                 log_to_driver=False)
+
+    step("precompute")
+    shards = {}
+    for split in ("train", "val"):
+        shards[split] = str(work / "shards" / split)
+        run_precompute(str(data), split, shards[split], config_path=config_path, experiment=experiment,
+                       progress=False)
+
+    step("train")
+    model_cfg, train_over = load_config_file(config_path)
+    if epochs:
+        train_over["epochs"] = epochs
+    trained = run_training(shards["train"], shards["val"], model_cfg=model_cfg,
+                           train_cfg=TrainConfig.from_dict(train_over), workers=workers,
+                           cpus_per_worker=cpus_per_worker, experiment=experiment,
+                           storage_path=str(work / "ray_results"), model_name="frcnn-demo")
+
+    step("evaluate")
+    model_ref = f"models:/frcnn-demo/{trained.model_version}" if trained.model_version else trained.run_id
+    evaluation = run_evaluation(model=model_ref, data_root=str(data), split="test", experiment=experiment,
+                                batch_size=16, cpus_per_actor=max(1, int(cpus_per_worker)))
+
+    step("promote")
+    promoted = None
+    if trained.model_version:
+        promoted = promote(model_ref, "champion", if_better_than="champion", metric="map50", split="test")
+
+    step("infer")
+    incoming = work / "incoming"
+    incoming.mkdir()
+    test_ids = (data / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()
+    for image_id in test_ids:
+        shutil.copy(data / "VOCdevkit" / "VOC2007" / "JPEGImages" / f"{image_id}.jpg", incoming)
+    champion = "models:/frcnn-demo@champion" if promoted and promoted.promoted else model_ref
+    first = run_infer(champion, str(incoming), str(work / "detections"), incremental=True)
+    again = run_infer(champion, str(incoming), str(work / "detections"), incremental=True)
+
+    total = time.perf_counter() - t_start
+    m = evaluation.metrics
+    click.secho("\n== results", fg="green", bold=True)
+    print(f"test split ({m.get('images', '?')} images): VOC mAP@0.5 = {m['map50']:.3f} "
+          f"(11-point {m['map50_voc07']:.3f}), COCO mAP@[.5:.95] = {m['coco_map']:.3f}, AP50 = {m['coco_ap50']:.3f}")
+    print(f"MLflow tracking store: {uri}")
+    print(f"  training run:    {trained.run_id}  (model frcnn-demo version {trained.model_version})")
+    print(f"  evaluation run:  {evaluation.run_id}")
+    print(f"  inference runs:  {first.run_id} (new {first.inputs_new}), {again.run_id} (new {again.inputs_new})")
+    print(f"open the UI: frcnn-jobs ui   (with MLFLOW_TRACKING_URI={uri})")
+    print(f"total {total:.0f} s")
+    return {"map50": m["map50"], "train_run_id": trained.run_id, "eval_run_id": evaluation.run_id,
+            "seconds": total, "model_version": trained.model_version}
+
+
+@click.command("demo")
+@click.option("--workdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Everything the demo writes (data, shards, MLflow store, checkpoints); replaced on each run.")
+@click.option("--images", type=click.IntRange(20), default=600, show_default=True, help="Generated images.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Overrides the demo config's train.epochs.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--cpus-per-worker", type=click.FloatRange(0.5), default=2, show_default=True)
+def demo_cmd(workdir, images, epochs, workers, cpus_per_worker):
+    """Generate data, precompute, train, evaluate, promote and infer, locally, on CPU."""
+    run_demo(workdir, images=images, epochs=epochs, workers=workers, cpus_per_worker=cpus_per_worker)
+
+
+COMMANDS = [demo_cmd]
