@@ -1,0 +1,309 @@
+"""The detector end to end on CPU: losses, precomputed targets, detect(), overfitting, autocast,
+RoI pooling variants and backbones."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou, roi_pool
+
+from frcnn import LOSS_KEYS, FasterRCNN, tiny_config, total_loss
+from frcnn.anchors import grid_anchors
+from frcnn.backbones import build_backbone
+from frcnn.config import BackboneConfig, RoIHeadConfig
+
+CANVAS = 128
+NUM_CLASSES = 3
+COLORS = {1: (220, 40, 40), 2: (40, 200, 40), 3: (40, 40, 230)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the machine is shared, and small convolutions gain nothing from more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_images(n: int = 4, size: int = CANVAS, seed: int = 0):
+    """``n`` noisy grey canvases, each with 2 or 3 non-overlapping filled shapes: class 1 red
+    rectangles, class 2 green ellipses, class 3 blue rectangles. -> uint8 (n, 3, size, size),
+    boxes [x1, y1, x2, y2] (pixel edges), labels."""
+    rng = random.Random(seed)
+    noise = np.random.RandomState(seed)
+    images, boxes, labels = [], [], []
+    for i in range(n):
+        bg = np.clip(110 + noise.randint(-20, 21, (size, size, 3)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(bg)
+        draw = ImageDraw.Draw(im)
+        bs, ls = [], []
+        while len(bs) < 2 + i % 2:
+            w, h = rng.randint(24, 60), rng.randint(24, 60)
+            x1, y1 = rng.randint(2, size - w - 2), rng.randint(2, size - h - 2)
+            b = [x1, y1, x1 + w, y1 + h]
+            if any(not (b[2] + 4 <= o[0] or o[2] + 4 <= b[0] or b[3] + 4 <= o[1] or o[3] + 4 <= b[1]) for o in bs):
+                continue
+            c = (len(bs) + i) % 3 + 1
+            shape = draw.ellipse if c == 2 else draw.rectangle
+            shape([b[0], b[1], b[2] - 1, b[3] - 1], fill=COLORS[c])  # PIL's corners are inclusive
+            bs.append(b)
+            ls.append(c)
+        images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+        boxes.append(torch.tensor(bs, dtype=torch.float32))
+        labels.append(torch.tensor(ls, dtype=torch.int64))
+    return torch.stack(images), boxes, labels
+
+
+def make_model(seed: int = 0, **roi_changes) -> FasterRCNN:
+    torch.manual_seed(seed)
+    cfg = tiny_config(num_classes=NUM_CLASSES, canvas=CANVAS)
+    if roi_changes:
+        cfg = cfg.replace(roi=dataclasses.replace(cfg.roi, **roi_changes))
+    return FasterRCNN(cfg)
+
+
+def _check_detections(dets, n_images: int, height: float, width: float):
+    assert len(dets) == n_images
+    for d in dets:
+        assert set(d) == {"boxes", "scores", "labels"}
+        b, s, lab = d["boxes"], d["scores"], d["labels"]
+        assert b.ndim == 2 and b.shape[1] == 4 and b.shape[0] == s.shape[0] == lab.shape[0]
+        assert torch.isfinite(b).all() and torch.isfinite(s).all()
+        assert bool((b[:, 0] >= 0).all() and (b[:, 1] >= 0).all())
+        assert bool((b[:, 2] <= width).all() and (b[:, 3] <= height).all())
+        assert bool((b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all())
+        assert bool(((s >= 0) & (s <= 1)).all())
+        assert bool(((lab >= 1) & (lab <= NUM_CLASSES)).all())
+
+
+# ---- losses -----------------------------------------------------------------------------------
+def test_losses_keys_finite_and_backward():
+    model = make_model().train()
+    images, boxes, labels = make_images(3)
+    # One image without objects: background only.
+    boxes[2], labels[2] = torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.int64)
+    losses = model(images, {"boxes": boxes, "labels": labels})
+    assert tuple(LOSS_KEYS) == ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls", "loss_roi_loc")
+    assert set(losses) == set(LOSS_KEYS)
+    for k, v in losses.items():
+        assert v.ndim == 0 and torch.isfinite(v), k
+    assert losses["loss_rpn_cls"] > 0 and losses["loss_roi_cls"] > 0
+    total_loss(losses).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.rpn_head.bbox_pred.weight.grad.abs().sum() > 0
+    assert model.roi_heads.bbox_pred.weight.grad.abs().sum() > 0
+
+
+def test_model_rejects_wrong_canvas_and_missing_targets():
+    model = make_model()
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 3, CANVAS, CANVAS + 16, dtype=torch.uint8), None)
+    with pytest.raises(ValueError):
+        model.train()(torch.zeros(1, 3, CANVAS, CANVAS, dtype=torch.uint8))
+
+
+def test_anchors_match_head_outputs():
+    model = make_model()
+    fh, fw = model.cfg.feature_size
+    assert model.anchors.shape == (model.cfg.num_anchor_positions, 4)
+    with torch.no_grad():
+        feats = model.backbone(model.normalize(torch.zeros(1, 3, CANVAS, CANVAS, dtype=torch.uint8)))
+        logits, deltas = model.rpn_head(feats)
+    assert feats.shape[-2:] == (fh, fw)
+    assert logits.shape[1] == deltas.shape[1] == model.anchors.shape[0]
+    # The model's anchors are in the head's (y-major) order: index A is cell (y=0, x=1).
+    a, s = model.cfg.anchors, model.cfg.anchors.stride
+    assert torch.equal(model.anchors, grid_anchors(fh, fw, s, a.scales, a.ratios))
+    centres = (model.anchors[:, :2] + model.anchors[:, 2:]) / 2
+    torch.testing.assert_close(centres[a.num_anchors], torch.tensor([1.5 * s, 0.5 * s]))
+    torch.testing.assert_close(centres[fw * a.num_anchors], torch.tensor([0.5 * s, 1.5 * s]))
+
+
+def test_precomputed_anchor_targets_give_the_same_losses():
+    model = make_model().train()
+    images, boxes, labels = make_images(3)
+    boxes[1], labels[1] = torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.int64)
+    a_labels, a_deltas = model.anchor_targets(boxes)
+    n = model.anchors.shape[0]
+    assert a_labels.shape == (3, n) and a_labels.dtype == torch.int8 and a_deltas.shape == (3, n, 4)
+    assert bool((a_labels[0] == 1).any()) and not bool((a_labels[1] == 1).any())
+
+    torch.manual_seed(123)
+    own = model(images, {"boxes": boxes, "labels": labels})
+    torch.manual_seed(123)
+    pre = model(images, {"boxes": boxes, "labels": labels, "anchor_labels": a_labels, "anchor_deltas": a_deltas})
+    for k in LOSS_KEYS:
+        torch.testing.assert_close(pre[k], own[k], rtol=1e-6, atol=1e-7, msg=k)
+
+    # ... and the precomputed targets are what the RPN loss uses: all ignored -> zero RPN losses.
+    torch.manual_seed(123)
+    ignored = model(images, {"boxes": boxes, "labels": labels,
+                             "anchor_labels": torch.full_like(a_labels, -1), "anchor_deltas": a_deltas})
+    assert float(ignored["loss_rpn_cls"].detach()) == 0.0 and float(ignored["loss_rpn_loc"].detach()) == 0.0
+    torch.testing.assert_close(ignored["loss_roi_cls"], own["loss_roi_cls"])
+
+
+# ---- detection and the way back to the original image -----------------------------------------
+def test_detect_boxes_inside_original_images():
+    model = make_model()
+    images, _, _ = make_images(2)
+    # Originals 100x60 (h x w) and 50x128, resized onto the 128 canvas.
+    orig_sizes = [(100, 60), (50, 128)]
+    scales = [min(CANVAS / h, CANVAS / w) for h, w in orig_sizes]
+    assert scales == [1.28, 1.0]
+    model.train()
+    dets = model.detect(images, scales, orig_sizes)
+    assert model.training  # detect() restores the mode it found
+    for d, (h, w) in zip(dets, orig_sizes):
+        assert d["boxes"].shape[0] > 0  # a random head still scores above 0.05
+        _check_detections([d], 1, h, w)
+    # Without detect(): canvas boxes, inside the canvas.
+    with torch.no_grad():
+        _check_detections(model.eval()(images), 2, CANVAS, CANVAS)
+
+
+def test_detect_maps_a_known_canvas_box_back(monkeypatch):
+    model = make_model()
+    canvas_boxes = torch.tensor([[16.0, 32.0, 64.0, 96.0], [100.0, 20.0, 128.0, 128.0]])
+
+    def fake_forward(images, targets=None):
+        return [{"boxes": canvas_boxes.clone(), "scores": torch.tensor([0.9, 0.8]),
+                 "labels": torch.tensor([1, 2])} for _ in range(images.shape[0])]
+
+    monkeypatch.setattr(model, "forward", fake_forward)
+    images = torch.zeros(2, 3, CANVAS, CANVAS, dtype=torch.uint8)
+    dets = model.detect(images, [1.28, 0.5], [(100, 60), (256, 256)])
+    # Image 0: scale 1.28, original 100x60: the first box maps to box / 1.28; the second lies in
+    # the padding to the right of the 76.8-px-wide resized image and is clipped to the original.
+    torch.testing.assert_close(dets[0]["boxes"][0], torch.tensor([12.5, 25.0, 50.0, 75.0]))
+    torch.testing.assert_close(dets[0]["boxes"][1], torch.tensor([60.0, 15.625, 60.0, 100.0]))
+    # Image 1: scale 0.5 (a 256x256 original on the 128 canvas): boxes double.
+    torch.testing.assert_close(dets[1]["boxes"], canvas_boxes * 2)
+    assert dets[0]["labels"].tolist() == [1, 2]
+    torch.testing.assert_close(dets[1]["scores"], torch.tensor([0.9, 0.8]))
+
+
+# ---- overfitting: the whole pipeline learns ---------------------------------------------------
+OVERFIT_STEPS = 200
+OVERFIT_LR = 0.02
+
+
+def test_overfit_tiny_dataset():
+    images, boxes, labels = make_images(4)
+    model = make_model(seed=0).train()
+    opt = torch.optim.SGD(model.parameters(), lr=OVERFIT_LR, momentum=0.9, weight_decay=1e-4)
+    targets = {"boxes": boxes, "labels": labels}
+    history = []
+    start = time.time()
+    for step in range(OVERFIT_STEPS):
+        losses = model(images, targets)
+        loss = total_loss(losses)
+        assert torch.isfinite(loss), (step, losses)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == OVERFIT_STEPS - 1:
+            history.append((step, round(time.time() - start, 1), {k: round(float(v.detach()), 4) for k, v in losses.items()}))
+
+    model.eval()
+    with torch.no_grad():
+        dets = model(images)
+    misses = []
+    for i, (d, b, lab) in enumerate(zip(dets, boxes, labels)):
+        for j in range(b.shape[0]):
+            if d["boxes"].shape[0] == 0:
+                misses.append((i, j, "no detections"))
+                continue
+            iou = box_iou(b[j:j + 1], d["boxes"])[0]
+            hit = (iou > 0.7) & (d["labels"] == lab[j]) & (d["scores"] > 0.5)
+            if not bool(hit.any()):
+                k = int(iou.argmax())
+                misses.append((i, j, int(lab[j]), round(float(iou[k]), 3), int(d["labels"][k]),
+                               round(float(d["scores"][k]), 3)))
+    assert not misses, f"missed (image, box, class, best IoU, its class, its score): {misses}\nlosses: {history}"
+    # Near-perfect: no confident false positive either (a detection > 0.5 that hits no object).
+    for d, b in zip(dets, boxes):
+        confident = d["boxes"][d["scores"] > 0.5]
+        if confident.shape[0]:
+            assert bool((box_iou(confident, b).max(dim=1).values > 0.5).all()), history
+
+
+# ---- mixed precision and RoI pooling variants -------------------------------------------------
+def test_autocast_bfloat16_train_and_eval():
+    model = make_model()
+    images, boxes, labels = make_images(2)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, {"boxes": boxes, "labels": labels})
+    assert set(losses) == set(LOSS_KEYS)
+    for k, v in losses.items():
+        assert torch.isfinite(v), k
+    total_loss(losses).backward()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dets = model(images)
+    _check_detections(dets, 2, CANVAS, CANVAS)
+    assert all(d["boxes"].dtype == torch.float32 for d in dets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mapped = model.detect(images, [1.28, 1.28], [(100, 100), (100, 100)])
+    _check_detections(mapped, 2, 100, 100)
+
+
+def test_roi_pool_option():
+    model = make_model(pool="pool")
+    assert model.cfg.roi.pool == "pool"
+    images, boxes, labels = make_images(2)
+    feats = torch.randn(2, 128, CANVAS // 16, CANVAS // 16)
+    rois = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [10.0, 20.0, 120.0, 90.0]]), torch.tensor([[32.0, 0.0, 128.0, 128.0]])]
+    with torch.no_grad():
+        expected = roi_pool(model.roi_heads.reduce(feats), rois, (7, 7), 1.0 / 16)
+        torch.testing.assert_close(model.roi_heads.pool(feats, rois), expected)
+    model.train()
+    losses = model(images, {"boxes": boxes, "labels": labels})
+    assert all(torch.isfinite(v) for v in losses.values())
+    total_loss(losses).backward()
+    with torch.no_grad():
+        _check_detections(model.eval()(images), 2, CANVAS, CANVAS)
+    with pytest.raises(ValueError, match="pool"):
+        make_model(pool="bogus").roi_heads.pool(feats, rois)
+
+
+# ---- backbones --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,channels", [("vgg16", 512), ("resnet50", 1024), ("mobilenet_v3", 112), ("tiny", 128)])
+def test_backbone_stride_and_channels(name, channels):
+    torch.manual_seed(0)
+    bb = build_backbone(BackboneConfig(name=name, weights=None), RoIHeadConfig(), 16)
+    assert bb.out_channels == channels and bb.stride == 16
+    bb.body.eval()
+    bb.head.eval()
+    with torch.no_grad():
+        feats = bb.body(torch.randn(1, 3, 64, 64))
+        assert feats.shape == (1, channels, 4, 4)
+        assert torch.isfinite(feats).all()
+        out = bb.head(torch.randn(2, channels, 7, 7))
+    assert out.shape == (2, bb.head_out)
+
+
+def test_backbone_errors():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone(BackboneConfig(name="alexnet"), RoIHeadConfig(), 16)
+    with pytest.raises(ValueError, match="stride"):  # three stride-2 stages: stride 8, not 16
+        build_backbone(BackboneConfig(name="tiny", tiny_channels=(8, 16, 32)), RoIHeadConfig(), 16)
+    with pytest.raises(FileNotFoundError):
+        build_backbone(BackboneConfig(name="mobilenet_v3", weights="/nonexistent/weights.pth"), RoIHeadConfig(), 16)
+
+
+def test_backbone_freeze_at():
+    bb = build_backbone(BackboneConfig(name="tiny", freeze_at=2), RoIHeadConfig(representation_size=16), 16)
+    children = list(bb.body.children())
+    assert all(not p.requires_grad for c in children[:2] for p in c.parameters())
+    assert all(p.requires_grad for c in children[2:] for p in c.parameters())
