@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -41,6 +41,7 @@ class TrainConfig:
     hflip_prob: float = 0.5
     log_every: int = 10  # steps between MLflow metric writes
     checkpoint_every: int = 1  # epochs between checkpoints
+    val_every: int = 1  # epochs between validations (the last epoch always validates)
     keep_checkpoints: int = 2  # best k by the validation metric (latest k without validation)
     max_failures: int = 2  # worker-group restarts before the job fails
     seed: int = 0

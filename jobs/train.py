@@ -277,13 +277,15 @@ def train_loop(config: dict[str, Any]) -> None:
             if nan_step is not None:
                 break
             metrics = {"epoch": epoch, "step": step, "rank_weight_diff": _rank_weight_diff(core, world)}
-            if val_shard is not None:
+            last = epoch == tcfg.epochs - 1
+            checkpoint_now = (epoch + 1) % tcfg.checkpoint_every == 0 or last
+            # A checkpoint always carries val_map50: the best-k policy ranks checkpoints by it.
+            if val_shard is not None and ((epoch + 1) % tcfg.val_every == 0 or checkpoint_now):
                 model.eval()
                 metrics.update(_validate(model, core, val_shard, tcfg.batch_size, use_difficult, device, world))
                 if logger is not None:
                     logger.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step, "val_loss_total")
-            last = epoch == tcfg.epochs - 1
-            if (epoch + 1) % tcfg.checkpoint_every == 0 or last:
+            if checkpoint_now:
                 _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, rank)
             else:
                 ray.train.report(metrics)
