@@ -24,7 +24,7 @@ from . import tracking
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def run_demo(workdir: str, *, images: int = 600, seed: int = 0, config_path: str | None = None,
+def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str | None = None,
              workers: int = 1, cpus_per_worker: float = 2, epochs: int | None = None,
              experiment: str = "frcnn-demo", fresh: bool = True) -> dict:
     import ray
@@ -112,7 +112,7 @@ def run_demo(workdir: str, *, images: int = 600, seed: int = 0, config_path: str
 @click.command("demo")
 @click.option("--workdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Everything the demo writes (data, shards, MLflow store, checkpoints); replaced on each run.")
-@click.option("--images", type=click.IntRange(20), default=600, show_default=True, help="Generated images.")
+@click.option("--images", type=click.IntRange(20), default=700, show_default=True, help="Generated images.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Overrides the demo config's train.epochs.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--cpus-per-worker", type=click.FloatRange(0.5), default=2, show_default=True)
