@@ -97,12 +97,12 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     total = time.perf_counter() - t_start
     m = evaluation.metrics
     click.secho("\n== results", fg="green", bold=True)
-    print(f"test split ({m.get('images', '?')} images): VOC mAP@0.5 = {m['map50']:.3f} "
+    print(f"test split ({int(m.get('images', 0))} images): VOC mAP@0.5 = {m['map50']:.3f} "
           f"(11-point {m['map50_voc07']:.3f}), COCO mAP@[.5:.95] = {m['coco_map']:.3f}, AP50 = {m['coco_ap50']:.3f}")
     print(f"MLflow tracking store: {uri}")
     print(f"  training run:    {trained.run_id}  (model frcnn-demo version {trained.model_version})")
     print(f"  evaluation run:  {evaluation.run_id}")
-    print(f"  inference runs:  {first.run_id} (new {first.inputs_new}), {again.run_id} (new {again.inputs_new})")
+    print(f"  inference runs:  {first.run_id} (new {first.summary.new}), {again.run_id} (new {again.summary.new}, incremental)")
     print(f"open the UI: frcnn-jobs ui   (with MLFLOW_TRACKING_URI={uri})")
     print(f"total {total:.0f} s")
     return {"map50": m["map50"], "train_run_id": trained.run_id, "eval_run_id": evaluation.run_id,
