@@ -34,7 +34,16 @@ def setup(tracking_uri: str | None = None, experiment: str | None = None) -> str
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # children (Ray workers started later) inherit it
-    mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+    name = experiment or DEFAULT_EXPERIMENT
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        # Artifacts beside the database (MLflow's default is ./mlruns of whatever the current
+        # directory is), so that a store is one folder that `frcnn-jobs ui` serves whole.
+        artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+        try:
+            mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+        except Exception:  # noqa: BLE001 - created concurrently by another process: use it
+            pass
+    mlflow.set_experiment(name)
     return uri
 
 
