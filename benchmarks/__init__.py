@@ -1,0 +1,15 @@
+"""Performance benchmarks of frcnn-jobs: ``python -m benchmarks.run [--device cpu|cuda] [--quick]``.
+
+Every figure is a ratio against a baseline measured in the same run, on the same machine, with
+baseline and candidate interleaved (the shared 2-core CI machine makes absolute timings
+meaningless). ``benchmarks/run.py`` writes ``results.json`` and regenerates ``RESULTS.md``.
+
+| module                 | rows                                                                  |
+| ---------------------- | --------------------------------------------------------------------- |
+| ``anchor_targets``     | 1: anchor targets vs the walkthrough's plain loop                     |
+| ``precompute_bench``   | 2, 3: Ray Data precompute vs the decode+resize+encode floor; memory    |
+| ``detector``           | 4, 5 (and 4g, 5g on CUDA): training / inference vs torchvision         |
+| ``training_bench``     | 6, 7: data wait during Ray Train training; 1 -> 2 workers              |
+| ``common``             | interleaved timing, peak-RSS sampler, environment capture             |
+| ``report``, ``findings`` | RESULTS.md; what was found for each missed goal                      |
+"""
