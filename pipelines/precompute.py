@@ -403,11 +403,21 @@ def _new_run() -> dict[str, Any]:
             "first_fatal": None, "crashed": False}
 
 
+_LEDGER: dict[tuple[str, str], Any] = {}
+
+
 def _get_ledger():
+    """The driver's ledger actor, reused across runs. The handle is kept here: a named actor with
+    no handle left is garbage-collected, and a run starting at that moment met a dead actor."""
     import ray
 
-    return ray.remote(_Ledger).options(
-        name="frcnn-precompute-ledger", get_if_exists=True, num_cpus=0).remote()
+    ctx = ray.get_runtime_context()
+    key = (str(ctx.gcs_address), ctx.get_job_id())
+    if key not in _LEDGER:
+        _LEDGER.clear()
+        _LEDGER[key] = ray.remote(_Ledger).options(
+            name="frcnn-precompute-ledger", get_if_exists=True, num_cpus=0).remote()
+    return _LEDGER[key]
 
 
 # --------------------------------------------------------------------------- output folder
