@@ -1,11 +1,11 @@
 """``frcnn-jobs infer``: real Ray Data (the session's local Ray), real MLflow (a tmp sqlite store).
 
-The model is an initialised, untrained tiny detector saved as a checkpoint: training one that
-finds the shapes takes minutes on these CPUs. So the coordinate test does not match ground-truth
-shapes; it recomputes each image's detections in the test (the model on the canvas, then the
-test's own arithmetic: divide by the canvas scale, clip to the image) and requires the job's
-boxes to equal them, in ORIGINAL pixels of images larger and smaller than the canvas, of several
-aspect ratios and colour modes. The rest checks the scheduling contract: layout, publishing,
+Most tests use an initialised, untrained tiny detector: the coordinate test recomputes each
+image's detections in the test (the model on the canvas, then the test's own arithmetic: divide by
+the canvas scale, clip to the image) and requires the job's boxes to equal them, in ORIGINAL
+pixels of images larger and smaller than the canvas, of several aspect ratios and colour modes.
+One test overfits a tiny model on four pictures (~20 s) and requires the job to return their
+known boxes, scaled to the saved images' pixels, with the right classes. The rest checks the scheduling contract: layout, publishing,
 incremental ledger, killed runs, unreadable inputs, Parquet input, MLflow run and exit codes.
 """
 
@@ -244,3 +244,58 @@ def test_cli_resolves_alias_once_tracks_the_run_and_fails_a_killed_run(ckpt, tmp
     m = run.data.metrics
     assert (m["inputs_seen"], m["inputs_new"], m["inputs_failed"]) == (3, 3, 0)
     assert m["detections"] == sum(len(s) for s in table.column("scores").to_pylist()) and m["images_per_s"] > 0
+
+
+# --------------------------------------------------------------------------- known shapes
+
+def test_trained_model_finds_known_shapes_in_original_pixels(tmp_path):
+    """A tiny model overfitted on four 128x128 canvases (tests/test_model.py's recipe), then the
+    same pictures saved at 2x and 1.5x: the job must return each known box, scaled to the saved
+    image's pixels, with the right class."""
+    import sys
+
+    from torchvision.ops import box_iou
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_model import make_images, make_model
+
+    from frcnn import total_loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images, boxes, labels = make_images(4)
+        model = make_model(seed=0).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+        for _ in range(200):
+            loss = total_loss(model(images, {"boxes": boxes, "labels": labels}))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save(checkpoint_state(model.eval(), None, 0, 0, model.cfg, TrainConfig()), ckpt)
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    factors = {}
+    for i in range(4):
+        f = 2.0 if i % 2 == 0 else 1.5
+        size = int(128 * f)
+        pic = Image.fromarray(images[i].permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST)
+        pic.save(inp / f"img{i}.png")
+        factors[f"img{i}.png"] = (i, f)
+    summary = _run(inp, tmp_path / "out", ckpt.read_bytes(), batch_size=4)
+    assert summary.new == 4 and summary.failed == 0
+    rows = {r["image_id"]: r for r in infer.read_published(str(tmp_path / "out")).to_pylist()}
+    assert set(rows) == set(factors)
+    for name, (i, f) in factors.items():
+        pred = torch.from_numpy(_boxes(rows[name]))
+        plab = torch.tensor(rows[name]["labels"])
+        score = torch.tensor(rows[name]["scores"])
+        assert rows[name]["width"] == rows[name]["height"] == int(128 * f)
+        for b, lab in zip(boxes[i] * f, labels[i]):
+            iou = box_iou(b[None], pred)[0] if len(pred) else torch.zeros(1)
+            hit = (iou > 0.7) & (plab == lab) & (score > 0.5)
+            assert bool(hit.any()), (name, b.tolist(), int(lab), pred.tolist(), plab.tolist())
