@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .boxes import clip_boxes
+
 
 @dataclass(frozen=True)
 class CanvasTransform:
@@ -44,10 +46,7 @@ class CanvasTransform:
 
     def invert_boxes(self, boxes: Tensor, scale: float | Tensor, orig_h: int, orig_w: int) -> Tensor:
         """Canvas boxes -> original-image boxes, clipped to the original image."""
-        out = boxes / scale
-        x = out[..., 0::2].clamp(0, orig_w)
-        y = out[..., 1::2].clamp(0, orig_h)
-        return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+        return clip_boxes(boxes / scale, orig_h, orig_w)
 
 
 def to_tensor(canvas: np.ndarray) -> Tensor:

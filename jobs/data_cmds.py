@@ -23,6 +23,7 @@ import click
 from frcnn.config import ModelConfig, tiny_config
 
 from . import options, tracking
+from .cluster import init_ray
 
 
 @dataclass
@@ -56,17 +57,6 @@ def resolve_config(data_root: str, config_path: str | None = None,
         return cfg.replace(class_names=names)
     names = names or load_class_names(data_root)
     return tiny_config(num_classes=len(names), class_names=names)
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, ignore_reinit_error=True)
-    else:
-        ray.init(ignore_reinit_error=True, include_dashboard=False)
 
 
 def run_precompute(
@@ -107,7 +97,7 @@ def run_precompute(
     pc.check_output(out, overwrite)
     cfg = resolve_config(data_root, config_path, class_names)
     uri = tracking.setup(tracking_uri, experiment)
-    _init_ray(address)
+    init_ray(address)
 
     run = mlflow.start_run(run_name=f"precompute-{split}")
     run_id = run.info.run_id

@@ -10,7 +10,6 @@ Everything is local: Ray on this machine, MLflow in ``<workdir>/mlflow.db``, CPU
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import click
 from frcnn.training import TrainConfig
 
 from . import tracking
+from .cluster import init_ray
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -27,8 +27,6 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str | None = None,
              workers: int = 1, cpus_per_worker: float = 2, epochs: int | None = None,
              experiment: str = "frcnn-demo", fresh: bool = True) -> dict:
-    import ray
-
     from pipelines.synth import generate
 
     from .data_cmds import run_precompute
@@ -54,9 +52,7 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     summary = generate(str(data), n_images=images, seed=seed, min_size=240, max_size=320)
     print(f"{summary['images']} images in VOC layout at {data}: splits {summary['splits']}")
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(workers * cpus_per_worker) + 1), include_dashboard=False,
-                 log_to_driver=False)
+    init_ray(None, workers * cpus_per_worker, log_to_driver=False)
 
     step("precompute")
     shards = {}

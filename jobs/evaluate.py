@@ -53,6 +53,7 @@ import click
 import numpy as np
 
 from . import options, tracking
+from .cluster import init_ray
 from pipelines.infer import ERRORS as INFER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -165,13 +166,6 @@ def _read_image_row(row: dict[str, Any]) -> dict[str, Any]:
         logging.getLogger(__name__).warning("cannot read %s: %s", row["path"], exc)
         data = b""
     return {"image_id": row["image_id"], "image": data}
-
-
-def init_ray(address: str | None = None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address) if address else ray.init(include_dashboard=False)
 
 
 def predict_split(gt: GroundTruth, checkpoint: bytes, *, batch_size: int = 8, concurrency: int = 1,

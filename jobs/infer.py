@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 from . import options, tracking
+from .cluster import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,6 @@ class InferRun:
     run_id: str  # the MLflow run
     summary: Any  # pipelines.infer.InferSummary
     model: Any  # jobs.models.ModelRef
-
-
-def _init_ray(address: str | None, concurrency: int, cpus_per_actor: float) -> None:
-    import math
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        # The actors take their CPUs; the read and write tasks need a slot beside them.
-        need = math.ceil(concurrency * cpus_per_actor) + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
 
 
 def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: bool = False,
@@ -72,7 +57,7 @@ def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: b
     identity = ModelIdentity.of_checkpoint(checkpoint, uri=ref.uri, name=ref.name, version=ref.version,
                                            train_run_id=ref.run_id)
     run_name = new_run_name()
-    _init_ray(address, concurrency, cpus_per_actor)
+    init_ray(address, concurrency * cpus_per_actor)
     active = mlflow.start_run(run_name=f"infer-{run_name}")
     run_id = active.info.run_id
     try:

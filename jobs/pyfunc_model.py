@@ -25,7 +25,6 @@ class FrcnnPyfunc(PythonModel):
     def predict(self, context, model_input, params=None):
         import numpy as np
         import pandas as pd
-        import torch
         from PIL import Image
 
         from frcnn.canvas import to_tensor

@@ -36,10 +36,11 @@ from frcnn.training import (TrainConfig, autocast_dtype, build_optimizer, checkp
 from pipelines.schema import decode_batch, to_model_inputs
 
 from . import options, tracking
+from .cluster import init_ray
+from .models import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -363,19 +364,6 @@ def _start_system_metrics(config: dict[str, Any]):
 # ---------------------------------------------------------------------------------------------
 
 
-def _init_ray(address: str | None, min_cpus: float) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        # Ray Data's decoding tasks need CPU slots beside the training workers': on a small local
-        # machine, advertise one more logical CPU than the workers take.
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 1), include_dashboard=False)
-
-
 def _maybe_materialize(datasets: dict, rows: dict[str, int], cfg: ModelConfig, budget: float = 0.25) -> dict:
     """Decode once and keep the decoded rows in Ray's object store when they fit in ``budget`` of
     it: otherwise every epoch re-reads and re-decodes the shards, and the first batch of each
@@ -420,7 +408,7 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
     uri = tracking.setup(tracking_uri, experiment)
     manifest = read_manifest_at(data)
     model_cfg = model_cfg or ModelConfig.from_dict(manifest["model_config"])
-    _init_ray(address, workers * cpus_per_worker)
+    init_ray(address, workers * cpus_per_worker)
     train_ds, manifest = open_precomputed(data, model_cfg)
     n_pos = model_cfg.num_anchor_positions
     datasets = {"train": train_ds.randomize_block_order(seed=train_cfg.seed).map_batches(
@@ -489,7 +477,8 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
         best = final
         if val_data and result.best_checkpoints:
             best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_map50", float("-inf")))[0]
-        final_path = log_checkpoint(final, "checkpoints/final") if final else None
+        if final:
+            log_checkpoint(final, "checkpoints/final")
         best_path = log_checkpoint(best, "checkpoints/best") if best else None
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and k not in ("epoch", "step"):
