@@ -3,6 +3,7 @@
     model = FasterRCNN(tiny_config())
     losses = model(images, targets)        # training: dict with LOSS_KEYS
     dets = model(images)                   # eval: canvas boxes per image
+    props = model.propose(images)          # the RPN's proposals; model(images, targets, props) trains the head on them
     dets = model.detect(images, scales, orig_sizes)   # eval: original-image boxes
 
 ``images``: ``(B, 3, H, W)`` uint8 (0..255) or float (0..1) canvases; normalisation is inside.
@@ -64,12 +65,20 @@ class FasterRCNN(nn.Module):
             deltas.append(t.deltas)
         return torch.stack(labels), torch.stack(deltas)
 
-    def forward(self, images: Tensor, targets: dict | None = None):
+    def _rpn(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> backbone features, RPN logits (B, H*W*A, 2) and deltas (B, H*W*A, 4)."""
         if images.shape[-2:] != self.canvas_hw:
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the canvas is {self.canvas_hw}")
         features = self.backbone(self.normalize(images))
-        logits, deltas = self.rpn_head(features)
-        proposals = self.proposal_layer(self.anchors, logits, deltas, self.canvas_hw, self.training)
+        return (features, *self.rpn_head(features))
+
+    def forward(self, images: Tensor, targets: dict | None = None, proposals: list[Tensor] | None = None):
+        """``proposals`` (canvas boxes per image), when given, replace the RPN's as the RoI head's
+        input (Fast R-CNN on external proposals; or two models compared on the same RoIs). The RPN
+        still runs, and its losses are still computed in training."""
+        features, logits, deltas = self._rpn(images)
+        if proposals is None:
+            proposals = self.proposal_layer(self.anchors, logits, deltas, self.canvas_hw, self.training)
         if self.training:
             if targets is None:
                 raise ValueError("training needs targets")
@@ -82,6 +91,13 @@ class FasterRCNN(nn.Module):
             return losses
         cls_logits, box_deltas = self.roi_heads.predict(features, proposals)
         return self.roi_heads.postprocess_detections(cls_logits, box_deltas, proposals, self.canvas_hw)
+
+    @torch.no_grad()
+    def propose(self, images: Tensor) -> list[Tensor]:
+        """The RPN's proposals per image (canvas boxes, best first), with the training or the test
+        counts (``rpn.*_top_n_train`` / ``_test``) as the module is in train or eval mode."""
+        _, logits, deltas = self._rpn(images)
+        return self.proposal_layer(self.anchors, logits, deltas, self.canvas_hw, self.training)
 
     @torch.no_grad()
     def detect(self, images: Tensor, scales: list[float] | Tensor, orig_sizes: list[tuple[int, int]]

@@ -56,6 +56,9 @@ class RoIHeads(nn.Module):
         self.cfg = cfg
         self.reduce = (nn.Sequential(nn.Conv2d(in_channels, cfg.reduce_channels, 1), nn.ReLU(inplace=True))
                        if cfg.reduce_channels else nn.Identity())
+        if cfg.reduce_channels:  # He init, as the light head's layers (frcnn/backbones.py)
+            nn.init.kaiming_normal_(self.reduce[0].weight, nonlinearity="relu")
+            nn.init.zeros_(self.reduce[0].bias)
         self.head = head
         self.num_classes = num_classes  # including background
         self.spatial_scale = 1.0 / stride

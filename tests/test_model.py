@@ -152,6 +152,53 @@ def test_precomputed_anchor_targets_give_the_same_losses():
     torch.testing.assert_close(ignored["loss_roi_cls"], own["loss_roi_cls"])
 
 
+def test_given_proposals_replace_the_rpns():
+    model = make_model().train()
+    images, boxes, labels = make_images(2)
+    targets = {"boxes": boxes, "labels": labels}
+    props = model.propose(images)
+    cfg = model.cfg.rpn
+    assert [p.shape[1] for p in props] == [4, 4]
+    assert all(0 < p.shape[0] <= cfg.post_nms_top_n_train for p in props)
+    assert all(bool(((p >= 0) & (p <= CANVAS)).all()) for p in props)
+    assert all(p.shape[0] <= cfg.post_nms_top_n_test for p in model.eval().propose(images))
+    model.train()
+
+    # The RPN's own proposals passed in: the very same losses as without.
+    torch.manual_seed(5)
+    own = model(images, targets)
+    torch.manual_seed(5)
+    given = model(images, targets, props)
+    for k in LOSS_KEYS:
+        torch.testing.assert_close(given[k], own[k], rtol=0, atol=0, msg=k)
+
+    # Other proposals change the head's losses only. No proposals at all: the RoIs are the
+    # ground-truth boxes (the head always adds them), all foreground with zero box targets, so
+    # the head's losses are those of its outputs on the boxes themselves, computed here directly.
+    torch.manual_seed(5)
+    gt_only = model(images, targets, [b[:0] for b in boxes])
+    for k in ("loss_rpn_cls", "loss_rpn_loc"):
+        torch.testing.assert_close(gt_only[k], own[k], rtol=0, atol=0, msg=k)
+    with torch.no_grad():
+        cls, deltas = model.roi_heads.predict(model.backbone(model.normalize(images)), boxes)
+        lab = torch.cat(labels)
+        pred = deltas.reshape(lab.numel(), -1, 4)[torch.arange(lab.numel()), lab]
+        beta = model.cfg.roi.smooth_l1_beta
+        expected_loc = torch.where(pred.abs() < beta, 0.5 * pred**2 / beta, pred.abs() - 0.5 * beta).sum() / lab.numel()
+        expected_cls = -torch.log_softmax(cls, dim=1)[torch.arange(lab.numel()), lab].mean()
+    torch.testing.assert_close(gt_only["loss_roi_loc"].detach(), expected_loc, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gt_only["loss_roi_cls"].detach(), expected_cls, rtol=1e-4, atol=1e-6)
+    assert float(gt_only["loss_roi_loc"].detach()) < float(own["loss_roi_loc"].detach())
+
+    # Eval: detections are decoded from the given proposals.
+    model.eval()
+    with torch.no_grad():
+        dets = model(images, None, [b.clone() for b in boxes])
+    for d, b in zip(dets, boxes):
+        assert d["boxes"].shape[0] > 0
+        assert float(box_iou(d["boxes"], b).max(dim=1).values.min()) > 0.9
+
+
 # ---- detection and the way back to the original image -----------------------------------------
 def test_detect_boxes_inside_original_images():
     model = make_model()
