@@ -21,7 +21,9 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,11 @@ def _to_device(images: torch.Tensor, targets: dict, device: torch.device) -> tup
         out["anchor_labels"] = targets["anchor_labels"].to(device, non_blocking=nb)
         out["anchor_deltas"] = targets["anchor_deltas"].to(device, non_blocking=nb)
     return images.to(device, non_blocking=nb), out
+
+
+def _steps_per_epoch(rows: int, effective_batch: int) -> int:
+    """Full batches only: every rank takes the same number of steps (DDP waits for all)."""
+    return max(rows // effective_batch, 1)
 
 
 def _all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -205,7 +212,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     amp = autocast_dtype(tcfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    steps_per_epoch = max(config["train_rows"] // effective_batch, 1)
+    steps_per_epoch = _steps_per_epoch(config["train_rows"], effective_batch)
     total_steps = steps_per_epoch * tcfg.epochs
     use_difficult = bool(config.get("use_difficult", False))
     logger = _RankZeroLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
@@ -364,6 +371,59 @@ def _start_system_metrics(config: dict[str, Any]):
 # ---------------------------------------------------------------------------------------------
 
 
+class _Progress:
+    """Prints where a training is, every ``interval`` seconds, from the latest metrics rank 0 wrote
+    to the MLflow run: the same on a laptop and on a cluster, whether or not Ray forwards the
+    workers' output to the driver."""
+
+    def __init__(self, uri: str, run_id: str, total_steps: int, epochs: int, interval: float = 30.0) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(uri), run_id
+        self.total_steps, self.epochs, self.interval = total_steps, epochs, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="train-progress", daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        t0, first, last_step = time.monotonic(), None, None
+        while not self._stop.wait(self.interval):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run = tracking.safe(self.client.get_run, self.run_id)
+            latest = {m.key: (m.value, m.step) for m in run.data.to_proto().metrics} if run else {}
+            if "loss_total" not in latest:
+                continue
+            loss, step = latest["loss_total"]
+            if step == last_step:
+                continue
+            now = time.monotonic()
+            first = first or (now, step)
+            rate = (step - first[1]) / (now - first[0]) if now > first[0] else 0.0
+            parts = [f"train {_duration(now - t0)}: step {step}/{self.total_steps}",
+                     f"epoch {int(latest.get('epoch', (0, 0))[0]) + 1}/{self.epochs}", f"loss_total {loss:.3f}"]
+            if "images_per_s" in latest:
+                parts.append(f"{latest['images_per_s'][0]:.1f} images/s")
+            if "val_map50" in latest:
+                parts.append(f"val_map50 {latest['val_map50'][0]:.3f} (step {latest['val_map50'][1]})")
+            if rate > 0:
+                parts.append(f"about {_duration((self.total_steps - step) / rate)} left")
+            print(", ".join(parts), flush=True)
+            last_step = step
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(max(seconds, 0)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def _maybe_materialize(datasets: dict, rows: dict[str, int], cfg: ModelConfig, budget: float = 0.25) -> dict:
     """Decode once and keep the decoded rows in Ray's object store when they fit in ``budget`` of
     it: otherwise every epoch re-reads and re-decodes the shards, and the first batch of each
@@ -393,8 +453,10 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
                  cpus_per_worker: float = 1, experiment: str = tracking.DEFAULT_EXPERIMENT,
                  resume: str | None = None, address: str | None = None, storage_path: str | None = None,
                  model_name: str | None = "frcnn", tracking_uri: str | None = None, run_name: str | None = None,
-                 _fail: dict | None = None, _nan_at_step: int | None = None) -> TrainResult:
-    """Train and track; returns the run id, checkpoint locations and final metrics."""
+                 progress_every: float = 30.0, _fail: dict | None = None,
+                 _nan_at_step: int | None = None) -> TrainResult:
+    """Train and track; returns the run id, checkpoint locations and final metrics. Every
+    ``progress_every`` seconds a line says where the training is (step, epoch, loss, speed)."""
     import mlflow
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -465,8 +527,10 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
                 checkpoint_score_attribute="val_map50" if val_data else None, checkpoint_score_order="max")),
         datasets=datasets,
     )
+    steps_per_epoch = _steps_per_epoch(int(manifest["rows"]), workers * train_cfg.batch_size)
     try:
-        result = trainer.fit()
+        with _Progress(uri, run_id, steps_per_epoch * train_cfg.epochs, train_cfg.epochs, progress_every):
+            result = trainer.fit()
         metrics = dict(result.metrics or {})
         status = _read_status(status_uri)
         if "nan_step" in status:

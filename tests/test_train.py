@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
+import torch
 
-from frcnn import tiny_config
-from frcnn.training import TrainConfig
+from frcnn import LOSS_KEYS, FasterRCNN, tiny_config
+from frcnn.training import TrainConfig, load_checkpoint, model_from_checkpoint
 from pipelines.synth import SYNTH_CLASSES, generate
 
 CANVAS = 128
@@ -19,7 +21,8 @@ def shards(tmp_path_factory, ray_session):
     from pipelines.precompute import precompute
 
     root = tmp_path_factory.mktemp("train_data")
-    generate(str(root / "voc"), n_images=24, seed=3, min_size=120, max_size=200)
+    # 40 images: 28 train (7 steps an epoch at 2 workers x 2), 6 val.
+    generate(str(root / "voc"), n_images=40, seed=3, min_size=120, max_size=200)
     cfg = tiny_config(5, SYNTH_CLASSES, canvas=CANVAS)
     out = {}
     for split in ("train", "val"):
@@ -40,19 +43,48 @@ def _history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path):
+def _losses_on_fixed_samples(model: FasterRCNN, images, targets, proposals) -> dict[str, float]:
+    """The four losses on fixed inputs: the same anchor sample (the global RNG seeded alike) and the
+    same RoIs for the head; BatchNorm on batch statistics, as in a training step."""
+    torch.manual_seed(1234)
+    model.train()
+    with torch.no_grad():
+        losses = model(images, targets, proposals)
+    return {k: float(losses[k]) for k in LOSS_KEYS}
+
+
+def _training_rows(path: str, cfg):
+    from pipelines.precompute import open_precomputed
+    from pipelines.schema import batch_to_tensors
+
+    ds, _ = open_precomputed(path, cfg)
+    rows = ds.take_all()
+    return batch_to_tensors({k: [r[k] for r in rows] for k in rows[0]}, cfg.num_anchor_positions)
+
+
+def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, capsys):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from jobs.models import CHECKPOINT_FILE
     from jobs.train import run_training
 
-    tc = TrainConfig(epochs=12, batch_size=2, base_lr=0.04, lr_reference_batch=4, warmup_steps=4,
-                     log_every=1, keep_checkpoints=2, max_failures=2, schedule="cosine")
+    # 280 steps: the RoI head's box branch needs a few hundred steps to learn (measured on fixed
+    # samples, below: -1.5 % after 168 steps over 84 images, -28 % after 280 over 28).
+    tc = TrainConfig(epochs=40, batch_size=2, base_lr=0.04, lr_reference_batch=4, warmup_steps=4,
+                     log_every=1, checkpoint_every=10, val_every=10, keep_checkpoints=2, max_failures=2,
+                     schedule="cosine")
     marker = tmp_path / "killed-once"
     res = run_training(shards["train"], shards["val"], train_cfg=tc, workers=2, cpus_per_worker=1,
                        experiment="t", storage_path=str(tmp_path / "ray"), model_name="frcnn-test",
-                       _fail={"step": 6, "marker": str(marker)})
+                       progress_every=3, _fail={"step": 75, "marker": str(marker)})  # first checkpoint: step 70
     assert marker.exists(), "the injected failure did not happen"
+    # Progress lines while it trains, then the run id, checkpoint and final metrics.
+    out = capsys.readouterr().out
+    progress = re.findall(r"^train \S+: step (\d+)/280, epoch (\d+)/40, loss_total \d+\.\d+", out, re.M)
+    assert progress and all(1 <= int(s) <= 280 for s, _ in progress), out
+    assert f"MLflow run {res.run_id}" in out and f"checkpoint: {res.checkpoint_path}" in out
+    assert "final metrics: " in out and "val_map50=" in out
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert [r.info.run_id for r in runs] == [res.run_id]  # the restart wrote into the same run
@@ -62,22 +94,33 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path):
     # Params: every resolved config value.
     params = run.data.params
     assert params["model.anchors.scales"] == "(2.0, 4.0, 8.0)"
-    assert params["train.epochs"] == "12" and params["job.workers"] == "2" and params["job.effective_batch"] == "4"
+    assert params["train.epochs"] == "40" and params["job.workers"] == "2" and params["job.effective_batch"] == "4"
 
-    # Step history: no step logged twice although steps after the checkpoint were redone.
+    # Step history: every step logged once, although steps 71-75 were done twice.
     hist = _history(client, res.run_id, "loss_total")
     steps = [s for s, _ in hist]
-    assert steps == sorted(set(steps)) and len(steps) >= 8
+    assert steps == list(range(1, 40 * 7 + 1))
     for key in ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls", "loss_roi_loc", "lr", "images_per_s",
                 "data_wait_frac", "val_map50", "val_loss_total"):
         assert client.get_metric_history(res.run_id, key), key
 
-    # The losses go down: mean over the second half of the logged steps below the first half's
-    # (single 4-image steps are too noisy to compare one by one). loss_roi_loc is not asserted: in
-    # a 48-step run it does not fall (early on the head's foreground RoIs are mostly the
-    # ground-truth boxes themselves, with zero target; later the RPN's proposals), and on fixed
-    # jittered-ground-truth RoIs it moved 1.128 -> 1.132 over this run. Its decrease over a real
-    # schedule is shown by `make demo` (README).
+    # Training lowers every loss: the trained weights against the initial ones (train_loop seeds
+    # them with train.seed) on the same training images, the same anchor sample and the same RoIs
+    # (the trained RPN's proposals). This is the oracle for the RoI box loss, whose logged value
+    # rises at first: early on the head's foreground RoIs are mostly the ground-truth boxes added
+    # to the proposals (zero target), later the RPN's proposals with real offsets.
+    cfg = tiny_config(5, SYNTH_CLASSES, canvas=CANVAS)
+    images, targets = _training_rows(shards["train"], cfg)
+    trained = model_from_checkpoint(load_checkpoint(f"{res.checkpoint_path}/{CHECKPOINT_FILE}"))
+    torch.manual_seed(tc.seed)
+    initial = FasterRCNN(cfg)
+    proposals = trained.train().propose(images)
+    before = _losses_on_fixed_samples(initial, images, targets, proposals)
+    after = _losses_on_fixed_samples(trained, images, targets, proposals)
+    for key in LOSS_KEYS:
+        assert after[key] < 0.9 * before[key], (key, before, after)
+    # The logged histories of the other three fall too: mean over the second half of the steps
+    # below the first half's (single 4-image steps are too noisy to compare one by one).
     for key in ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls"):
         vals = [v for _, v in _history(client, res.run_id, key)]
         half = len(vals) // 2
@@ -101,14 +144,12 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path):
         assert 0 <= box[0] <= box[2] <= 150 and 0 <= box[1] <= box[3] <= 100
 
     # --resume: continue the finished run for two more epochs, in the same MLflow run.
-    last_step = steps[-1]
-    res2 = run_training(shards["train"], shards["val"], train_cfg=TrainConfig(**{**tc.to_dict(), "epochs": 14}),
+    res2 = run_training(shards["train"], shards["val"], train_cfg=TrainConfig(**{**tc.to_dict(), "epochs": 42}),
                         workers=2, cpus_per_worker=1, experiment="t", resume=res.run_id, model_name=None)
     assert res2.run_id == res.run_id
     steps2 = [s for s, _ in _history(client, res.run_id, "loss_total")]
-    assert steps2[: len(steps)] == steps and steps2[-1] > last_step
-    assert steps2 == sorted(set(steps2))
-    assert res2.metrics["epoch"] == 13
+    assert steps2 == list(range(1, 42 * 7 + 1))
+    assert res2.metrics["epoch"] == 41
 
 
 def test_nan_loss_stops_with_the_step(shards, tracking_uri, tmp_path):
