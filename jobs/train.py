@@ -385,12 +385,14 @@ class _Progress:
         self._thread = threading.Thread(target=self._loop, name="train-progress", daemon=True)
 
     def __enter__(self) -> "_Progress":
-        self._thread.start()
+        if self.interval > 0:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         t0, first, last_step = time.monotonic(), None, None
@@ -597,8 +599,10 @@ def load_config_file(path: str | None) -> tuple[ModelConfig | None, dict]:
               help="Ray Train checkpoints: a local folder (one machine) or an object store URI (clusters). "
                    "Default: ./ray_results.")
 @click.option("--model-name", metavar="NAME", default="frcnn", show_default=True, help="Registered model name.")
+@click.option("--progress-every", metavar="SECONDS", type=click.FloatRange(0), default=30, show_default=True,
+              help="Seconds between progress lines (step, epoch, loss, speed, time left); 0: none.")
 def train_cmd(data, val_data, workers, gpus_per_worker, cpus_per_worker, config_path, epochs, batch_size, lr,
-              experiment, resume, address, storage_path, model_name):
+              experiment, resume, address, storage_path, model_name, progress_every):
     """Train the detector with Ray Train DDP; prints the MLflow run id, checkpoint and metrics."""
     model_cfg, train_over = load_config_file(config_path)
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("base_lr", lr)):
@@ -608,7 +612,8 @@ def train_cmd(data, val_data, workers, gpus_per_worker, cpus_per_worker, config_
     try:
         run_training(data, val_data, model_cfg=model_cfg, train_cfg=train_cfg, workers=workers,
                      gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, experiment=experiment,
-                     resume=resume, address=address, storage_path=storage_path, model_name=model_name)
+                     resume=resume, address=address, storage_path=storage_path, model_name=model_name,
+                     progress_every=progress_every)
     except (NonFiniteLoss, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 

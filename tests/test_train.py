@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import numpy as np
@@ -166,10 +167,24 @@ def test_nan_loss_stops_with_the_step(shards, tracking_uri, tmp_path):
     assert run.info.status == "FAILED"
 
 
-def test_mismatched_config_is_refused(shards, tracking_uri):
+def test_mismatched_config_is_refused(shards, tracking_uri, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from jobs.cli import main
     from jobs.train import run_training
     from pipelines.schema import ManifestMismatch
 
     cfg = tiny_config(5, SYNTH_CLASSES, canvas=CANVAS + 32)
     with pytest.raises(ManifestMismatch, match="canvas_height"):
         run_training(shards["train"], model_cfg=cfg, train_cfg=TrainConfig(epochs=1), experiment="bad")
+
+    # The CLI: every option parses, and the refusal is a one-line error with a non-zero exit.
+    config = tmp_path / "bigger.yaml"
+    config.write_text(yaml.safe_dump({"model": json.loads(json.dumps(cfg.to_dict())), "train": {"warmup_steps": 1}}))
+    res = CliRunner().invoke(main, ["train", "--data", shards["train"], "--val-data", shards["val"], "--workers", "1",
+                                    "--gpus-per-worker", "0", "--cpus-per-worker", "1", "--config", str(config),
+                                    "--epochs", "1", "--batch-size", "2", "--lr", "0.01", "--experiment", "bad",
+                                    "--model-name", "none", "--progress-every", "0"])
+    assert res.exit_code == 1, res.output
+    assert "canvas_height=128" in res.output and "canvas_height=160" in res.output, res.output
