@@ -188,3 +188,25 @@ def test_mismatched_config_is_refused(shards, tracking_uri, tmp_path):
                                     "--model-name", "none", "--progress-every", "0"])
     assert res.exit_code == 1, res.output
     assert "canvas_height=128" in res.output and "canvas_height=160" in res.output, res.output
+
+
+def test_progress_lines_come_from_the_mlflow_run(tracking_uri, capsys):
+    import time
+
+    import mlflow
+
+    from jobs.train import _Progress
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run() as run:
+        with _Progress(tracking_uri, run.info.run_id, total_steps=100, epochs=4, interval=0.05):
+            time.sleep(0.3)  # nothing logged yet: no line
+            mlflow.log_metrics({"loss_total": 1.5, "epoch": 1, "images_per_s": 12.0}, step=25)
+            time.sleep(0.5)
+            mlflow.log_metrics({"loss_total": 0.75, "epoch": 2, "images_per_s": 14.0, "val_map50": 0.5}, step=60)
+            time.sleep(0.5)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2, lines  # one line per new step, not one per poll
+    assert re.fullmatch(r"train \S+: step 25/100, epoch 2/4, loss_total 1\.500, 12\.0 images/s", lines[0])
+    assert re.fullmatch(r"train \S+: step 60/100, epoch 3/4, loss_total 0\.750, 14\.0 images/s, "
+                        r"val_map50 0\.500 \(step 60\), about \S+ left", lines[1])
