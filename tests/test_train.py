@@ -198,6 +198,7 @@ def test_progress_lines_come_from_the_mlflow_run(tracking_uri, capsys):
     from jobs.train import _Progress
 
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("progress")  # not the experiment id an earlier test left active
     with mlflow.start_run() as run:
         with _Progress(tracking_uri, run.info.run_id, total_steps=100, epochs=4, interval=0.05):
             time.sleep(0.3)  # nothing logged yet: no line
