@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import click
 
 from frcnn.config import ModelConfig, tiny_config
+from pipelines.storage import init_ray
 
 from . import options, tracking
-from .cluster import init_ray
 
 
 @dataclass

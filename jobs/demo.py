@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 
 from frcnn.training import TrainConfig
+from pipelines.storage import init_ray
 
 from . import tracking
-from .cluster import init_ray
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

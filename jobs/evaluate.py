@@ -53,7 +53,7 @@ import click
 import numpy as np
 
 from . import options, tracking
-from .cluster import init_ray
+from pipelines.storage import init_ray
 from pipelines.infer import ERRORS as INFER_ERRORS
 
 log = logging.getLogger(__name__)

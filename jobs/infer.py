@@ -26,8 +26,9 @@ from typing import Any
 
 import click
 
+from pipelines.storage import init_ray
+
 from . import options, tracking
-from .cluster import init_ray
 
 log = logging.getLogger(__name__)
 

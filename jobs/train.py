@@ -35,9 +35,9 @@ from frcnn import LOSS_KEYS, FasterRCNN, ModelConfig, total_loss
 from frcnn.training import (TrainConfig, autocast_dtype, build_optimizer, checkpoint_state, hflip_batch,
                             loss_mode, lr_factor)
 from pipelines.schema import decode_batch, to_model_inputs
+from pipelines.storage import init_ray
 
 from . import options, tracking
-from .cluster import init_ray
 from .models import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
