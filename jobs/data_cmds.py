@@ -3,18 +3,19 @@
     frcnn-jobs synth --out data/synth --images 600
     frcnn-jobs precompute --dataset voc --data-root data/synth --split trainval --out data/pre/trainval
     frcnn-jobs precompute --dataset voc --data-root s3://frcnn/raw/VOCdevkit --split trainval \\
-        --year 2007,2012 --config configs/vgg16_voc.yaml --out s3://frcnn/precomputed/voc0712-trainval
+        --year 2007,2012 --config vgg16_voc --out s3://frcnn/precomputed/voc0712-trainval
 
 ``run_precompute`` is the importable function behind the command: it validates the inputs (no
 MLflow run for a command line that cannot work), starts or joins Ray, opens an MLflow run
 (``frcnn.job=precompute``), runs ``pipelines.precompute.precompute`` and logs its numbers and
-manifest. Without ``--config`` the model config is ``configs/tiny.yaml``'s recipe
+manifest. Without ``--config`` the model config is ``frcnn/configs/tiny.yaml``'s recipe
 (``tiny_config``) sized to the dataset's classes.
 """
 
 from __future__ import annotations
 
-import re
+import shlex
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,26 +37,25 @@ def resolve_config(data_root: str, config_path: str | None = None,
                    class_names: Sequence[str] | None = None) -> ModelConfig:
     """The model config the targets are computed for.
 
-    ``config_path``: that YAML (its class names, else ``class_names``, else the dataset's fill in
-    an empty ``class_names``). Default: ``tiny_config`` for the dataset's classes (``classes.txt``
-    in the VOC year folder, else VOC's 20), or ``class_names`` when given.
+    ``class_names`` (``--classes``) are the dataset's classes (default: ``classes.txt`` in the VOC
+    year folder, else VOC's 20). ``config_path`` (a file or a packaged name): its class names are
+    the model's when set (``pipelines.precompute`` then leaves out the dataset's other classes and
+    refuses a model class the dataset lacks); an empty ``class_names`` takes the dataset's.
+    Default: ``tiny_config`` for the dataset's classes.
     """
     from pipelines.voc import load_class_names
 
-    names = tuple(class_names) if class_names else None
     if config_path:
         cfg = ModelConfig.from_yaml(config_path)
         if cfg.class_names:
-            if names and names != tuple(cfg.class_names):
-                raise ValueError(f"--classes {list(names)} differ from {config_path}'s class_names "
-                                 f"{list(cfg.class_names)}")
             return cfg
-        names = names or load_class_names(data_root)
+        names = tuple(class_names) if class_names else load_class_names(data_root)
         if len(names) != cfg.num_classes:
             raise ValueError(f"{config_path}: num_classes={cfg.num_classes}, but the dataset has "
-                             f"{len(names)} classes {list(names)}")
+                             f"{len(names)} classes {list(names)}; set class_names in the config to train "
+                             "on some of them")
         return cfg.replace(class_names=names)
-    names = names or load_class_names(data_root)
+    names = tuple(class_names) if class_names else load_class_names(data_root)
     return tiny_config(num_classes=len(names), class_names=names)
 
 
@@ -78,86 +78,65 @@ def run_precompute(
     address: str | None = None,
     tracking_uri: str | None = None,
     progress: bool = True,
-    _fail_after: int | None = None,
 ) -> PrecomputeRun:
     """Precompute one split, tracked as an MLflow run; returns the run id and the summary.
 
     Raises (before any MLflow run exists) on bad input: ``FileExistsError`` for an existing
-    ``out`` without ``overwrite``, ``ValueError``/``VocLayoutError`` for configs or datasets that
-    do not fit. A run that fails (``on_error="fail"``: ``PrecomputeError`` ``"<file>: <reason>"``)
-    is ended as FAILED and the error re-raised.
+    ``out`` without ``overwrite``, ``ValueError``/``VocLayoutError`` for configs, classes or
+    datasets that do not fit. A run that fails (``on_error="fail"``: ``PrecomputeError``
+    ``"<file>: <reason>"``) ends FAILED, one interrupted (Ctrl-C) ends KILLED; the error goes on.
     """
     import mlflow
 
     from pipelines import precompute as pc
     from pipelines.schema import MANIFEST_NAME
+    from pipelines.storage import Location
+    from pipelines.voc import load_class_names
 
     if dataset != "voc":
         raise ValueError(f"unknown dataset {dataset!r}; supported: voc")
     pc.check_output(out, overwrite)
     cfg = resolve_config(data_root, config_path, class_names)
-    uri = tracking.setup(tracking_uri, experiment)
+    pc.model_classes(cfg, tuple(class_names) if class_names else load_class_names(data_root), data_root)
     init_ray(address)
 
-    run = mlflow.start_run(run_name=f"precompute-{split}")
-    run_id = run.info.run_id
-    print(f"MLflow run {run_id} (tracking {uri})", flush=True)
-    try:
-        tracking.safe(mlflow.set_tags, {
-            "frcnn.job": "precompute", "frcnn.data": out, "frcnn.config_hash": cfg.target_hash()})
-        tracking.log_params({
-            **cfg.flat("model"),
-            "precompute.dataset": dataset, "precompute.data_root": data_root, "precompute.split": split,
-            "precompute.out": out, "precompute.years": ",".join(years) if years else "all",
-            "precompute.config": config_path or "tiny (default)", "precompute.on_error": on_error,
-            "precompute.overwrite": overwrite, "precompute.use_difficult": use_difficult,
-            "precompute.drop_empty": drop_empty, "precompute.rows_per_shard": rows_per_shard,
-            "precompute.jpeg_quality": jpeg_quality, "precompute.config_hash": cfg.target_hash(),
-        })
+    params = {
+        **cfg.flat("model"),
+        "precompute.dataset": dataset, "precompute.data_root": data_root, "precompute.split": split,
+        "precompute.out": out, "precompute.years": ",".join(years) if years else "all",
+        "precompute.classes": ",".join(class_names) if class_names else "dataset",
+        "precompute.config": config_path or "tiny (default)", "precompute.on_error": on_error,
+        "precompute.overwrite": overwrite, "precompute.use_difficult": use_difficult,
+        "precompute.drop_empty": drop_empty, "precompute.rows_per_shard": rows_per_shard,
+        "precompute.jpeg_quality": jpeg_quality, "precompute.config_hash": cfg.target_hash(),
+    }
+    name = tracking.precompute_run_name(Location.of(data_root).name, split)
+    with tracking.job_run("precompute", run_name=name, experiment=experiment, tracking_uri=tracking_uri,
+                          tags={"frcnn.data": out, "frcnn.config_hash": cfg.target_hash()},
+                          params=params) as run:
+        run_id = run.info.run_id
+        if progress:
+            print(f"MLflow run {run_id} ({name})", flush=True)
         summary = pc.precompute(
-            data_root, split, out, cfg, years=years, on_error=on_error, overwrite=overwrite,
-            use_difficult=use_difficult, drop_empty=drop_empty, rows_per_shard=rows_per_shard,
-            jpeg_quality=jpeg_quality, progress=progress, _fail_after=_fail_after)
+            data_root, split, out, cfg, years=years, classes=class_names, on_error=on_error,
+            overwrite=overwrite, use_difficult=use_difficult, drop_empty=drop_empty,
+            rows_per_shard=rows_per_shard, jpeg_quality=jpeg_quality, progress=progress)
         tracking.safe(mlflow.log_metrics, {
             "images_written": summary.rows,
             "images_skipped": len(summary.skipped),
             "warnings": len(summary.warnings),
+            "objects_left_out": sum(summary.left_out.values()),
             "positives_per_image": summary.positives_per_image,
             "images_per_s": summary.images_per_s,
             "shards": len(summary.shards),
         })
         tracking.safe(mlflow.log_dict, summary.manifest, MANIFEST_NAME)
-        mlflow.end_run("FINISHED")
-    except BaseException:
-        tracking.safe(mlflow.end_run, "FAILED")
-        raise
-    print(f"MLflow run {run_id}: {summary.rows} images written to {summary.out}", flush=True)
+    if progress:
+        print(f"MLflow run {run_id}: {summary.rows} images written to {summary.out}", flush=True)
     return PrecomputeRun(run_id, summary)
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def _split_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise click.BadParameter("expected a comma-separated list", ctx=ctx, param=param)
-    dupes = sorted({v for v in items if items.count(v) > 1})
-    if dupes:
-        raise click.BadParameter(f"repeated: {', '.join(dupes)}", ctx=ctx, param=param)
-    return items
-
-
-def _years(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    items = _split_list(ctx, param, value)
-    if items is None:
-        return None
-    bad = [y for y in items if not re.fullmatch(r"(?i:voc)?\d{4}", y)]
-    if bad:
-        raise click.BadParameter(f"{', '.join(bad)}: expected years such as 2007,2012", ctx=ctx, param=param)
-    return [y[-4:] for y in items]
 
 
 @click.command("synth")
@@ -185,11 +164,9 @@ def synth_cmd(out: str, images: int, seed: int, min_size: int, max_size: int) ->
               help="Folder holding VOCdevkit/, VOCdevkit/ itself or one VOC20XX/ (local, s3://, gs://...).")
 @click.option("--split", default="trainval", show_default=True, help="ImageSets/Main/<split>.txt.")
 @click.option("--out", required=True, metavar="PATH_OR_URI", help="Output folder (published atomically).")
-@click.option("--year", "years", callback=_years, metavar="2007,2012", default=None,
-              help="VOC years to join. Default: every year found.")
+@options.YEAR
 @options.CONFIG
-@click.option("--classes", callback=_split_list, metavar="a,b,c", default=None,
-              help="Class names in label order. Default: the config's, else classes.txt, else VOC's 20.")
+@options.CLASSES
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: report bad files in the manifest and go on; fail: stop at the first one.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (the default refuses).")
@@ -201,7 +178,7 @@ def synth_cmd(out: str, images: int, seed: int, min_size: int, max_size: int) ->
               help="JPEG quality of the stored canvases.")
 @options.EXPERIMENT
 @options.ADDRESS
-def precompute_cmd(dataset, data_root, split, out, years, config_path, classes, on_error, overwrite,
+def precompute_cmd(dataset, data_root, split, out, years, config_path, class_names, on_error, overwrite,
                    use_difficult, drop_empty, rows_per_shard, jpeg_quality, experiment, address) -> None:
     """Decode, resize and label anchors once, with Ray Data: Parquet shards + manifest for training."""
     from pipelines.precompute import PrecomputeError
@@ -209,11 +186,15 @@ def precompute_cmd(dataset, data_root, split, out, years, config_path, classes, 
 
     try:
         run_precompute(data_root, split, out, dataset=dataset, years=years, config_path=config_path,
-                       class_names=classes, on_error=on_error, overwrite=overwrite, use_difficult=use_difficult,
-                       drop_empty=drop_empty, rows_per_shard=rows_per_shard, jpeg_quality=jpeg_quality,
-                       experiment=experiment, address=address)
+                       class_names=class_names, on_error=on_error, overwrite=overwrite,
+                       use_difficult=use_difficult, drop_empty=drop_empty, rows_per_shard=rows_per_shard,
+                       jpeg_quality=jpeg_quality, experiment=experiment, address=address)
     except (PrecomputeError, FileExistsError, FileNotFoundError, VocLayoutError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("Interrupted: the MLflow run is marked KILLED and its staging folder deleted. "
+                   f"Rerun with: frcnn-jobs {shlex.join(sys.argv[1:])}", err=True)
+        sys.exit(130)
 
 
 synth = synth_cmd

@@ -62,7 +62,7 @@ def decode_canvas(data: bytes) -> np.ndarray:
 def read_manifest(fs, root: str) -> dict[str, Any]:
     path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return json.loads(f.read().decode())
     except FileNotFoundError:
         raise FileNotFoundError(
@@ -71,10 +71,10 @@ def read_manifest(fs, root: str) -> dict[str, Any]:
 
 def read_manifest_at(path_or_uri: str) -> dict[str, Any]:
     """The manifest of a published precompute output, local path or object-store URI."""
-    from .voc import resolve_filesystem
+    from .storage import Location
 
-    fs, path = resolve_filesystem(path_or_uri)
-    return read_manifest(fs, path)
+    loc = Location.of(path_or_uri)
+    return read_manifest(loc.fs, loc.path)
 
 
 def check_manifest(manifest: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "STAGING_DIR",
     "Location",
     "clean_stale_staging",
+    "discard",
     "init_ray",
     "is_published",
     "is_uri",
@@ -280,6 +281,15 @@ def _publish_by_copy(staging: Location, dest: Location, marker_name: str, marker
             dest.fs.copy_file(info.path, dest.child(rel).path)
     dest.child(marker_name).write_json(marker_obj)  # LAST: the publish signal
     staging.delete()
+
+
+def discard(staging: Location) -> None:
+    """Delete a run's staging folder (a failed or interrupted run publishes nothing)."""
+    try:
+        staging.delete()
+    except OSError as exc:  # best effort: the next run of the destination deletes it
+        log.warning("%s: could not delete staging (%s); the next run will", staging.shown, exc)
+    _drop_if_empty(staging.parent)
 
 
 def _drop_if_empty(folder: Location) -> None:

@@ -257,30 +257,44 @@ def test_on_error_fail_names_the_file_and_publishes_nothing(ray_session, damaged
     assert run.info.status == "FAILED" and run.data.tags["frcnn.job"] == "precompute"
 
 
-def test_killed_run_leaves_nothing_readable_and_overwrite_is_atomic(ray_session, good, synth_root, cfg, tmp_path):
+def _fail_at_image(monkeypatch, image_id: str) -> None:
+    """Fault injected from the test: the block holding ``image_id`` raises in its Ray task. The
+    wrapper is a closure, so Ray pickles it by value and the workers run it, not the module's."""
+    real = pc.precompute_block
+
+    def failing_block(batch, **kwargs):
+        if image_id in batch.column("image_id").to_pylist():
+            raise RuntimeError(f"injected fault at image {image_id}")
+        yield from real(batch, **kwargs)
+
+    monkeypatch.setattr(pc, "precompute_block", failing_block)
+
+
+def test_failed_run_publishes_nothing_and_leaves_the_old_output(ray_session, good, synth_root, cfg, tmp_path,
+                                                               monkeypatch):
     good_out, good_summary = good
-    # A run killed half-way: `out` never appears; only a staging folder, never read.
-    out = tmp_path / "killed"
-    with pytest.raises(pc._SimulatedCrash):
-        pc.precompute(synth_root, "trainval", str(out), cfg, rows_per_shard=4, progress=False, _fail_after=8)
-    assert not out.exists()
-    assert [p.name.startswith("killed.staging-") for p in tmp_path.iterdir()] == [True]
+    ids = [i.image_id for i in list_split(synth_root, "trainval")]
+    _fail_at_image(monkeypatch, ids[8])
+    # A run failing half-way: `out` never appears, and no staging folder is left.
+    out = tmp_path / "failed"
+    with pytest.raises(pc.PrecomputeError, match=f"injected fault at image {ids[8]}"):
+        pc.precompute(synth_root, "trainval", str(out), cfg, rows_per_shard=4, progress=False)
+    assert not out.exists() and os.listdir(tmp_path) == []
     with pytest.raises(FileNotFoundError, match="no manifest"):
         pc.open_precomputed(str(out), cfg)
-    staging = next(tmp_path.iterdir())
-    with pytest.raises(FileNotFoundError, match="no manifest"):
-        pc.open_precomputed(str(staging), cfg)
 
-    # An existing good output survives a killed rerun with overwrite, byte for byte.
+    # An existing good output survives a failing rerun with overwrite, byte for byte.
     existing = tmp_path / "existing"
     shutil.copytree(good_out, existing)
     before = {p.name: p.read_bytes() for p in existing.iterdir()}
-    with pytest.raises(pc._SimulatedCrash):
+    with pytest.raises(pc.PrecomputeError, match="injected fault"):
         pc.precompute(synth_root, "trainval", str(existing), cfg, overwrite=True, rows_per_shard=4,
-                      progress=False, _fail_after=8)
+                      progress=False)
     assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+    assert os.listdir(tmp_path) == ["existing"]
     ds, _ = pc.open_precomputed(str(existing), cfg)
     assert ds.count() == good_summary.rows
+    monkeypatch.undo()
 
     # Without overwrite: refused before any work (no staging folder is even created).
     entries = set(os.listdir(tmp_path))
@@ -293,24 +307,9 @@ def test_killed_run_leaves_nothing_readable_and_overwrite_is_atomic(ray_session,
                             progress=False)
     names = set(os.listdir(existing))
     assert names == set(summary.shards) | {MANIFEST_NAME} and not names & set(before) - {MANIFEST_NAME}
-    assert not [n for n in os.listdir(tmp_path) if ".old-" in n]
+    assert os.listdir(tmp_path) == ["existing"]
     ds, manifest = pc.open_precomputed(str(existing), cfg)
     assert ds.count() == manifest["rows"] == good_summary.rows
-
-
-def test_object_store_publish_copies_then_writes_the_marker(tmp_path):
-    # A filesystem that is not LocalFileSystem takes the copy-then-manifest path of object stores.
-    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.parquet").write_bytes(b"old")
-    (tmp_path / "out" / MANIFEST_NAME).write_text("{}")
-    (tmp_path / "stage").mkdir()
-    (tmp_path / "stage" / "new.parquet").write_bytes(b"new")
-    (tmp_path / "stage" / MANIFEST_NAME).write_text('{"rows": 1}')
-    pc._publish(fs, "stage", "out", ["new.parquet"])
-    assert sorted(os.listdir(tmp_path)) == ["out"]
-    assert sorted(os.listdir(tmp_path / "out")) == sorted(["new.parquet", MANIFEST_NAME])
-    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text()) == {"rows": 1}
 
 
 def test_manifest_guard_names_the_field(good, cfg):
@@ -337,7 +336,7 @@ def test_run_precompute_tracks_params_metrics_and_manifest(ray_session, synth_ro
                          tracking_uri=tracking_uri, rows_per_shard=8, progress=False)
     client = MlflowClient(tracking_uri)
     run = client.get_run(res.run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "precompute-train"
+    assert run.info.status == "FINISHED" and run.info.run_name == f"precompute-{Path(synth_root).name}-train"
     assert run.data.tags["frcnn.job"] == "precompute"
     params = run.data.params
     assert params["model.canvas.height"] == "192" and params["model.num_classes"] == "5"  # tiny defaults
@@ -376,5 +375,5 @@ def test_cli_synth_then_precompute(ray_session, tmp_path, tracking_uri, monkeypa
 
 
 def test_config_files_match_the_code():
-    assert ModelConfig.from_yaml(REPO / "configs" / "tiny.yaml") == tiny_config(5, SYNTH_CLASSES)
-    assert ModelConfig.from_yaml(REPO / "configs" / "vgg16_voc.yaml") == ModelConfig(20, VOC_CLASSES)
+    assert ModelConfig.from_yaml(REPO / "frcnn" / "configs" / "tiny.yaml") == tiny_config(5, SYNTH_CLASSES)
+    assert ModelConfig.from_yaml("vgg16_voc") == ModelConfig(20, VOC_CLASSES)
