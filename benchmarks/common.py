@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 _T0 = time.perf_counter()
@@ -18,6 +19,25 @@ _T0 = time.perf_counter()
 def say(msg: str) -> None:
     """Progress line, with the seconds since the start of the run."""
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def mlflow_store(work: Path) -> Iterator[str]:
+    """A temporary SQLite MLflow store in ``work`` (the tracking URI while inside), with the cwd
+    moved there too: MLflow's default artifact root (./mlruns) lands in the temp folder."""
+    work.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    saved_cwd, saved_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.chdir(work)
+    try:
+        yield uri
+    finally:
+        os.chdir(saved_cwd)
+        if saved_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
 def timed(fn: Callable[[], Any], repeat: int = 1) -> float:

@@ -1,17 +1,20 @@
 """Run the benchmark suite and write ``results.json`` and ``RESULTS.md``.
 
     python -m benchmarks.run [--device cpu|cuda] [--quick] [--out DIR]     # `make bench`
+    python -m benchmarks.run --only 8          # one row (or a list: --only 1,9), results in a temp folder
 
 Rows (see ``RESULTS.md`` for the table and ``benchmarks/__init__.py`` for the modules):
 1 anchor targets vs the walkthrough loop; 2 precompute vs the decode+resize+encode floor; 3 its
 peak memory at N and 10N; 4 / 5 training / inference images/s vs torchvision's FasterRCNN; 6 data
-wait during training; 7 one to two training workers. ``--device cuda`` adds rows 4 and 5 on the
+wait during training; 7 one to two training workers; 8 `frcnn-jobs train` vs the bare training
+loop; 9 `frcnn-jobs infer` vs the model-only detect(). ``--device cuda`` adds rows 4 and 5 on the
 GPU with bf16 autocast. Every figure is a ratio measured in this run (interleaved rounds, best
 of each): the shared 2-core machine makes absolute timings meaningless.
 
-Full run: under 15 minutes on the 2-core CI machine; writes into ``benchmarks/``. ``--quick``
-(smaller sizes, a smoke test) writes into a temporary folder unless ``--out`` is given, so it
-never replaces the committed results.
+Full run: under 20 minutes on the 2-core CI machine; writes into ``benchmarks/``. ``--quick``
+(smaller sizes, a smoke test) and ``--only`` write into a temporary folder unless ``--out`` is
+given, so they never replace the committed results. Every row runs alone too: the synthetic
+data it needs is generated for it (``benchmarks/workspace.py``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from typing import Any
 
 from . import report
 from .common import environment, load_average, say
+from .workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("1", "2", "3", "4", "5", "6", "7")
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
 NO_GPU = "not measured (no GPU lent to this session)"
 
 
@@ -64,19 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="Smaller sizes: a smoke test of the whole suite.")
     ap.add_argument("--out", default=None, metavar="DIR",
                     help="Where results.json and RESULTS.md go (default: benchmarks/, or a temp folder with --quick).")
-    ap.add_argument("--rows", default=",".join(ROWS), metavar="LIST",
-                    help="Comma-separated subset of rows to run (default: all); rows 6/7 need row 2's shards.")
+    ap.add_argument("--only", "--rows", dest="rows", default=None, metavar="LIST",
+                    help="Comma-separated rows to run (default: all), e.g. --only 8 or --only 1,9; results go to a "
+                         "temporary folder unless --out is given.")
     ap.add_argument("--render-only", action="store_true",
                     help="Only regenerate RESULTS.md from the results.json already in --out (no measurement).")
     args = ap.parse_args(argv)
-    wanted = set(args.rows.split(","))
+    wanted = set(args.rows.split(",")) if args.rows else set(ROWS)
+    unknown = wanted - set(ROWS) - {"4g", "5g"}
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(sorted(unknown))}: rows are {', '.join(ROWS)}")
+    partial = bool(args.rows) and wanted != set(ROWS)
     if args.render_only:
         target = Path(args.out) if args.out else HERE
         result = json.loads((target / "results.json").read_text())
         (target / "RESULTS.md").write_text(report.render(result))
         print(f"wrote {target / 'RESULTS.md'} from {target / 'results.json'}")
         return 0
-    out_dir = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="frcnn-bench-quick-")) if args.quick else HERE)
+    out_dir = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="frcnn-bench-quick-" if args.quick else "frcnn-bench-rows-"))
+        if args.quick or partial else HERE)
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -125,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001
                 rows["4g"] = _failed("4g", "training images/s on the GPU vs torchvision", exc)
                 rows["5g"] = _failed("5g", "inference images/s on the GPU vs torchvision", exc)
-    if not torch.cuda.is_available():
+    if not wanted & {"4", "5"}:
+        pass
+    elif not torch.cuda.is_available():
         for r in _gpu_rows(NO_GPU):
             rows[r["id"]] = r
     elif args.device != "cuda":
@@ -133,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             rows[r["id"]] = r
 
     train_images = 32 if args.quick else 64
+    need = [train_images if wanted & {"6", "7"} else 0, (24 if args.quick else 200) * 10 if wanted & {"2", "3"} else 0,
+            (64 if args.quick else 256) if wanted & {"8", "9"} else 0, (64 if args.quick else 1000) if "9" in wanted else 0]
     with tempfile.TemporaryDirectory(prefix="frcnn-bench-") as tmp:
         work = Path(tmp)
+        ws = Workspace(work, max(need + [1]))
         shards = None
-        if wanted & {"2", "3", "6", "7"}:
+        if wanted & {"2", "3"}:
             from . import precompute_bench
 
             try:
@@ -154,17 +170,36 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 if shards is None:
-                    raise RuntimeError("no precomputed shards (row 2's run failed)")
+                    shards = ws.train_shards(train_images)
                 res = training_bench.run(args.quick, shards, work / "train", train_images)
                 rows["6"], rows["7"] = res["wait"], res["scaling"]
             except Exception as exc:  # noqa: BLE001
                 rows["6"] = _failed("6", "data wait during training", exc)
                 rows["7"] = _failed("7", "training from 1 to 2 workers", exc)
+            for rid in ("6", "7"):
+                if rid not in wanted:
+                    rows.pop(rid, None)
+        checkpoint = None
+        if "8" in wanted:
+            from . import jobs_bench
+
+            try:
+                res = jobs_bench.run_train(args.quick, ws, work / "row8")
+                rows["8"], checkpoint = res["row"], res["checkpoint"]
+            except Exception as exc:  # noqa: BLE001
+                rows["8"] = _failed("8", "frcnn-jobs train vs the bare training loop", exc)
+        if "9" in wanted:
+            from . import jobs_bench
+
+            try:
+                rows["9"] = jobs_bench.run_infer(args.quick, ws, work / "row9", checkpoint)
+            except Exception as exc:  # noqa: BLE001
+                rows["9"] = _failed("9", "frcnn-jobs infer vs the model-only detect()", exc)
 
     wall = time.perf_counter() - t_start
     load_after = load_average()
     env.update(load_average_before=load_before, load_average_after=load_after)
-    order = ["1", "2", "3", "4", "5", "4g", "5g", "6", "7"]
+    order = ["1", "2", "3", "4", "5", "4g", "5g", "6", "7", "8", "9"]
     table = [rows[k] for k in order if k in rows]
     result = {
         "started_at": started, "wall_s": round(wall, 1), "quick": args.quick, "device": args.device,

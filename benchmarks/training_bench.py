@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import say
+from .common import mlflow_store, say
 
 WAIT_GOAL = 0.05
 
@@ -58,25 +58,14 @@ def _one_run(shards: str, work: Path, workers: int, train_cfg, uri: str) -> dict
 def run(quick: bool, shards: str, work: Path, images: int) -> dict[str, Any]:
     from frcnn.training import TrainConfig
 
-    work.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    batch = 4 if quick else 8  # 8: configs/demo.yaml's per-worker batch
+    batch = 4 if quick else 8  # 8: frcnn/configs/demo.yaml's per-worker batch
     tcfg = TrainConfig(epochs=1 if quick else 4, batch_size=batch, base_lr=0.01, lr_reference_batch=8,
                        warmup_steps=5, log_every=2, seed=0, schedule="cosine")
-    saved_cwd, saved_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.chdir(work)  # MLflow's default artifact root (./mlruns) lands in the temp folder
-    try:
+    with mlflow_store(work) as uri:
         say(f"rows 6/7: run_training, {images} images, {tcfg.epochs} epoch(s), batch {batch} per worker, "
             f"log_every {tcfg.log_every}: 1 worker, then 2")
         one = _one_run(shards, work, 1, tcfg, uri)
         two = _one_run(shards, work, 2, tcfg, uri)
-    finally:
-        os.chdir(saved_cwd)
-        if saved_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
     wait = one["data_wait_frac_mean"]
     scale = two["images_per_s_mean"] / one["images_per_s_mean"]
     common = {"images": images, "canvas": 192, "epochs": tcfg.epochs, "batch_per_worker": batch,
