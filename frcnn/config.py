@@ -4,7 +4,7 @@ Defaults are the walkthrough's numbers (``shared/seed/NOTES.md``): VGG16 at stri
 800x800 canvas, 9 anchors (ratios 0.5/1/2 x scales 8/16/32), 256 anchors sampled per image,
 12000/2000 (train) and 6000/300 (test) proposals, 128 RoIs at most 25 % foreground, 7x7 pooling.
 
-    cfg = ModelConfig.from_yaml("configs/tiny.yaml")
+    cfg = ModelConfig.from_yaml("tiny")  # frcnn/configs/tiny.yaml, or any path
     cfg.to_dict()      # flat, resolved values: what MLflow logs as params
     cfg.target_hash()  # what the precomputed shards are keyed on
 """
@@ -51,7 +51,14 @@ class BackboneConfig:
     weights: str | None = None
     # Only for the tiny backbone: channel widths of its stride-2 stages.
     tiny_channels: tuple[int, ...] = (16, 32, 64, 128)
-    freeze_at: int = 0  # number of leading backbone layers whose weights stay fixed
+    # Stages (from the input) whose weights stay fixed, Detectron's count: VGG16's conv blocks
+    # (2 = conv1_1..conv2_2, py-faster-rcnn), ResNet-50's stem then layer1.. (2 = stem + layer1),
+    # the stride-2 stages of mobilenet_v3 and tiny. 0: none.
+    freeze_at: int = 0
+    # What the weights expect: "torchvision" (RGB in 0..1, (x - canvas.mean) / canvas.std) or
+    # "caffe" for Caffe-converted VGG16 weights (BGR in 0..255 minus the mean, canvas.mean given
+    # in BGR 0..255 units, e.g. py-faster-rcnn's [102.9801, 115.9465, 122.7717], std [1, 1, 1]).
+    input_format: str = "torchvision"
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,13 @@ class ModelConfig:
             raise ValueError(
                 f"{len(self.class_names)} class names given for num_classes={self.num_classes}"
             )
+        fmt, mean = self.backbone.input_format, self.canvas.mean
+        if fmt not in ("torchvision", "caffe"):
+            raise ValueError(f"backbone.input_format {fmt!r}: torchvision or caffe")
+        # The two formats' means differ by 255x: one given for the other is a silent disaster.
+        if (fmt == "caffe") != (min(mean) > 1.0):
+            units = "BGR 0..255 (e.g. [102.9801, 115.9465, 122.7717])" if fmt == "caffe" else "RGB 0..1"
+            raise ValueError(f"backbone.input_format {fmt} takes canvas.mean in {units}, got {list(mean)}")
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +153,7 @@ class ModelConfig:
 
     def flat(self, prefix: str = "model") -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params."""
-        return _flatten(self.to_dict(), prefix)
+        return flatten(self.to_dict(), prefix)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
@@ -147,10 +161,12 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        model = data.get("model", data)
-        return cls.from_dict(model)
+        """The ``model:`` section of a config file (or a bare model mapping); ``path`` may be a
+        packaged config name (``tiny``, ``demo``, ``vgg16_voc``). See ``load_config``."""
+        model, _ = load_config(path)
+        if model is None:
+            raise ConfigError(f"{path}: no model: section")
+        return model
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -174,12 +190,13 @@ class ModelConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys (``model.rpn.nms_thresh``): what MLflow logs as params."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else k
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key))
+            out.update(flatten(v, key))
         else:
             out[key] = v
     return out
@@ -190,11 +207,11 @@ def _build(cls: type, data: Mapping[str, Any], where: str):
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         f = known[name]
@@ -206,6 +223,66 @@ def _build(cls: type, data: Mapping[str, Any], where: str):
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+# Shipped inside the package (frcnn/configs/<name>.yaml): `--config NAME` works from a wheel.
+CONFIG_NAMES = ("tiny", "demo", "vgg16_voc")
+_SECTIONS = ("model", "train")
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """A packaged config's file (``tiny``, ``demo``, ``vgg16_voc``) or the given path."""
+    text = str(name_or_path)
+    if text in CONFIG_NAMES:
+        from importlib.resources import files
+
+        # A regular package installed from a wheel is a folder on disk: a real path.
+        return Path(str(files("frcnn").joinpath("configs", f"{text}.yaml")))
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{text}: no such config file (packaged configs: {', '.join(CONFIG_NAMES)})")
+    return path
+
+
+def load_config(name_or_path: str | Path) -> tuple[ModelConfig | None, dict[str, Any]]:
+    """The one config loader: a YAML with a ``model:`` and/or a ``train:`` section (or a bare
+    model mapping), by packaged name or path. Returns the model config (None without a ``model:``
+    section) and the ``train:`` section as a dict (validated against ``TrainConfig``; the caller
+    applies its command-line overrides and builds ``TrainConfig.from_dict``). Anything unusable
+    raises ``ConfigError`` naming the file and the key."""
+    path = config_file(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with model: and train: sections, "
+                          f"got {type(data).__name__}")
+    if not data:
+        return None, {}
+    if not any(k in data for k in _SECTIONS):  # a bare model mapping
+        data = {"model": data}
+    unknown = sorted(str(k) for k in set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; a config holds {' and '.join(_SECTIONS)} sections")
+    from .training import TrainConfig  # training imports this module
+
+    built = {}
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        try:
+            built[section] = _build(cls, data.get(section) or {}, f"{path}: {section}")
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:  # a value the dataclass refuses (canvas vs stride, ...)
+            raise ConfigError(f"{path}: {section}: {exc}") from exc
+    model = built["model"] if data.get("model") is not None else None
+    return model, dict(data.get("train") or {})
 
 
 def tiny_config(num_classes: int = 5, class_names: tuple[str, ...] = (), canvas: int = 192) -> ModelConfig:

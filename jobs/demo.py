@@ -16,12 +16,13 @@ from pathlib import Path
 
 import click
 
+from frcnn.config import load_config
 from frcnn.training import TrainConfig
 from pipelines.storage import init_ray
 
 from . import tracking
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # frcnn/configs/demo.yaml, shipped in the package
 
 
 def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str | None = None,
@@ -32,7 +33,7 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     from .data_cmds import run_precompute
     from .evaluate import promote, run_evaluation
     from .infer import run_infer
-    from .train import load_config_file, run_training
+    from .train import run_training
 
     t_start = time.perf_counter()
     work = Path(workdir).resolve()
@@ -62,7 +63,7 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
                        progress=False)
 
     step("train")
-    model_cfg, train_over = load_config_file(config_path)
+    model_cfg, train_over = load_config(config_path)
     if epochs:
         train_over["epochs"] = epochs
     trained = run_training(shards["train"], shards["val"], model_cfg=model_cfg,

@@ -377,3 +377,155 @@ def test_cli_synth_then_precompute(ray_session, tmp_path, tracking_uri, monkeypa
 def test_config_files_match_the_code():
     assert ModelConfig.from_yaml(REPO / "frcnn" / "configs" / "tiny.yaml") == tiny_config(5, SYNTH_CLASSES)
     assert ModelConfig.from_yaml("vgg16_voc") == ModelConfig(20, VOC_CLASSES)
+
+
+# --------------------------------------------------------------------------- classes
+
+
+def test_model_classes_rule_dataset_classes_left_out_and_counted(ray_session, synth_root, tmp_path):
+    model = ("triangle", "ellipse")  # a subset, in another order than the dataset's
+    cfg3 = tiny_config(2, model, canvas=CANVAS)
+    out = tmp_path / "two"
+    summary = pc.precompute(synth_root, "trainval", str(out), cfg3, rows_per_shard=8, progress=False)
+    expected_left = {}
+    expected_labels = {}
+    for item in list_split(synth_root, "trainval"):  # oracle: parse with every class, count by hand
+        ann, _ = parse_annotation(Path(item.annotation_path).read_bytes(), item.annotation_path, SYNTH_CLASSES)
+        names = [SYNTH_CLASSES[k - 1] for k in ann.labels]
+        for n in names:
+            if n not in model:
+                expected_left[n] = expected_left.get(n, 0) + 1
+        expected_labels[item.image_id] = [model.index(n) + 1 for n in names if n in model]
+    assert expected_left and summary.left_out == expected_left
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["left_out"] == expected_left and manifest["class_names"] == list(model)
+    assert manifest["dataset_classes"] == list(SYNTH_CLASSES)
+    assert not any("unknown class" in w["reason"] for w in summary.warnings)  # left out, not problems
+    ds, _ = pc.open_precomputed(str(out), cfg3)
+    got = {r["image_id"]: list(r["labels"]) for r in ds.take_all()}
+    assert got == expected_labels
+
+    # A model class the dataset does not have: refused before any work, naming it.
+    with pytest.raises(ValueError, match="'unicorn' not in the dataset"):
+        pc.precompute(synth_root, "trainval", str(tmp_path / "x"), tiny_config(2, ("ellipse", "unicorn")),
+                      progress=False)
+    # --classes: the dataset's list given by hand (here a dataset without classes.txt would be VOC's 20).
+    with pytest.raises(ValueError, match="'triangle' not in the dataset"):
+        pc.precompute(synth_root, "trainval", str(tmp_path / "y"), cfg3, classes=("ellipse", "cross"),
+                      progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["two"]
+
+
+# --------------------------------------------------------------------------- kill -9 and Ctrl-C
+
+_SLOW_CLI = """
+import sys, time
+from pipelines import precompute as pc
+
+real = pc.precompute_block
+
+def slow_block(batch, **kwargs):  # defined in __main__: Ray ships it to the workers by value
+    for table in real(batch, **kwargs):
+        time.sleep(1.5)
+        yield table
+
+pc.precompute_block = slow_block
+from jobs.cli import main
+main(sys.argv[1:], prog_name="frcnn-jobs")
+"""
+
+
+def _start_slow_precompute(synth_root: str, out: Path, tracking_uri: str):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = ["precompute", "--data-root", synth_root, "--split", "trainval", "--out", str(out),
+            "--rows-per-shard", "4", "--experiment", "kill-test"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, args
+
+
+def _wait_for_a_staged_shard(proc, out: Path, timeout: float = 180.0) -> Path:
+    import time
+
+    staging_root = out.parent / "_staging"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"precompute ended before it was stopped: {proc.communicate()}")
+        shards = list(staging_root.glob(f"{out.name}.*/*.parquet"))
+        if shards:
+            return shards[0].parent
+        time.sleep(0.05)
+    raise AssertionError("no shard was staged in time")
+
+
+def _kill_session(proc) -> None:
+    """SIGKILL the subprocess's whole session (its Ray processes too): what a lost machine does."""
+    import signal
+
+    import psutil
+
+    sid = proc.pid
+    victims = [p for p in psutil.process_iter() if _sid(p) == sid]
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    proc.communicate()
+
+
+def _sid(p) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except OSError:
+        return None
+
+
+def test_kill_9_leaves_nothing_at_out_and_the_rerun_cleans_up(ray_session, synth_root, cfg, tmp_path, tracking_uri,
+                                                              caplog):
+    out = tmp_path / "pre"
+    proc, _ = _start_slow_precompute(synth_root, out, tracking_uri)
+    try:
+        staging = _wait_for_a_staged_shard(proc, out)
+    finally:
+        _kill_session(proc)
+    assert not out.exists() and staging.is_dir()  # killed mid-run: nothing visible at out
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        pc.open_precomputed(str(out), cfg)
+
+    with caplog.at_level("WARNING", logger="pipelines.storage"):
+        summary = pc.precompute(synth_root, "trainval", str(out), cfg, rows_per_shard=4, progress=False)
+    assert f"{staging}: staging left by an interrupted run; deleted" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == ["pre"]  # no staging folder remains
+    ds, manifest = pc.open_precomputed(str(out), cfg)
+    assert ds.count() == manifest["rows"] == summary.rows == len(list_split(synth_root, "trainval"))
+
+
+def test_ctrl_c_publishes_nothing_deletes_staging_and_marks_the_run_killed(synth_root, tmp_path, tracking_uri):
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "pre"
+    proc, args = _start_slow_precompute(synth_root, out, tracking_uri)
+    try:
+        _wait_for_a_staged_shard(proc, out)
+        proc.send_signal(signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it first
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        _kill_session(proc) if proc.poll() is None else None
+    assert proc.returncode == 130, (stdout, stderr)
+    assert f"precompute interrupted: nothing published to {out}" in stdout
+    assert "Rerun with: frcnn-jobs " + " ".join(args) in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == []
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("kill-test").experiment_id],
+                                filter_string="attributes.status = 'KILLED'")
+    assert run.data.tags["frcnn.job"] == "precompute"

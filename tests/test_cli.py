@@ -1,0 +1,79 @@
+"""The shared Click options (jobs/options.py): one --year form for every command, --classes from
+a list or a file, --config by packaged name or path, the actor resources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from jobs import options
+
+
+@click.command()
+@options.YEAR
+@options.CLASSES
+@options.CONFIG
+@options.ACTOR_RESOURCES
+def _probe(years, class_names, config_path, batch_size, concurrency, gpus_per_actor, cpus_per_actor):
+    click.echo(json.dumps({"years": years, "classes": class_names, "config": config_path, "batch_size": batch_size,
+                           "concurrency": concurrency, "gpus": gpus_per_actor, "cpus": cpus_per_actor}))
+
+
+def _parse(*args: str) -> dict:
+    result = CliRunner().invoke(_probe, list(args))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _refused(*args: str) -> str:
+    result = CliRunner().invoke(_probe, list(args))
+    assert result.exit_code == 2, result.output  # a usage error, not a traceback
+    return result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["--year", "2007,2012"],
+    ["--year", "2007", "--year", "2012"],
+    ["--year", "VOC2007, 2012"],
+    ["--year", "voc2007,", "--year", "2012"],
+])
+def test_year_takes_a_comma_list_or_the_flag_repeated(args):
+    assert _parse(*args)["years"] == ["2007", "2012"]
+
+
+def test_year_defaults_to_none_and_refuses_bad_or_repeated_years():
+    assert _parse()["years"] is None
+    assert "20x7: expected years such as 2007,2012" in _refused("--year", "20x7")
+    assert "repeated: 2007" in _refused("--year", "2007", "--year", "VOC2007")
+
+
+def test_classes_from_a_list_or_a_file(tmp_path):
+    assert _parse("--classes", "ball, box")["classes"] == ["ball", "box"]
+    names = tmp_path / "classes.txt"
+    names.write_text("# my classes\nball\n\nbox\ncup\n")
+    assert _parse("--classes", str(names))["classes"] == ["ball", "box", "cup"]
+    assert "repeated: ball" in _refused("--classes", "ball,box,ball")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    assert "no class names in the file" in _refused("--classes", str(tmp_path / "empty.txt"))
+
+
+def test_config_by_packaged_name_or_path(tmp_path):
+    packaged = Path(_parse("--config", "vgg16_voc")["config"])
+    assert packaged.name == "vgg16_voc.yaml" and packaged.is_file()
+    own = tmp_path / "mine.yaml"
+    own.write_text("model:\n  num_classes: 3\n")
+    assert _parse("--config", str(own))["config"] == str(own)
+    out = _refused("--config", "vgg16")
+    assert "vgg16: no such config file" in out and "tiny, demo, vgg16_voc" in out
+
+
+def test_actor_resources_defaults_and_values():
+    assert _parse() | {"years": None} == {"years": None, "classes": None, "config": None, "batch_size": 8,
+                                           "concurrency": 1, "gpus": 0, "cpus": 1}
+    got = _parse("--batch-size", "16", "--concurrency", "2", "--gpus-per-actor", "0.5", "--cpus-per-actor", "3")
+    assert (got["batch_size"], got["concurrency"], got["gpus"], got["cpus"]) == (16, 2, 0.5, 3)
+    assert "--batch-size" in _refused("--batch-size", "0")
