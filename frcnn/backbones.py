@@ -8,17 +8,28 @@
 | tiny          | four conv-BN-ReLU stride-2 stages          | 128      | light: two FC layers        |
 
 Weights: ``None`` (random), ``"imagenet"`` (torchvision downloads them: needs the network), or a
-path to a local torchvision state dict, loaded with ``weights_only=True``.
+path to a local state dict in torchvision's layout, loaded with ``weights_only=True``. Loading is
+strict: every key of the layers the detector uses must be in the file with its shape, and every key
+in the file must belong to the architecture; keys of layers the detector drops (VGG's fc8,
+ResNet's fc) may be present. Anything else is an error naming the file and the keys.
+
+``freeze_at`` counts stages from the input, Detectron's way: VGG16's stages are its five conv
+blocks (``freeze_at: 2`` fixes conv1_1..conv2_2, as py-faster-rcnn does), ResNet-50's are the stem
+(conv1, bn1, pool) then layer1, layer2, layer3 (``2``: stem + layer1), MobileNetV3's and the tiny
+net's are their stride-2 stages. BatchNorm layers in a frozen stage become
+``torchvision.ops.FrozenBatchNorm2d``: their statistics stay fixed too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BackboneConfig, RoIHeadConfig
 
@@ -32,20 +43,110 @@ class Backbone:
     head_out: int
 
 
-def _load_weights(model: nn.Module, weights: str | None, imagenet_enum) -> None:
+class WeightsError(ValueError):
+    """A backbone weights file that does not fit the architecture; the message names the file."""
+
+
+# VGG16's layer names (Simonyan & Zisserman; py-faster-rcnn's prototxt) by torchvision index.
+_VGG16_NAMES = {
+    "features.0": "conv1_1", "features.2": "conv1_2", "features.5": "conv2_1", "features.7": "conv2_2",
+    "features.10": "conv3_1", "features.12": "conv3_2", "features.14": "conv3_3",
+    "features.17": "conv4_1", "features.19": "conv4_2", "features.21": "conv4_3",
+    "features.24": "conv5_1", "features.26": "conv5_2", "features.28": "conv5_3",
+    "classifier.0": "fc6", "classifier.3": "fc7", "classifier.6": "fc8",
+}
+
+
+def _key_name(arch: str, key: str) -> str:
+    if arch == "vgg16":
+        layer = key.rsplit(".", 1)[0]
+        if layer in _VGG16_NAMES:
+            return f"{key} ({_VGG16_NAMES[layer]})"
+    return key
+
+
+def _some(keys: list[str], arch: str, n: int = 8) -> str:
+    shown = ", ".join(_key_name(arch, k) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _arch_keys(arch: str) -> set[str]:
+    """The state-dict keys of a torchvision architecture, built on the meta device (no memory)."""
+    ctor = {"vgg16": torchvision.models.vgg16, "resnet50": torchvision.models.resnet50,
+            "mobilenet_v3": torchvision.models.mobilenet_v3_large}[arch]
+    with torch.device("meta"):
+        return set(ctor(weights=None).state_dict())
+
+
+def _read_state_dict(weights: str) -> Mapping[str, torch.Tensor]:
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights {path}: no such file")
+    try:
+        # mmap: a 528 MB VGG16 file is paged in as it is copied, not read whole first.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - files in the legacy (pre-1.6, non-zip) format cannot be mapped
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightsError(f"backbone weights {path}: not a PyTorch state dict ({type(e).__name__}: {e})") from e
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"backbone weights {path}: holds a {type(state).__name__}, not a state dict")
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), Mapping):
+            raise WeightsError(f"backbone weights {path}: a checkpoint with a {wrapper!r} entry, not a bare state "
+                               f"dict; save that entry alone (torch.save(ckpt[{wrapper!r}], path))")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsError(f"backbone weights {path}: entries that are not tensors: {_some(sorted(map(str, bad)), '')}")
+    return state
+
+
+def load_backbone_weights(model: nn.Module, weights: str | None, arch: str, used: tuple[str, ...],
+                          imagenet_enum=None) -> bool:
+    """Load ``weights`` into the torchvision ``model`` strictly for the layers the detector uses.
+
+    ``used``: key prefixes of those layers (every key under them must be in the file, with its
+    shape). Keys of the architecture's other layers may be present and are dropped; a key that is
+    not the architecture's at all is an error. ``num_batches_tracked`` is ignored either way.
+    -> whether weights were loaded (``weights`` None: nothing to load).
+    """
     if weights is None:
-        return
+        return False
     if weights == "imagenet":
+        if imagenet_enum is None:
+            raise WeightsError(f"backbone {arch}: no ImageNet weights; use a local state-dict path")
         # Downloads from torchvision's servers; use a local path where there is no network.
         state = imagenet_enum.get_state_dict(progress=True)
+        source = f"imagenet ({imagenet_enum.url})"
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone weights {path}: no such file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if len(missing) == len(model.state_dict()):
-        raise ValueError(f"backbone weights {weights}: no key matches the {type(model).__name__} model")
+        state = _read_state_dict(weights)
+        source = str(weights)
+    own = model.state_dict()
+    needed = sorted(k for k in own if k.startswith(used) and not k.endswith("num_batches_tracked"))
+    given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    arch_keys = set(own) | _arch_keys(arch)  # the full architecture, also what a frozen-BN copy lacks
+    unexpected = sorted(k for k in given if k not in arch_keys)
+    missing = [k for k in needed if k not in given]
+    if unexpected and len(missing) == len(needed):
+        guess = [a for a in ("vgg16", "resnet50", "mobilenet_v3") if a != arch
+                 and len(set(given) & _arch_keys(a)) > 0.9 * len(given)]
+        like = f"; it looks like a {guess[0]} state dict" if guess else ""
+        raise WeightsError(f"backbone weights {source}: not a {arch} state dict: none of its {len(needed)} keys "
+                           f"present, {len(unexpected)} unexpected key(s): {_some(unexpected, arch)}{like}")
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_some(missing, arch)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_some(unexpected, arch)}")
+    shapes = [f"{_key_name(arch, k)} {tuple(given[k].shape)} (model {tuple(own[k].shape)})"
+              for k in needed if k in given and given[k].shape != own[k].shape]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es): {', '.join(shapes[:8])}")
+    if problems:
+        raise WeightsError(f"backbone weights {source} for {arch}: " + "; ".join(problems))
+    model.load_state_dict({k: given[k] for k in needed}, strict=False)
+    return True
 
 
 class LightHead(nn.Module):
@@ -71,12 +172,35 @@ class LightHead(nn.Module):
 
 
 class ResNetC5Head(nn.Module):
-    def __init__(self, layer4: nn.Module) -> None:
+    def __init__(self, layer4: nn.Module, dropout: float = 0.0) -> None:
         super().__init__()
         self.layer4 = layer4
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer4(x).mean(dim=(2, 3))
+        return self.drop(self.layer4(x).mean(dim=(2, 3)))
+
+
+def vgg_head(vgg: nn.Module, dropout: float) -> nn.Sequential:
+    """fc6, ReLU, Dropout, fc7, ReLU, Dropout (VGG's classifier without fc8; the walkthrough
+    dropped the ReLUs). ``dropout`` replaces VGG's fixed 0.5; 0 puts an Identity in its place, so
+    the state-dict keys (head.1 = fc6, head.4 = fc7) do not depend on it."""
+    def drop() -> nn.Module:
+        return nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    return nn.Sequential(nn.Flatten(1), vgg.classifier[0], nn.ReLU(inplace=True), drop(),
+                         vgg.classifier[3], nn.ReLU(inplace=True), drop())
+
+
+def _vgg_init(module: nn.Module) -> None:
+    """torchvision's VGG initialisation (``VGG.__init__``), for the layers given memory."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -93,11 +217,29 @@ def tiny_body(channels: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _freeze(body: nn.Module, n: int) -> None:
-    for i, child in enumerate(body.children()):
-        if i >= n:
-            break
-        for p in child.parameters():
+def _frozen_bn(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every BatchNorm2d replaced by FrozenBatchNorm2d (same numbers)."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        frozen.weight.copy_(module.weight.detach())
+        frozen.bias.copy_(module.bias.detach())
+        frozen.running_mean.copy_(module.running_mean)
+        frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, _frozen_bn(child))
+    return module
+
+
+def freeze_stages(body: nn.Sequential, stage_ends: tuple[int, ...], n: int, name: str) -> None:
+    """Fix the weights of the first ``n`` stages; stage k ends before child ``stage_ends[k-1]``."""
+    if not 0 <= n <= len(stage_ends):
+        raise ValueError(f"backbone.freeze_at {n}: {name} has {len(stage_ends)} stages (0..{len(stage_ends)})")
+    if n == 0:
+        return
+    for i in range(stage_ends[n - 1]):
+        body[i] = _frozen_bn(body[i])
+        for p in body[i].parameters():
             p.requires_grad_(False)
 
 
@@ -106,43 +248,80 @@ def build_backbone(cfg: BackboneConfig, roi: RoIHeadConfig, stride: int) -> Back
     head_kind = roi.head
     if roi.reduce_channels and head_kind in ("vgg", "resnet"):
         raise ValueError(f"roi.reduce_channels needs the light head, not {head_kind!r}")
+
+    def light(channels: int) -> tuple[nn.Module, int]:
+        return LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size,
+                         roi.dropout), roi.representation_size
+
     if cfg.name == "vgg16":
-        vgg = torchvision.models.vgg16(weights=None)
-        _load_weights(vgg, cfg.weights, torchvision.models.VGG16_Weights.IMAGENET1K_V1)
+        # Built on the meta device, then only the layers used are given memory, and initialised
+        # only when no weights are loaded: fc6 alone is 103 M parameters (seconds to initialise,
+        # 411 MB), and fc8 or, under the light head, fc6/fc7 are never used.
+        with torch.device("meta"):
+            vgg = torchvision.models.vgg16(weights=None)
+        own_head = head_kind == "vgg" or (head_kind == "auto" and not roi.reduce_channels)
+        used = [vgg.features] + ([vgg.classifier[0], vgg.classifier[3]] if own_head else [])
+        for m in used:
+            m.to_empty(device="cpu")
+        if not load_backbone_weights(vgg, cfg.weights, "vgg16",
+                                     ("features.",) + (("classifier.0.", "classifier.3.") if own_head else ()),
+                                     torchvision.models.VGG16_Weights.IMAGENET1K_V1):
+            for m in used:
+                _vgg_init(m)
         body = nn.Sequential(*list(vgg.features)[:30])  # conv1_1 .. conv5_3 + ReLU, stride 16
         channels, body_stride = 512, 16
-        if head_kind == "vgg" or (head_kind == "auto" and not roi.reduce_channels):
+        stage_ends = (5, 10, 17, 24, 30)  # after pool1 .. pool4, then conv5_3's ReLU
+        if own_head:
             if p != 7:
                 raise ValueError("the VGG head (fc6 of 25088 inputs) needs roi.pool_size 7")
-            # fc6, ReLU, Dropout, fc7, ReLU, Dropout: the walkthrough dropped the ReLUs.
-            head = nn.Sequential(nn.Flatten(1), *list(vgg.classifier)[:6])
-            head_out = 4096
+            head, head_out = vgg_head(vgg, roi.dropout), 4096
         else:
-            head, head_out = LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size, roi.dropout), roi.representation_size
+            head, head_out = light(channels)
     elif cfg.name == "resnet50":
-        rn = torchvision.models.resnet50(weights=None)
-        _load_weights(rn, cfg.weights, torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+        # Pretrained: BatchNorm frozen throughout (torchvision's and Detectron's detection rule):
+        # a few images per GPU give no usable batch statistics.
+        rn = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d if cfg.weights else None)
+        own_head = head_kind == "resnet" or (head_kind == "auto" and not roi.reduce_channels)
+        load_backbone_weights(rn, cfg.weights, "resnet50",
+                              ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.") + (("layer4.",) if own_head else ()),
+                              torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
         body = nn.Sequential(rn.conv1, rn.bn1, rn.relu, rn.maxpool, rn.layer1, rn.layer2, rn.layer3)
         channels, body_stride = 1024, 16
-        if head_kind == "resnet" or (head_kind == "auto" and not roi.reduce_channels):
-            head, head_out = ResNetC5Head(rn.layer4), 2048
+        stage_ends = (4, 5, 6, 7)  # stem, layer1, layer2, layer3
+        if own_head:
+            head, head_out = ResNetC5Head(rn.layer4, roi.dropout), 2048
         else:
-            head, head_out = LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size, roi.dropout), roi.representation_size
+            head, head_out = light(channels)
     elif cfg.name == "mobilenet_v3":
         mb = torchvision.models.mobilenet_v3_large(weights=None)
-        _load_weights(mb, cfg.weights, torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1)
+        load_backbone_weights(mb, cfg.weights, "mobilenet_v3", tuple(f"features.{i}." for i in range(13)),
+                              torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1)
         body = nn.Sequential(*list(mb.features)[:13])  # up to the last stride-16 block
         channels, body_stride = 112, 16
-        head, head_out = LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size, roi.dropout), roi.representation_size
+        stage_ends = (2, 4, 7, 13)  # strides 2, 4, 8, 16
+        head, head_out = light(channels)
     elif cfg.name == "tiny":
         body = tiny_body(tuple(cfg.tiny_channels))
         channels, body_stride = cfg.tiny_channels[-1], 2 ** len(cfg.tiny_channels)
+        if cfg.weights == "imagenet":
+            raise WeightsError("backbone tiny: no ImageNet weights; use a local state-dict path")
         if cfg.weights:
-            body.load_state_dict(torch.load(cfg.weights, map_location="cpu", weights_only=True))
-        head, head_out = LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size, roi.dropout), roi.representation_size
+            state = _read_state_dict(cfg.weights)
+            own = set(body.state_dict())
+            missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+            if missing or unexpected:
+                raise WeightsError(
+                    f"backbone weights {cfg.weights} for tiny{tuple(cfg.tiny_channels)}: missing "
+                    f"{_some(missing, 'tiny') or 'none'}; unexpected {_some(unexpected, 'tiny') or 'none'}")
+            try:
+                body.load_state_dict(state)
+            except RuntimeError as e:  # shapes: another tiny_channels
+                raise WeightsError(f"backbone weights {cfg.weights} for tiny{tuple(cfg.tiny_channels)}: {e}") from e
+        stage_ends = tuple(range(2, 2 * len(cfg.tiny_channels) + 1, 2))
+        head, head_out = light(channels)
     else:
         raise ValueError(f"unknown backbone {cfg.name!r}: vgg16, resnet50, mobilenet_v3 or tiny")
     if body_stride != stride:
         raise ValueError(f"backbone {cfg.name} has stride {body_stride}, the anchor config says {stride}")
-    _freeze(body, cfg.freeze_at)
+    freeze_stages(body, stage_ends, cfg.freeze_at, cfg.name)
     return Backbone(body=body, out_channels=channels, stride=body_stride, head=head, head_out=head_out)

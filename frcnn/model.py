@@ -52,7 +52,11 @@ class FasterRCNN(nn.Module):
         return self.cfg.canvas.height, self.cfg.canvas.width
 
     def normalize(self, images: Tensor) -> Tensor:
+        """RGB canvases (uint8 0..255 or float 0..1) -> what the backbone's weights expect: RGB
+        0..1 standardised (torchvision), or BGR 0..255 minus the mean (Caffe-converted VGG16)."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if self.cfg.backbone.input_format == "caffe":
+            x = x.flip(1) * 255.0  # RGB -> BGR; canvas.mean/std are in BGR 0..255 units
         return (x - self.pixel_mean) / self.pixel_std
 
     def anchor_targets(self, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -109,7 +113,7 @@ class FasterRCNN(nn.Module):
             dets = self(images)
         finally:
             self.train(was_training)
-        for d, s, (h, w) in zip(dets, scales, orig_sizes):
+        for d, s, (h, w) in zip(dets, scales, orig_sizes, strict=True):
             d["boxes"] = self.canvas.invert_boxes(d["boxes"], float(s), int(h), int(w))
         return dets
 

@@ -11,6 +11,16 @@ from .boxes import BoxCoder, clip_boxes
 from .config import RoIHeadConfig
 
 
+def float32_layer(layer: nn.Module, x: Tensor) -> Tensor:
+    """Run a predictor layer (the last linear or 1x1 conv before scores or box deltas) in float32
+    even under autocast. Its output is what ranks proposals, what NMS keeps and what moves a box;
+    rounded to bfloat16 (8 significant bits) a delta of 2.3 moves by up to 0.008 and logits near 10
+    by 0.03, ties appear among scores. These layers are a negligible share of the FLOPs (VGG16 at
+    1008x1008: under 0.1 %)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
 class ProposalTargetCreator:
     """Sample ``batch_size_per_image`` RoIs per image, at most ``positive_fraction`` foreground
     (IoU >= fg_iou), the rest background (IoU in [bg_iou_lo, bg_iou_hi)); ground-truth boxes are
@@ -72,19 +82,28 @@ class RoIHeads(nn.Module):
         self.target_creator = ProposalTargetCreator(cfg, self.box_coder)
 
     def pool(self, features: Tensor, rois: list[Tensor]) -> Tensor:
-        """RoIs in canvas pixels -> (R, C, P, P) features (torchvision.ops; no Python loop)."""
+        """RoIs in canvas pixels -> (R, C, P, P) float32 features (torchvision.ops; no Python loop).
+
+        Pooling runs in float32 whatever the autocast dtype: a bfloat16 RoI has 8 significant bits,
+        so [517.9, 300.3, 798.0, 611.7] would be pooled as [516, 300, 800, 612] while its regression
+        target is encoded against the exact box; and bilinear sampling of low-precision features
+        adds its own rounding. The features are upcast for this op only (the convolutions before
+        and the head's layers after still run in the autocast dtype)."""
         p = self.cfg.pool_size
         features = self.reduce(features)
-        boxes = [r.to(features.dtype) for r in rois]
-        if self.cfg.pool == "align":
-            return roi_align(features, boxes, (p, p), self.spatial_scale, self.cfg.sampling_ratio, aligned=True)
-        if self.cfg.pool == "pool":
-            return roi_pool(features, boxes, (p, p), self.spatial_scale)
+        boxes = [r.float() for r in rois]
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.float()
+            if self.cfg.pool == "align":
+                return roi_align(features, boxes, (p, p), self.spatial_scale, self.cfg.sampling_ratio, aligned=True)
+            if self.cfg.pool == "pool":
+                return roi_pool(features, boxes, (p, p), self.spatial_scale)
         raise ValueError(f"roi.pool {self.cfg.pool!r}: align or pool")
 
     def predict(self, features: Tensor, rois: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """-> class logits (R, K) and class-specific deltas (R, 4K), both float32."""
         x = self.head(self.pool(features, rois))
-        return self.cls_score(x), self.bbox_pred(x)
+        return float32_layer(self.cls_score, x), float32_layer(self.bbox_pred, x)
 
     def loss(self, cls_logits: Tensor, box_deltas: Tensor, labels: Tensor, targets: Tensor) -> dict[str, Tensor]:
         cfg = self.cfg
@@ -103,10 +122,10 @@ class RoIHeads(nn.Module):
     def forward_train(self, features: Tensor, proposals: list[Tensor], gt_boxes: list[Tensor],
                       gt_labels: list[Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         rois, labels, targets = [], [], []
-        for props, boxes, labs in zip(proposals, gt_boxes, gt_labels):
-            r, l, t = self.target_creator(props, boxes, labs, generator)
+        for props, boxes, labs in zip(proposals, gt_boxes, gt_labels, strict=True):
+            r, lab, t = self.target_creator(props, boxes, labs, generator)
             rois.append(r)
-            labels.append(l)
+            labels.append(lab)
             targets.append(t)
         cls_logits, box_deltas = self.predict(features, rois)
         return self.loss(cls_logits, box_deltas, torch.cat(labels), torch.cat(targets))

@@ -10,6 +10,7 @@ from torchvision.ops import nms
 from .anchors import sample_anchor_labels
 from .boxes import BoxCoder, clip_boxes
 from .config import RPNConfig
+from .roi_heads import float32_layer
 
 
 class RPNHead(nn.Module):
@@ -26,11 +27,15 @@ class RPNHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, C, H, W) -> logits (B, H*W*A, 2), deltas (B, H*W*A, 4), in anchor order."""
+        """(B, C, H, W) -> float32 logits (B, H*W*A, 2), deltas (B, H*W*A, 4), in anchor order.
+
+        The 3x3 conv runs in the autocast dtype; the two 1x1 predictors in float32 (see
+        ``float32_layer``): objectness ranks the proposals for top-k and NMS."""
         b = features.shape[0]
         x = F.relu(self.conv(features))
-        logits = self.cls_logits(x).permute(0, 2, 3, 1).reshape(b, -1, 2)  # (B, A*2, H, W) -> (B, H*W*A, 2)
-        deltas = self.bbox_pred(x).permute(0, 2, 3, 1).reshape(b, -1, 4)  # (B, A*4, H, W) -> (B, H*W*A, 4)
+        # (B, A*2, H, W) -> (B, H*W*A, 2) and (B, A*4, H, W) -> (B, H*W*A, 4)
+        logits = float32_layer(self.cls_logits, x).permute(0, 2, 3, 1).reshape(b, -1, 2)
+        deltas = float32_layer(self.bbox_pred, x).permute(0, 2, 3, 1).reshape(b, -1, 4)
         return logits, deltas
 
 
@@ -48,8 +53,10 @@ class ProposalLayer:
         pre_n = cfg.pre_nms_top_n_train if training else cfg.pre_nms_top_n_test
         post_n = cfg.post_nms_top_n_train if training else cfg.post_nms_top_n_test
         b, n, _ = deltas.shape
-        # Score = log-odds of "object": same order as the softmax probability, cheaper.
-        scores = (logits[..., 1] - logits[..., 0]).float()
+        # Score = log-odds of "object": same order as the softmax probability, cheaper. Formed from
+        # float32 logits: a difference of two bfloat16 values would tie many scores in top-k and NMS.
+        logits = logits.float()
+        scores = logits[..., 1] - logits[..., 0]
         boxes = self.box_coder.decode(deltas.reshape(-1, 4), anchors.repeat(b, 1)).reshape(b, n, 4)
         boxes = clip_boxes(boxes, *canvas_hw)
         out = []

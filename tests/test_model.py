@@ -4,7 +4,6 @@ RoI pooling variants and backbones."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 
@@ -194,7 +193,7 @@ def test_given_proposals_replace_the_rpns():
     model.eval()
     with torch.no_grad():
         dets = model(images, None, [b.clone() for b in boxes])
-    for d, b in zip(dets, boxes):
+    for d, b in zip(dets, boxes, strict=True):
         assert d["boxes"].shape[0] > 0
         assert float(box_iou(d["boxes"], b).max(dim=1).values.min()) > 0.9
 
@@ -210,7 +209,7 @@ def test_detect_boxes_inside_original_images():
     model.train()
     dets = model.detect(images, scales, orig_sizes)
     assert model.training  # detect() restores the mode it found
-    for d, (h, w) in zip(dets, orig_sizes):
+    for d, (h, w) in zip(dets, orig_sizes, strict=True):
         assert d["boxes"].shape[0] > 0  # a random head still scores above 0.05
         _check_detections([d], 1, h, w)
     # Without detect(): canvas boxes, inside the canvas.
@@ -259,13 +258,14 @@ def test_overfit_tiny_dataset():
         loss.backward()
         opt.step()
         if step % 25 == 0 or step == OVERFIT_STEPS - 1:
-            history.append((step, round(time.time() - start, 1), {k: round(float(v.detach()), 4) for k, v in losses.items()}))
+            history.append((step, round(time.time() - start, 1),
+                            {k: round(float(v.detach()), 4) for k, v in losses.items()}))
 
     model.eval()
     with torch.no_grad():
         dets = model(images)
     misses = []
-    for i, (d, b, lab) in enumerate(zip(dets, boxes, labels)):
+    for i, (d, b, lab) in enumerate(zip(dets, boxes, labels, strict=True)):
         for j in range(b.shape[0]):
             if d["boxes"].shape[0] == 0:
                 misses.append((i, j, "no detections"))
@@ -278,7 +278,7 @@ def test_overfit_tiny_dataset():
                                round(float(d["scores"][k]), 3)))
     assert not misses, f"missed (image, box, class, best IoU, its class, its score): {misses}\nlosses: {history}"
     # Near-perfect: no confident false positive either (a detection > 0.5 that hits no object).
-    for d, b in zip(dets, boxes):
+    for d, b in zip(dets, boxes, strict=True):
         confident = d["boxes"][d["scores"] > 0.5]
         if confident.shape[0]:
             assert bool((box_iou(confident, b).max(dim=1).values > 0.5).all()), history
@@ -310,7 +310,8 @@ def test_roi_pool_option():
     assert model.cfg.roi.pool == "pool"
     images, boxes, labels = make_images(2)
     feats = torch.randn(2, 128, CANVAS // 16, CANVAS // 16)
-    rois = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [10.0, 20.0, 120.0, 90.0]]), torch.tensor([[32.0, 0.0, 128.0, 128.0]])]
+    rois = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [10.0, 20.0, 120.0, 90.0]]),
+            torch.tensor([[32.0, 0.0, 128.0, 128.0]])]
     with torch.no_grad():
         expected = roi_pool(model.roi_heads.reduce(feats), rois, (7, 7), 1.0 / 16)
         torch.testing.assert_close(model.roi_heads.pool(feats, rois), expected)
@@ -347,10 +348,3 @@ def test_backbone_errors():
         build_backbone(BackboneConfig(name="tiny", tiny_channels=(8, 16, 32)), RoIHeadConfig(), 16)
     with pytest.raises(FileNotFoundError):
         build_backbone(BackboneConfig(name="mobilenet_v3", weights="/nonexistent/weights.pth"), RoIHeadConfig(), 16)
-
-
-def test_backbone_freeze_at():
-    bb = build_backbone(BackboneConfig(name="tiny", freeze_at=2), RoIHeadConfig(representation_size=16), 16)
-    children = list(bb.body.children())
-    assert all(not p.requires_grad for c in children[:2] for p in c.parameters())
-    assert all(p.requires_grad for c in children[2:] for p in c.parameters())
