@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -156,11 +157,11 @@ class ModelConfig:
         return flatten(self.to_dict(), prefix)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         return _build(cls, data, "model")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
         """The ``model:`` section of a config file (or a bare model mapping); ``path`` may be a
         packaged config name (``tiny``, ``demo``, ``vgg16_voc``). See ``load_config``."""
         model, _ = load_config(path)
@@ -168,7 +169,7 @@ class ModelConfig:
             raise ConfigError(f"{path}: no model: section")
         return model
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def target_fields(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from frcnn.config import load_config
 from frcnn.training import TrainConfig
 from pipelines.storage import init_ray
 
-from . import tracking
+from . import console, tracking
 
 DEMO_CONFIG = "demo"  # frcnn/configs/demo.yaml, shipped in the package
 
@@ -53,7 +53,8 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     summary = generate(str(data), n_images=images, seed=seed, min_size=240, max_size=320)
     print(f"{summary['images']} images in VOC layout at {data}: splits {summary['splits']}")
 
-    init_ray(None, workers * cpus_per_worker, log_to_driver=False)
+    init_ray(None, workers * cpus_per_worker, log_to_driver=console.log_to_driver())
+    console.quiet_ray()
 
     step("precompute")
     shards = {}
@@ -88,8 +89,9 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     for image_id in test_ids:
         shutil.copy(data / "VOCdevkit" / "VOC2007" / "JPEGImages" / f"{image_id}.jpg", incoming)
     champion = "models:/frcnn-demo@champion" if promoted and promoted.promoted else model_ref
-    first = run_infer(champion, str(incoming), str(work / "detections"), incremental=True)
-    again = run_infer(champion, str(incoming), str(work / "detections"), incremental=True)
+    # Every job of the demo in the demo's experiment (and store), inference included.
+    first = run_infer(champion, str(incoming), str(work / "detections"), incremental=True, experiment=experiment)
+    again = run_infer(champion, str(incoming), str(work / "detections"), incremental=True, experiment=experiment)
 
     total = time.perf_counter() - t_start
     m = evaluation.metrics
@@ -99,7 +101,8 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     print(f"MLflow tracking store: {uri}")
     print(f"  training run:    {trained.run_id}  (model frcnn-demo version {trained.model_version})")
     print(f"  evaluation run:  {evaluation.run_id}")
-    print(f"  inference runs:  {first.run_id} (new {first.summary.new}), {again.run_id} (new {again.summary.new}, incremental)")
+    print(f"  inference runs:  {first.run_id} (new {first.summary.new}), "
+          f"{again.run_id} (new {again.summary.new}, incremental)")
     print(f"open the UI: frcnn-jobs ui   (with MLFLOW_TRACKING_URI={uri})")
     print(f"total {total:.0f} s")
     return {"map50": m["map50"], "train_run_id": trained.run_id, "eval_run_id": evaluation.run_id,

@@ -10,7 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from jobs import options
+from jobs import console, options
 
 
 @click.command()
@@ -77,3 +77,50 @@ def test_actor_resources_defaults_and_values():
     got = _parse("--batch-size", "16", "--concurrency", "2", "--gpus-per-actor", "0.5", "--cpus-per-actor", "3")
     assert (got["batch_size"], got["concurrency"], got["gpus"], got["cpus"]) == (16, 2, 0.5, 3)
     assert "--batch-size" in _refused("--batch-size", "0")
+
+
+@pytest.fixture
+def restore_console():
+    import logging
+
+    levels = {n: logging.getLogger(n).level for n in ("", "ray.data", "ray.train")}
+    saved = console._verbose
+    yield
+    console._verbose = saved
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_quiet_by_default_detail_with_verbose(restore_console):
+    import logging
+
+    from ray.data import DataContext
+
+    from jobs.cli import main
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats)
+    try:
+        # The group callback sets the switch; `--help` of a command runs it without running Ray.
+        assert CliRunner().invoke(main, ["synth", "--help"]).exit_code == 0
+        assert console.verbose() is False and console.log_to_driver() is False
+        console.quiet_ray()
+        assert (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats) == (
+            False, False, False)  # CliRunner's stdout is not a terminal
+        assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("ray.train").getEffectiveLevel() == logging.WARNING
+
+        assert CliRunner().invoke(main, ["-v", "synth", "--help"]).exit_code == 0
+        assert console.verbose() is True and console.log_to_driver() is True
+        console.quiet_ray()
+        assert (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats) == (
+            True, True, True)
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats = saved
+
+
+def test_every_command_module_imports():
+    # No ModuleNotFoundError is swallowed any more: a broken command module fails the CLI's import.
+    from jobs.cli import main
+
+    assert {"synth", "precompute", "train", "evaluate", "promote", "infer", "ui", "demo"} <= set(main.commands)

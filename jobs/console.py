@@ -1,0 +1,80 @@
+"""What a command prints: quiet by default, the detail with ``frcnn-jobs -v``. The one switch.
+
+``jobs.cli.main`` calls ``configure(verbose)`` once. A job then:
+
+- starts or joins Ray with ``log_to_driver=console.log_to_driver()`` (the workers' and actors'
+  own output, e.g. Ray Train's repeated "PlacementGroupCleaner" warnings, stays in Ray's log
+  files unless ``-v``),
+- calls ``console.quiet_ray()`` after Ray is up: Ray Data's per-operator execution log and its
+  progress bars are off in a non-interactive run (printed as hundreds of log lines there), on in
+  a terminal or with ``-v``,
+- prints its own progress lines with ``print(..., flush=True)`` or ``click.echo`` as today: those
+  always show.
+
+``verbose()`` is False when no command line configured it (the functions called from tests
+stay quiet unless the root logger is at DEBUG).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_verbose: bool | None = None
+# Loggers whose INFO stream (execution plans, per-operator progress, controller chatter) is detail.
+_RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.util")
+
+
+def configure(verbose: bool = False) -> None:
+    """Set the switch and the logging levels: DEBUG with ``verbose``, else INFO for our own
+    messages and WARNING for Ray's libraries. Warnings are shown once (Python's default)."""
+    global _verbose
+    _verbose = bool(verbose)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ray folds repeated worker lines into one "[repeated Nx across cluster]" (its default; set
+    # here so an environment that turned it off gets it back in quiet mode).
+    if not verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        _set_ray_levels(logging.WARNING)
+
+
+def verbose() -> bool:
+    """``-v`` was given (or, without a command line, the root logger is at DEBUG)."""
+    if _verbose is not None:
+        return _verbose
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def interactive() -> bool:
+    """stdout is a terminal: progress bars redraw in place there instead of piling up as lines."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout (pytest capture, pipes)
+        return False
+
+
+def log_to_driver() -> bool:
+    """What to pass as ``ray.init(log_to_driver=...)``: the workers' output only with ``-v``."""
+    return verbose()
+
+
+def quiet_ray() -> None:
+    """Ray Data's progress bars only in a terminal or with ``-v``; its execution-plan log and
+    per-dataset stats only with ``-v``. Call on the driver after Ray is started (it sets the
+    driver's ``DataContext``, which the executions started from this process use)."""
+    from ray.data import DataContext
+
+    detail = verbose()
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = detail or interactive()
+    ctx.print_on_execution_start = detail
+    ctx.enable_auto_log_stats = detail
+    if not detail:
+        _set_ray_levels(logging.WARNING)
+
+
+def _set_ray_levels(level: int) -> None:
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
