@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
 from frcnn.config import ModelConfig, tiny_config
 from pipelines.storage import init_ray
 
-from . import options, tracking
+from . import console, options, tracking
 
 
 @dataclass
@@ -98,7 +99,7 @@ def run_precompute(
     pc.check_output(out, overwrite)
     cfg = resolve_config(data_root, config_path, class_names)
     pc.model_classes(cfg, tuple(class_names) if class_names else load_class_names(data_root), data_root)
-    init_ray(address)
+    init_ray(address, log_to_driver=console.log_to_driver())
 
     params = {
         **cfg.flat("model"),

@@ -61,8 +61,9 @@ import datetime as _dt
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -156,17 +157,17 @@ def _ray_data_output(detail: bool):
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start)
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats)
     loggers = [logging.getLogger(n) for n in ("ray.data", "ray.data._internal")]
     levels = [lg.level for lg in loggers]
-    ctx.enable_progress_bars = ctx.print_on_execution_start = detail
+    ctx.enable_progress_bars = ctx.print_on_execution_start = ctx.enable_auto_log_stats = detail
     if not detail:
         for lg in loggers:
             lg.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats = saved
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
@@ -333,7 +334,7 @@ def _manifest(staging: Location, result: dict[str, Any], data_root: str, split: 
         "positives_per_image": result["positives"] / max(result["written"], 1),
         "seconds": round(seconds, 3),
         "package_version": _package_version(),
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 

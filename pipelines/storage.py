@@ -199,7 +199,7 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
 
 def new_run_name(now: _dt.datetime | None = None) -> str:
     """``YYYYMMDDTHHMMSS.mmmZ-<8 hex>`` (UTC): names sort by start time."""
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:8]}"
 
 

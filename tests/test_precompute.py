@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.fs as pafs
 import pytest
 import torch
 from click.testing import CliRunner

@@ -115,7 +115,7 @@ def test_location_of_a_uri_keeps_the_uri(tmp_path):
 
 
 def test_run_names_sort_by_start_time():
-    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=dt.timezone.utc)
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=dt.UTC)
     names = [storage.new_run_name(t0 + dt.timedelta(milliseconds=ms)) for ms in (1000, 1, 0, 999)]
     assert re.fullmatch(r"20260102T030405\.678Z-[0-9a-f]{8}", names[2])
     assert [storage.run_time(n) for n in sorted(names)] == [
@@ -203,7 +203,7 @@ def test_object_store_replace_deletes_the_old_marker_first():
 
 
 def _run_at(seconds_ago: float) -> str:
-    return storage.new_run_name(dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds_ago))
+    return storage.new_run_name(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds_ago))
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])
@@ -211,7 +211,7 @@ def test_clean_stale_staging_deletes_only_older_runs_of_the_same_dest(tmp_path, 
     root = Location.of(tmp_path) if where == "local" else _memory_root()[0]
     dest, other = root.child("out"), root.child("other")
     old1, old2, now, later = _run_at(60), _run_at(30), _run_at(0), storage.new_run_name(
-        dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5))
+        dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
     stale = [_stage(dest, r, {"p.parquet": b"x"}) for r in (old1, old2)]
     mine = _stage(dest, now, {"p.parquet": b"x"})
     newer = _stage(dest, later, {"p.parquet": b"x"})
