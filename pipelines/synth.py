@@ -19,6 +19,7 @@ import io
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,16 @@ from PIL import Image, ImageDraw
 
 from pipelines.voc import CLASSES_FILE, xyxy_to_voc
 
-__all__ = ["SYNTH_CLASSES", "SPLITS", "generate", "render_image", "shape_mask"]
+__all__ = ["SYNTH_CLASSES", "SPLITS", "VOC_LIKE_SIZES", "generate", "render_image", "shape_mask"]
 
 SYNTH_CLASSES: tuple[str, ...] = ("ellipse", "rectangle", "triangle", "cross", "diamond")
+# An approximation of PASCAL VOC 2007's image sizes (long side 500 px; landscape 500x375 and
+# 500x333 most common, then their portrait forms), weighted by repetition: for ``generate(sizes=)``
+# when a generated dataset should cost what VOC costs to decode and resize. Not VOC's exact mix.
+VOC_LIKE_SIZES: tuple[tuple[int, int], ...] = (
+    *[(500, 375)] * 9, *[(500, 333)] * 4, *[(375, 500)] * 3, (333, 500), (500, 400), (500, 281),
+    (400, 500), (500, 500),
+)
 SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
 YEAR_DIR = "VOC2007"
 JPEG_QUALITY = 90
@@ -329,8 +337,13 @@ def generate(
     seed: int = 0,
     min_size: int = 160,
     max_size: int = 400,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """Write ``out/VOCdevkit/VOC2007`` (local filesystem) and return a summary dict.
+
+    Image sides are uniform in ``min_size..max_size``, or, with ``sizes``, one of those
+    ``(width, height)`` pairs drawn uniformly per image (repeat a pair to weight it; e.g.
+    ``VOC_LIKE_SIZES``).
 
     Split files are removed first and written last, so a reader never takes a
     half-written directory for a complete dataset.
@@ -339,6 +352,10 @@ def generate(
         raise ValueError(f"n_images must be >= 1, got {n_images}")
     if not 32 <= min_size <= max_size:
         raise ValueError(f"need 32 <= min_size <= max_size, got {min_size}, {max_size}")
+    if sizes is not None:
+        sizes = [(int(w), int(h)) for w, h in sizes]
+        if not sizes or min(min(p) for p in sizes) < 32:
+            raise ValueError(f"sizes must be (width, height) pairs with sides >= 32, got {sizes[:4]}")
     voc_dir = Path(out) / "VOCdevkit" / YEAR_DIR
     ann_dir, img_dir, set_dir = voc_dir / "Annotations", voc_dir / "JPEGImages", voc_dir / "ImageSets" / "Main"
     for d in (ann_dir, img_dir, set_dir):
@@ -354,7 +371,10 @@ def generate(
     ids: list[str] = []
     for i, image_seed in enumerate(image_seeds):
         rng = np.random.default_rng(image_seed)
-        width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        if sizes is None:
+            width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        else:
+            width, height = sizes[int(rng.integers(len(sizes)))]
         image, objects = render_image(rng, width, height)
         image_id = f"{i:06d}"
         buf = io.BytesIO()

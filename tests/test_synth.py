@@ -105,3 +105,19 @@ def test_truncated_difficult_and_empty_rates() -> None:
     assert 1 <= empty <= 15
     assert {o["name"] for o in objects} == set(SYNTH_CLASSES)
     assert all(isinstance(o["box"][0], float) for o in objects)
+
+
+def test_sizes_draw_from_the_given_pairs(tmp_path: Path) -> None:
+    pairs = [(500, 375), (375, 500), (64, 48)]
+    summary = generate(tmp_path / "s", n_images=12, seed=5, sizes=pairs)
+    jpegs = sorted((tmp_path / "s" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))
+    seen = []
+    for p in jpegs:
+        with Image.open(p) as im:
+            seen.append(im.size)
+        ann, _ = parse_annotation((p.parents[1] / "Annotations" / f"{p.stem}.xml").read_bytes(), p.name,
+                                  SYNTH_CLASSES)
+        assert (ann.width, ann.height) == seen[-1]
+    assert set(seen) <= set(pairs) and len(set(seen)) > 1 and summary["images"] == 12
+    with pytest.raises(ValueError, match="sides >= 32"):
+        generate(tmp_path / "c", n_images=1, sizes=[(20, 500)])
