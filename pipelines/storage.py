@@ -23,7 +23,9 @@ A job that produces a folder never writes into its destination. It writes into a
 Readers trust only a destination holding its marker (:func:`is_published`). A killed run leaves
 its staging folder (and, on an object store, perhaps an unmarked destination); the next run of the
 same destination deletes staging of runs that started before it (:func:`clean_stale_staging`).
-A run that started later (a concurrent run) is left alone.
+A run that started later is left alone; nothing locks a destination, so two runs of the same
+destination must not overlap (the later one would delete the earlier one's staging, and the
+earlier one would then fail to publish: it never publishes half an output).
 """
 
 from __future__ import annotations
