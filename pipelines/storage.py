@@ -243,6 +243,9 @@ def publish(staging: Location, dest: Location, marker_name: str, marker_obj: Any
     """
     if dest.exists() and not replace:
         raise FileExistsError(f"{dest.shown}: already exists")
+    if not staging.is_dir():
+        raise FileNotFoundError(f"{staging.shown}: staging folder is gone (deleted by a later run of the same "
+                                "destination?); nothing published")
     if _can_rename(dest.fs):
         _publish_by_rename(staging, dest, marker_name, marker_obj)
     else:

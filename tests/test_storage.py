@@ -149,6 +149,17 @@ def test_local_publish_refuses_or_replaces_an_existing_dest(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]  # the old output moved aside is deleted
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_publish_refuses_a_staging_folder_that_is_gone(tmp_path, where):
+    root = Location.of(tmp_path) if where == "local" else _memory_root()[0]
+    dest = root.child("out")
+    staging = _stage(dest, storage.new_run_name(), {"a.parquet": b"A"})
+    staging.delete()  # what a later run's clean_stale_staging does to an overlapping earlier run
+    with pytest.raises(FileNotFoundError, match="staging folder is gone"):
+        storage.publish(staging, dest, MARKER, {"rows": 1})
+    assert not dest.exists() and not staging.exists()
+
+
 def test_local_replace_restores_the_old_dest_when_the_rename_fails(tmp_path, monkeypatch):
     # A local filesystem whose rename of the staging folder fails (injected through fsspec).
     handler = _Recording(fsspec.filesystem("file"))
