@@ -24,13 +24,33 @@ import yaml
 
 @dataclass(frozen=True)
 class CanvasConfig:
-    """Every image is resized (aspect kept) and padded bottom-right onto this canvas."""
+    """Every image is resized (aspect kept) and padded bottom-right onto this canvas (or onto one
+    of ``buckets``); ``frcnn.canvas.CanvasTransform.from_config`` applies it."""
 
     height: int = 800
     width: int = 800
     # ImageNet statistics: torchvision backbones expect them.
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # The paper's scale rule (Ren et al. 2015, 3.3; Fast R-CNN's single scale): the short side
+    # becomes short_side px unless the long side would then pass max_long_side. 0, 0: no rule,
+    # the largest scale that fits the canvas (the walkthrough's). The canvas must hold every image
+    # at the rule's size: both sides >= max_long_side, or buckets that cover both orientations.
+    short_side: int = 0
+    max_long_side: int = 0
+    # Aspect-ratio buckets, (height, width) each, multiples of the stride: each image goes on the
+    # bucket needing the least padding (at the rule's scale when there is a rule). () = the one
+    # canvas height x width. Not yet wired into precompute/train/infer: feature_size refuses them.
+    buckets: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        # YAML gives lists: frozen equality and hashing need tuples of ints.
+        object.__setattr__(self, "buckets", tuple((int(h), int(w)) for h, w in self.buckets))
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The canvases images are put on: the buckets, or the one canvas."""
+        return self.buckets or ((self.height, self.width),)
 
 
 @dataclass(frozen=True)
@@ -122,6 +142,9 @@ class ModelConfig:
 
     @property
     def feature_size(self) -> tuple[int, int]:
+        if self.canvas.buckets:  # one grid per bucket: every user of this property assumes one canvas
+            raise NotImplementedError("canvas.buckets are not yet supported by precompute, training and "
+                                      "inference (one anchor grid per bucket); use one canvas")
         s = self.anchors.stride
         return self.canvas.height // s, self.canvas.width // s
 
@@ -140,6 +163,7 @@ class ModelConfig:
             raise ValueError(
                 f"{len(self.class_names)} class names given for num_classes={self.num_classes}"
             )
+        _check_canvas(self.canvas, s)
         fmt, mean = self.backbone.input_format, self.canvas.mean
         if fmt not in ("torchvision", "caffe"):
             raise ValueError(f"backbone.input_format {fmt!r}: torchvision or caffe")
@@ -184,11 +208,44 @@ class ModelConfig:
             "rpn_neg_iou": self.rpn.neg_iou,
             "rpn_box_weights": list(self.rpn.box_weights),
             "num_classes": self.num_classes,
+            **self._canvas_rule_fields(),
         }
+
+    def _canvas_rule_fields(self) -> dict[str, Any]:
+        """The scale rule and buckets, only when set: shards made before they existed keep their hash."""
+        c = self.canvas
+        out: dict[str, Any] = {}
+        if c.short_side or c.max_long_side:
+            out.update(canvas_short_side=c.short_side, canvas_max_long_side=c.max_long_side)
+        if c.buckets:
+            out["canvas_buckets"] = [list(b) for b in c.buckets]
+        return out
 
     def target_hash(self) -> str:
         blob = json.dumps(self.target_fields(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_canvas(c: CanvasConfig, stride: int) -> None:
+    """Refuse a canvas that cannot hold what its rule makes (nothing is shrunk silently)."""
+    for h, w in c.sizes:
+        if h <= 0 or w <= 0 or h % stride or w % stride:
+            what = "canvas.buckets entry" if c.buckets else "canvas"
+            raise ValueError(f"{what} {h}x{w} must be positive multiples of the stride {stride}")
+    if c.buckets and (c.height, c.width) not in c.buckets:
+        raise ValueError(f"canvas {c.height}x{c.width} must be one of canvas.buckets {[list(b) for b in c.buckets]}")
+    if bool(c.short_side) != bool(c.max_long_side) or c.short_side < 0 or c.max_long_side < c.short_side:
+        raise ValueError(f"canvas.short_side {c.short_side}, max_long_side {c.max_long_side}: both 0 (no rule) "
+                         "or 0 < short_side <= max_long_side")
+    if c.short_side:
+        s, big = c.short_side, c.max_long_side
+        landscape = any(h >= s and w >= big for h, w in c.sizes)
+        portrait = any(h >= big and w >= s for h, w in c.sizes)
+        if not (landscape and portrait):
+            missing = " and ".join(n for n, ok in (("landscape", landscape), ("portrait", portrait)) if not ok)
+            raise ValueError(f"canvas sizes {[list(b) for b in c.sizes]} cannot hold every {missing} image at the "
+                             f"scale rule's size (short side {s}, long side up to {big}): add a bucket of at least "
+                             f"{s}x{big} (landscape, height x width) and {big}x{s} (portrait), or one of {big}x{big}")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -45,7 +45,7 @@ class FasterRCNN(nn.Module):
         self.register_buffer("anchors", grid_anchors(fh, fw, a.stride, a.scales, a.ratios), persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(cfg.canvas.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.canvas.std).view(1, 3, 1, 1), persistent=False)
-        self.canvas = CanvasTransform(cfg.canvas.height, cfg.canvas.width)
+        self.canvas = CanvasTransform.from_config(cfg.canvas)
 
     @property
     def canvas_hw(self) -> tuple[int, int]:

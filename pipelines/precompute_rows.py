@@ -53,7 +53,7 @@ class ImageWorker:
         self.use_difficult = bool(spec["use_difficult"])
         self.drop_empty = bool(spec["drop_empty"])
         self.jpeg_quality = int(spec["jpeg_quality"])
-        self.transform = CanvasTransform(cfg.canvas.height, cfg.canvas.width)
+        self.transform = CanvasTransform.from_config(cfg.canvas)  # the scale rule, when the config sets one
         fh, fw = cfg.feature_size
         self.anchors = grid_anchors(fh, fw, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
         self.coder = BoxCoder(cfg.rpn.box_weights)

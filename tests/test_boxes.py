@@ -187,3 +187,90 @@ def test_target_hash_tracks_target_fields():
     # Things the anchor targets do not depend on leave the hash alone.
     assert cfg.replace(roi=RoIHeadConfig(batch_size_per_image=32)).target_hash() == h
     assert cfg.replace(rpn=dataclasses.replace(cfg.rpn, post_nms_top_n_train=50)).target_hash() == h
+
+
+# ---- the paper's scale rule and aspect-ratio buckets -------------------------------------------
+VOC_SIZES = [(375, 500), (500, 375), (333, 500), (500, 500)]  # (h, w): VOC's commonest
+BUCKETS_3 = ((608, 1008), (1008, 608), (800, 800))
+BUCKETS_7 = ((608, 800), (800, 608), (608, 912), (912, 608), (608, 608), (608, 1008), (1008, 608))
+
+
+def test_scale_rule_short_side_600_long_side_at_most_1000():
+    t = CanvasTransform(1008, 1008, 600, 1000)
+    assert t.scale_for(375, 500) == pytest.approx(1.6) and t.resized_size(375, 500) == (600, 800)
+    assert t.resized_size(500, 375) == (800, 600)
+    assert t.scale_for(333, 500) == pytest.approx(600 / 333) and t.resized_size(333, 500) == (600, 901)
+    # A very wide image: the long side caps the scale.
+    assert t.scale_for(100, 2000) == pytest.approx(0.5) and t.resized_size(100, 2000) == (50, 1000)
+    canvas, s = t.apply_image(Image.new("RGB", (500, 333), (9, 9, 9)))
+    assert canvas.shape == (1008, 1008, 3) and s == pytest.approx(600 / 333)
+    assert (canvas[:600, :901] == 9).all() and (canvas[600:] == 0).all() and (canvas[:, 901:] == 0).all()
+    # No rule: the largest scale that fits (unchanged behaviour).
+    assert CanvasTransform(1008, 1008).scale_for(375, 500) == pytest.approx(1008 / 500)
+    assert CanvasTransform.from_config(ModelConfig().canvas) == CanvasTransform(800, 800)
+
+
+def test_buckets_least_padding_and_the_padding_shares():
+    one = CanvasTransform(800, 800)
+    assert [round(one.padding_share(h, w), 5) for h, w in VOC_SIZES] == [0.25, 0.25, 0.33375, 0.0]
+    three = CanvasTransform(608, 1008, 600, 1000, BUCKETS_3)
+    assert [three.canvas_for(h, w) for h, w in VOC_SIZES] == [(608, 1008), (1008, 608), (608, 1008), (608, 1008)]
+    assert [round(three.padding_share(h, w), 4) for h, w in VOC_SIZES] == [
+        round(1 - 600 * 800 / (608 * 1008), 4), round(1 - 600 * 800 / (608 * 1008), 4),
+        round(1 - 600 * 901 / (608 * 1008), 4), round(1 - 600 * 600 / (608 * 1008), 4)]  # 21.7, 21.7, 11.8, 41.3 %
+    seven = CanvasTransform(608, 1008, 600, 1000, BUCKETS_7)
+    assert [seven.canvas_for(h, w) for h, w in VOC_SIZES] == [(608, 800), (800, 608), (608, 912), (608, 608)]
+    assert max(seven.padding_share(h, w) for h, w in VOC_SIZES) < 0.03
+    # Every image keeps the rule's scale on its bucket; the canvas has the bucket's shape.
+    for h, w in VOC_SIZES + [(100, 2000), (2000, 100)]:
+        assert seven.scale_for(h, w) == pytest.approx(min(600 / min(h, w), 1000 / max(h, w)))
+    canvas, s = seven.apply_image(Image.new("RGB", (375, 500)))
+    assert canvas.shape == (800, 608, 3) and s == pytest.approx(1.6)
+    # Without a rule: least padding, each bucket at its own fitting scale.
+    free = CanvasTransform(608, 1008, buckets=BUCKETS_3)
+    assert free.canvas_for(375, 500) == (608, 1008) and free.scale_for(375, 500) == pytest.approx(608 / 375)
+
+
+def _canvas_cfg(**kw) -> ModelConfig:
+    return ModelConfig(canvas=dataclasses.replace(ModelConfig().canvas, **kw))
+
+
+def test_bad_canvas_rules_and_buckets_are_refused():
+    with pytest.raises(ValueError, match="buckets entry 600x1000 must be positive multiples of the stride 16"):
+        _canvas_cfg(height=608, width=1008, buckets=((608, 1008), (600, 1000)))
+    with pytest.raises(ValueError, match="canvas 800x800 must be one of canvas.buckets"):
+        _canvas_cfg(buckets=((608, 1008), (1008, 608)))
+    with pytest.raises(ValueError, match="cannot hold every portrait image"):
+        _canvas_cfg(height=608, width=1008, short_side=600, max_long_side=1000, buckets=((608, 1008), (800, 800)))
+    with pytest.raises(ValueError, match="cannot hold every landscape and portrait image"):
+        _canvas_cfg(short_side=600, max_long_side=1000)  # 800x800 < 1000
+    with pytest.raises(ValueError, match="both 0"):
+        _canvas_cfg(short_side=600)
+    cfg = _canvas_cfg(height=608, width=1008, short_side=600, max_long_side=1000, buckets=BUCKETS_3)
+    with pytest.raises(NotImplementedError, match="buckets are not yet supported"):
+        _ = cfg.feature_size
+    # Buckets survive YAML (lists) as tuples; the rule and buckets key the precomputed targets,
+    # and a config without them keeps the fields (and hash) it had before they existed.
+    assert ModelConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    assert cfg.target_fields()["canvas_buckets"] == [list(b) for b in BUCKETS_3]
+    assert not any(k.startswith("canvas_") and k not in ("canvas_height", "canvas_width")
+                   for k in ModelConfig().target_fields())
+
+
+def test_the_voc_recipe():
+    from frcnn.config import load_config
+
+    cfg, train = load_config("vgg16_voc")
+    assert cfg.backbone.name == "vgg16" and cfg.backbone.weights == "imagenet" and cfg.backbone.freeze_at == 2
+    t = CanvasTransform.from_config(cfg.canvas)
+    for h, w in VOC_SIZES + [(100, 2000), (2000, 100)]:  # the paper's scale, either orientation
+        assert t.scale_for(h, w) == pytest.approx(min(600 / min(h, w), 1000 / max(h, w)))
+    assert (cfg.roi.loc_weight, cfg.roi.smooth_l1_beta, cfg.roi.loc_normalizer) == (1.0, 1.0, "sampled")
+    assert (cfg.rpn.loc_weight, cfg.rpn.loc_normalizer) == (1.0, "sampled")
+    assert train["amp"] == "bf16" and train["weight_decay"] == 0.0005
+    # Per image: 0.001 at one image; 8 workers x 1 image -> 0.008. 7 epochs of VOC07+12 ~ 110k images.
+    from frcnn.training import TrainConfig
+
+    tcfg = TrainConfig.from_dict(train)
+    assert tcfg.lr_for(8 * tcfg.batch_size) == pytest.approx(0.008)
+    assert tcfg.epochs * 16551 == pytest.approx(110_000, rel=0.06)
