@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import click
+import mlflow
 
 from frcnn.config import load_config
 from frcnn.training import TrainConfig
@@ -103,7 +104,9 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     print(f"  evaluation run:  {evaluation.run_id}")
     print(f"  inference runs:  {first.run_id} (new {first.summary.new}), "
           f"{again.run_id} (new {again.summary.new}, incremental)")
-    print(f"open the UI: frcnn-jobs ui   (with MLFLOW_TRACKING_URI={uri})")
+    exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    print(f"open the UI: MLFLOW_TRACKING_URI={uri} frcnn-jobs ui, then "
+          f"{tracking.experiment_url('http://127.0.0.1:5000', exp_id)}")
     print(f"total {total:.0f} s")
     return {"map50": m["map50"], "train_run_id": trained.run_id, "eval_run_id": evaluation.run_id,
             "seconds": total, "model_version": trained.model_version}

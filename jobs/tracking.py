@@ -30,8 +30,8 @@ import mlflow
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "frcnn"
-# MLflow 3.17's UI opens an experiment without this tag in its GenAI view (traces, token usage);
-# with it, on the runs table of model training.
+# The experiment kind MLflow's UI reads when it has no "GenAI | Model training" switch (3.17.2's
+# UI has one, see `experiment_url`): set on every experiment the jobs use.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 JOB_TAG = "frcnn.job"
@@ -73,6 +73,18 @@ def setup(tracking_uri: str | None = None, experiment: str | None = None) -> str
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(name)
     return uri
+
+
+def experiment_url(ui_base: str, experiment_id: str) -> str:
+    """The UI page of an experiment, opened on its training runs.
+
+    MLflow 3.17's UI chooses between its GenAI view (traces, token usage) and its model-training
+    view (the runs table) with the "GenAI | Model training" switch at the top left; its default is
+    GenAI, a click is remembered by that browser, and ``workflowType=machine_learning`` in the URL
+    selects training (seen in a browser: the experiment's ``mlflow.experimentKind`` tag alone does
+    not, in this UI). Print this link wherever a job points the user at the UI.
+    """
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 # ---- run names ------------------------------------------------------------------------------
@@ -194,6 +206,10 @@ class MetricBuffer:
     ``max_pending`` metrics the oldest are dropped, and the count dropped is reported on recovery
     and by ``close``. Non-finite values are skipped (MLflow refuses NaN in some stores).
     Use it from one process per run (rank 0); ``log`` is thread-safe.
+
+    Training: call ``flush()`` (it returns False while the store is down) before reporting a
+    checkpoint, so that a group restarted from that checkpoint finds every earlier step in the
+    run; what was queued after it is logged again by the restarted group.
     """
 
     BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH

@@ -96,6 +96,8 @@ def test_run_names_say_what_ran():
     assert tracking.infer_run_name("0123456789abcdef0123456789abcdef") == "infer-01234567"
     assert tracking.infer_run_name("/ckpt/checkpoint_000012/model.pt") == "infer-checkpoint_000012"
     assert tracking.precompute_run_name("synth", "train") == "precompute-synth-train"
+    assert (tracking.experiment_url("http://127.0.0.1:5000/", "3")
+            == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning")
 
 
 def _outage(monkeypatch, buffer: tracking.MetricBuffer, seconds: float) -> dict:
