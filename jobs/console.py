@@ -37,6 +37,12 @@ def configure(verbose: bool = False) -> None:
     # here so an environment that turned it off gets it back in quiet mode).
     if not verbose:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        # Defaults for what a job starts later, also where it forgets quiet_ray()/log_to_driver():
+        # Ray reads RAY_LOG_TO_DRIVER when ray.init gets no log_to_driver, Ray Data this one when
+        # it creates the DataContext. A user's own setting wins.
+        os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
+        if not interactive():
+            os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         _set_ray_levels(logging.WARNING)
 
 

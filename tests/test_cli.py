@@ -4,6 +4,7 @@ a list or a file, --config by packaged name or path, the actor resources."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -80,9 +81,11 @@ def test_actor_resources_defaults_and_values():
 
 
 @pytest.fixture
-def restore_console():
+def restore_console(monkeypatch):
     import logging
 
+    for name in ("RAY_LOG_TO_DRIVER", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DEDUP_LOGS"):
+        monkeypatch.delenv(name, raising=False)  # and restored after the test
     levels = {n: logging.getLogger(n).level for n in ("", "ray.data", "ray.train")}
     saved = console._verbose
     yield
@@ -104,6 +107,8 @@ def test_quiet_by_default_detail_with_verbose(restore_console):
         # The group callback sets the switch; `--help` of a command runs it without running Ray.
         assert CliRunner().invoke(main, ["synth", "--help"]).exit_code == 0
         assert console.verbose() is False and console.log_to_driver() is False
+        # What a job starts later inherits the quiet defaults even without calling quiet_ray().
+        assert os.environ["RAY_LOG_TO_DRIVER"] == "0" and os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
         console.quiet_ray()
         assert (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats) == (
             False, False, False)  # CliRunner's stdout is not a terminal
