@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from frcnn.evaluation import VocResult
 
-__all__ = ["class_color", "plot_pr_curves", "draw_detections", "image_grid"]
+__all__ = ["class_color", "count_misses", "draw_detections", "image_grid", "plot_pr_curves", "select_grid_images"]
 
 GT_COLOR = (0, 255, 0)
 # tab20-like palette without pure green, so predictions never look like GT.
@@ -201,3 +201,54 @@ def image_grid(
         y = (k // columns) * cell + (cell - tile.height) // 2
         grid.paste(tile, (x, y))
     return grid
+
+
+# --------------------------------------------------------------------------- #
+# Which images an evaluation shows
+# --------------------------------------------------------------------------- #
+GRID_SCORE_THRESHOLD = 0.3  # draw_detections' default: what is drawn is what counts as found
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(M, N) IoU of 0-based continuous xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def count_misses(gt: Mapping[str, Any], det: Mapping[str, Any] | None,
+                 score_threshold: float = GRID_SCORE_THRESHOLD, iou_threshold: float = 0.5) -> int:
+    """Non-difficult objects without a same-class detection (score >= threshold, IoU >= 0.5)."""
+    boxes = np.asarray(gt["boxes"], np.float64).reshape(-1, 4)
+    keep = ~np.asarray(gt.get("difficult", np.zeros(len(boxes), bool)), bool)
+    boxes, labels = boxes[keep], np.asarray(gt["labels"])[keep]
+    if not len(boxes):
+        return 0
+    if det is None:
+        return len(boxes)
+    sel = np.asarray(det["scores"]).reshape(-1) >= score_threshold
+    d_boxes = np.asarray(det["boxes"], np.float64).reshape(-1, 4)[sel]
+    d_labels = np.asarray(det["labels"]).reshape(-1)[sel]
+    if not len(d_boxes):
+        return len(boxes)
+    iou = _iou(boxes, d_boxes)
+    iou[labels[:, None] != d_labels[None, :]] = 0.0
+    return int((iou.max(axis=1) < iou_threshold).sum())
+
+
+def select_grid_images(image_ids: Sequence[str], ground_truth: Mapping[str, Mapping[str, Any]],
+                       detections: Mapping[str, Mapping[str, Any]], n: int = 12) -> list[str]:
+    """A deterministic choice of ``n`` of ``image_ids``: up to half the images with the most misses,
+    the rest spread evenly over the list, returned in list order."""
+    usable = list(image_ids)
+    if not usable:
+        return []
+    misses = {i: count_misses(ground_truth[i], detections.get(i)) for i in usable}
+    missed = sorted((i for i in usable if misses[i] > 0), key=lambda i: (-misses[i], i))[: n // 2]
+    rest = [i for i in usable if i not in set(missed)]
+    k = min(n - len(missed), len(rest))
+    chosen = set(missed) | {rest[int(j * len(rest) / k)] for j in range(k)}
+    return [i for i in usable if i in chosen]

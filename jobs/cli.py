@@ -15,7 +15,8 @@ import click
 from . import console
 
 # Modules that contribute commands, each exposing COMMANDS: a list of click commands.
-_COMMAND_MODULES = ("jobs.data_cmds", "jobs.train", "jobs.evaluate", "jobs.infer", "jobs.demo")
+_COMMAND_MODULES = ("jobs.data_cmds", "jobs.train", "jobs.evaluate", "jobs.models", "jobs.infer", "jobs.ui",
+                    "jobs.demo")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -1,4 +1,4 @@
-"""Checkpoints in MLflow, the model registry, and loading a model from any reference.
+"""Model references, the registry and promotion.
 
 A model is stored as a state dict plus its config (``frcnn.training.checkpoint_state``), never as
 pickled code: ``torch.load(..., weights_only=True)`` reads it. The registered form is an MLflow
@@ -7,7 +7,15 @@ pickled code: ``torch.load(..., weights_only=True)`` reads it. The registered fo
 skips MLflow's environment checks and goes straight to the checkpoint.
 
 MODEL references accepted everywhere: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an MLflow
-run id (its best checkpoint, else its final one), or a checkpoint path (file or folder).
+run id (its best checkpoint, else its final one), or a checkpoint path (file or folder). One
+parser (``parse_registry_ref``) reads the ``models:/`` forms for every command.
+
+Promotion: ``promote`` sets a registry alias. With ``if_better_than`` it compares the latest
+FINISHED evaluation runs of the candidate and of the version holding that alias, on the same
+dataset, split, data root and years, and moves the alias only when the candidate is strictly
+better (every metric here is higher-is-better) or when nobody holds the alias yet.
+
+    frcnn-jobs promote models:/frcnn/3 --alias champion --if-better-than champion --metric map50
 """
 
 from __future__ import annotations
@@ -19,17 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
-from frcnn import FasterRCNN
-from frcnn.training import load_checkpoint, model_from_checkpoint
 
 from . import tracking
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_REGISTRY = re.compile(r"^(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
+
+
+class PromotionError(click.ClickException):
+    """A promotion that cannot be decided (missing evaluation, unknown version...)."""
 
 
 @dataclass
@@ -50,14 +62,39 @@ class ModelRef:
         return self.run_id or self.checkpoint
 
 
+def parse_registry_ref(ref: str, bare: bool = False) -> tuple[str, str | None, str | None] | None:
+    """``models:/NAME/VERSION`` -> (NAME, VERSION, None); ``models:/NAME@ALIAS`` -> (NAME, None,
+    ALIAS). With ``bare``, ``NAME/VERSION`` and ``NAME@ALIAS`` too. None when ``ref`` is not in a
+    registry form at all; ``ValueError`` for a ``models:/`` URI that does not parse."""
+    body = ref[len("models:/"):] if ref.startswith("models:/") else (ref if bare else None)
+    if body is None:
+        return None
+    m = _REGISTRY.match(body)
+    if not m:
+        if ref.startswith("models:/"):
+            raise ValueError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        return None
+    return m.group("name"), m.group("version"), m.group("alias")
+
+
+def registry_version(ref: str, client: MlflowClient | None = None, bare: bool = False):
+    """The registry's ModelVersion for a ``models:/`` reference (an alias resolved now); None when
+    ``ref`` is not a registry reference."""
+    parsed = parse_registry_ref(ref, bare)
+    if parsed is None:
+        return None
+    client = client or MlflowClient()
+    name, version, alias = parsed
+    return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+
+
 def log_checkpoint(checkpoint, artifact_path: str) -> str:
     """Log a Ray Train checkpoint's file under ``artifact_path`` of the active run; return a local
     copy of the file (kept until the process exits)."""
     keep = Path(tempfile.mkdtemp(prefix="frcnn-ckpt-"))
     with checkpoint.as_directory() as d:
-        src = Path(d) / CHECKPOINT_FILE
         dst = keep / CHECKPOINT_FILE
-        shutil.copyfile(src, dst)
+        shutil.copyfile(Path(d) / CHECKPOINT_FILE, dst)
     tracking.safe(mlflow.log_artifact, str(dst), artifact_path)
     return str(dst)
 
@@ -92,22 +129,13 @@ def _find_checkpoint(folder: Path) -> Path:
 def resolve_model(ref: str, client: MlflowClient | None = None) -> ModelRef:
     """Resolve a MODEL reference once (an alias is pinned to its version at this moment)."""
     client = client or MlflowClient()
-    if ref.startswith("models:/"):
-        body = ref[len("models:/"):]
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = body.partition("/")
-            if not version:
-                raise ValueError(f"{ref}: give a version or an alias (models:/NAME/3 or models:/NAME@champion)")
-            mv = client.get_model_version(name, version)
+    mv = registry_version(ref, client)
+    if mv is not None:
         folder = _download(f"models:/{mv.name}/{mv.version}")
         return ModelRef(ref, str(_find_checkpoint(folder)), mv.name, str(mv.version), mv.run_id)
     path = Path(ref)
     if path.exists():
-        ckpt = path if path.is_file() else _find_checkpoint(path)
-        return ModelRef(ref, str(ckpt))
+        return ModelRef(ref, str(path if path.is_file() else _find_checkpoint(path)))
     if _RUN_ID.match(ref):
         client.get_run(ref)  # raises a clear MLflow error for an unknown run
         for sub in ("checkpoints/best", "checkpoints/final"):
@@ -120,8 +148,158 @@ def resolve_model(ref: str, client: MlflowClient | None = None) -> ModelRef:
     raise ValueError(f"{ref}: not a models:/ URI, an MLflow run id, or an existing checkpoint path")
 
 
-def load_model(ref: str | ModelRef, device: str = "cpu") -> tuple[FasterRCNN, ModelRef]:
+def load_model(ref: str | ModelRef, device: str = "cpu"):
+    """``(FasterRCNN in eval mode, ModelRef)`` for a MODEL reference."""
+    from frcnn.inference import load_model as load
+
     resolved = ref if isinstance(ref, ModelRef) else resolve_model(ref)
-    state = load_checkpoint(resolved.checkpoint)
-    model = model_from_checkpoint(state).to(device).eval()
-    return model, resolved
+    return load(resolved.checkpoint, device), resolved
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+@dataclass
+class PromotionResult:
+    name: str
+    version: str
+    alias: str
+    promoted: bool
+    message: str
+    metric: str | None = None
+    candidate_value: float | None = None
+    incumbent_version: str | None = None
+    incumbent_value: float | None = None
+    candidate_run_id: str | None = None
+    incumbent_run_id: str | None = None
+
+
+def _q(value: str) -> str:
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def latest_evaluation(client, name: str, version: str, *, split: str, dataset: str = "voc",
+                      data_root: str | None = None, years: str | None = None):
+    """The latest FINISHED evaluation run of a model version on a dataset and split (optionally a
+    data root and years), across every experiment; None when there is none."""
+    from mlflow.entities import ViewType
+
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not experiments:
+        return None
+    filt = (f"tags.`frcnn.job` = 'evaluate' and tags.`frcnn.model_name` = {_q(name)} and "
+            f"tags.`frcnn.model_version` = {_q(version)} and tags.`frcnn.split` = {_q(split)} and "
+            f"tags.`frcnn.dataset` = {_q(dataset)} and attributes.status = 'FINISHED'")
+    runs = client.search_runs(experiments, filt, run_view_type=ViewType.ACTIVE_ONLY, max_results=200,
+                              order_by=["attributes.start_time DESC"])
+    for run in runs:  # data root and years compared here: paths may hold quotes
+        t = run.data.tags
+        if data_root is not None and t.get("frcnn.data_root") != data_root:
+            continue
+        if years is not None and t.get("frcnn.years", "all") != years:
+            continue
+        return run
+    return None
+
+
+def _describe(name: str, version: str, dataset: str, split: str, data_root: str | None) -> str:
+    return f"models:/{name}/{version} on {dataset}/{split}" + (f" at {data_root}" if data_root else "")
+
+
+def _evaluation(client, name, version, metric, what, *, split, dataset, data_root, years=None):
+    run = latest_evaluation(client, name, version, split=split, dataset=dataset, data_root=data_root, years=years)
+    if run is None:
+        raise PromotionError(
+            f"no FINISHED evaluation run of {what}{_describe(name, version, dataset, split, data_root)}"
+            + (f" (years {years})" if years else "") + f": run `frcnn-jobs evaluate --model models:/{name}/{version} "
+            f"--dataset {dataset} --split {split} --data-root {data_root or '...'}` first")
+    if metric not in run.data.metrics:
+        raise PromotionError(f"evaluation run {run.info.run_id} of models:/{name}/{version} has no metric "
+                             f"{metric!r} (it has {sorted(run.data.metrics)})")
+    return run, float(run.data.metrics[metric])
+
+
+def promote(model: str, alias: str, *, if_better_than: str | None = None, metric: str = "map50",
+            split: str = "test", dataset: str = "voc", data_root: str | None = None,
+            tracking_uri: str | None = None, client=None, verbose: bool = True) -> PromotionResult:
+    """Point ``alias`` at a model version, unconditionally or only when it beats ``if_better_than``."""
+    from pipelines.storage import shown
+
+    if tracking_uri or client is None:
+        mlflow.set_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
+    client = client or MlflowClient()
+    try:
+        mv = registry_version(model, client, bare=True)
+    except (MlflowException, ValueError) as exc:
+        raise PromotionError(f"{model}: no such registered model version ({getattr(exc, 'message', exc)})") from exc
+    if mv is None:
+        raise PromotionError(f"{model}: expected a registry version, models:/NAME/VERSION or NAME/VERSION")
+    name, version = mv.name, str(mv.version)
+    data_root = shown(data_root) if data_root else None
+    out = print if verbose else (lambda *a, **k: None)
+
+    def holder(a: str) -> str | None:
+        try:
+            return str(client.get_model_version_by_alias(name, a).version)
+        except MlflowException:
+            return None
+
+    previous = holder(alias)
+    res = PromotionResult(name, version, alias, False, "")
+    if if_better_than:
+        res.metric = metric
+        cand, res.candidate_value = _evaluation(client, name, version, metric, "", split=split, dataset=dataset,
+                                                data_root=data_root)
+        res.candidate_run_id = cand.info.run_id
+        incumbent = holder(if_better_than)
+        if incumbent is None:
+            res.promoted = True
+            res.message = (f"nobody holds @{if_better_than} yet: promoting models:/{name}/{version} "
+                           f"({metric}={res.candidate_value:.4f}, run {res.candidate_run_id})")
+        else:
+            res.incumbent_version = incumbent
+            root, years = cand.data.tags.get("frcnn.data_root"), cand.data.tags.get("frcnn.years", "all")
+            inc, res.incumbent_value = _evaluation(client, name, incumbent, metric, f"the @{if_better_than} version ",
+                                                   split=split, dataset=dataset, data_root=root, years=years)
+            res.incumbent_run_id = inc.info.run_id
+            out(f"{metric} on {dataset}/{split}: candidate models:/{name}/{version} = {res.candidate_value:.4f} "
+                f"(run {res.candidate_run_id}) vs @{if_better_than} models:/{name}/{incumbent} = "
+                f"{res.incumbent_value:.4f} (run {res.incumbent_run_id})")
+            if incumbent == version:
+                res.message = f"models:/{name}/{version} already holds @{if_better_than}: nothing to compare"
+            elif res.candidate_value > res.incumbent_value:
+                res.promoted = True
+                res.message = f"{res.candidate_value:.4f} > {res.incumbent_value:.4f}: promoting"
+            else:
+                res.message = (f"NOT promoted: {res.candidate_value:.4f} is not better than {res.incumbent_value:.4f}; "
+                               f"@{alias} stays on {'version ' + previous if previous else 'nobody'}")
+    else:
+        res.promoted = True
+    if res.promoted:
+        client.set_registered_model_alias(name, alias, version)
+        done = f"models:/{name}@{alias} -> version {version}" + (f" (was {previous})" if previous else "")
+        res.message = f"{res.message}; {done}" if res.message else done
+    out(res.message, flush=True)
+    return res
+
+
+@click.command("promote")
+@click.argument("model", metavar="MODEL")
+@click.option("--alias", required=True, help="Alias to set, e.g. champion.")
+@click.option("--if-better-than", metavar="ALIAS", default=None,
+              help="Only if MODEL's latest evaluation beats that of the version holding ALIAS (or nobody holds it).")
+@click.option("--metric", default="map50", show_default=True, help="Evaluation metric to compare (higher is better).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--dataset", type=click.Choice(("voc",)), default="voc", show_default=True)
+@click.option("--data-root", metavar="PATH", default=None,
+              help="Compare evaluations on this data root. Default: the candidate's latest evaluation's.")
+def promote_cmd(model, alias, if_better_than, metric, split, dataset, data_root):
+    """Point a registry alias at MODEL (models:/NAME/VERSION or NAME/VERSION).
+
+    A candidate that is not strictly better is reported and exits 0 with the alias unchanged; a
+    missing evaluation exits 1."""
+    promote(model, alias, if_better_than=if_better_than, metric=metric, split=split, dataset=dataset,
+            data_root=data_root)
+
+
+COMMANDS = [promote_cmd]

@@ -1,48 +1,38 @@
 """The registered model: an MLflow "model from code" pyfunc around a state-dict checkpoint.
 
-Loading it runs this file and ``torch.load(..., weights_only=True)``: no pickled code.
+Loading it runs this file and ``torch.load(..., weights_only=True)``: no pickled code. Prediction
+goes through ``frcnn.inference.Detector``, the same code as ``infer``'s and ``evaluate``'s actors.
 
     model = mlflow.pyfunc.load_model("models:/frcnn@champion")
     out = model.predict(pd.DataFrame({"image": [jpeg_bytes, ...]}))
-    # one row per image: boxes (list of [x1, y1, x2, y2] in the image's pixels), scores, labels, class_names
+    # one row per image: boxes (list of [x1, y1, x2, y2] in the image's pixels), scores, labels,
+    # class_names, and error (None, or why the image could not be decoded)
 """
 
 from __future__ import annotations
-
-import io
 
 import mlflow
 from mlflow.pyfunc import PythonModel
 
 
 class FrcnnPyfunc(PythonModel):
-    def load_context(self, context) -> None:
-        from frcnn.training import load_checkpoint, model_from_checkpoint
+    batch_size = 8
 
-        state = load_checkpoint(context.artifacts["checkpoint"])
-        self.model = model_from_checkpoint(state).eval()
+    def load_context(self, context) -> None:
+        from frcnn.inference import Detector
+
+        self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"], "cpu")
 
     def predict(self, context, model_input, params=None):
-        import numpy as np
         import pandas as pd
-        from PIL import Image
 
-        from frcnn.canvas import to_tensor
-
-        model = self.model
-        names = list(model.cfg.class_names)
+        images = list(model_input["image"])
         rows = []
-        for data in model_input["image"]:
-            image = Image.open(io.BytesIO(data))
-            canvas, scale = model.canvas.apply_image(image)
-            det = model.detect(to_tensor(canvas)[None], [scale], [(image.height, image.width)])[0]
-            labels = det["labels"].tolist()
-            rows.append({
-                "boxes": det["boxes"].numpy().astype(np.float32).tolist(),
-                "scores": det["scores"].tolist(),
-                "labels": labels,
-                "class_names": [names[l - 1] if names else str(l) for l in labels],
-            })
+        for start in range(0, len(images), self.batch_size):
+            for d in self.detector.predict(images[start:start + self.batch_size]):
+                labels = d.labels.tolist()
+                rows.append({"boxes": d.boxes.tolist(), "scores": d.scores.tolist(), "labels": labels,
+                             "class_names": [self.detector.class_name(k) for k in labels], "error": d.error})
         return pd.DataFrame(rows)
 
 

@@ -1,98 +1,167 @@
-"""Batched detection with Ray Data: a callable class that loads the model once per actor.
+"""The one Ray Data prediction path, shared by ``frcnn-jobs infer`` and ``frcnn-jobs evaluate``.
 
-Shared by ``frcnn-jobs evaluate`` (over a VOC split) and ``frcnn-jobs infer`` (over a folder,
-prefix or Parquet table of images). Rows in: ``image_id`` and ``image`` (the encoded file bytes).
-Rows out: ``image_id``, ``boxes`` (list<float32>, N x 4 flattened, ORIGINAL image pixels xyxy),
-``scores`` (list<float32>), ``labels`` (list<int32>), ``height``, ``width`` and ``error`` (null, or
-why the image could not be read: an unreadable file is a row with a reason, never a dead job).
+    ds = ray.data.from_items([{"image_id": ..., "path": ..., "fs_path": ...}, ...])
+    ds = predict_dataset(ds, checkpoint_bytes, source=Location.of(root), batch_size=8,
+                         concurrency=1, cpus_per_actor=2)
+    # rows: PREDICTION_SCHEMA (pyarrow batches all the way: no pickled Python objects)
 
-    ds = ray.data.from_items(rows).map_batches(
-        Predictor, fn_constructor_kwargs={"checkpoint": ckpt_bytes},
-        batch_size=8, compute=ray.data.ActorPoolStrategy(size=2))
+Stages: ``read_images`` (tasks reading each ``fs_path`` through the source's pyarrow filesystem;
+skipped for a Parquet input, which already holds the bytes) -> ``Predictor`` (an actor pool:
+``frcnn.inference.Detector`` loads the model once per actor, decodes each batch on the actor's
+threads and runs ``FasterRCNN.detect``; boxes come back in ORIGINAL pixels). An input that cannot
+be read or decoded is a row with ``error`` set (empty string: none), never a dead job.
 """
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
+import pyarrow as pa
 
-from frcnn.canvas import to_tensor
-from frcnn.training import load_checkpoint, model_from_checkpoint
+from pipelines.storage import Location, read_bytes
+
+__all__ = ["IMAGES_SCHEMA", "PREDICTION_SCHEMA", "Predictor", "predict_dataset", "predict_images", "read_images"]
+
+# What the predictor takes: the id, where it came from, the encoded bytes, and why they could not
+# be read ("" when they could).
+IMAGES_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("image", pa.binary()),
+                           ("error", pa.string())])
+
+PREDICTION_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("path", pa.string()),
+    ("boxes", pa.list_(pa.float32())),  # N x 4 flattened, xyxy in the original image's pixels
+    ("scores", pa.list_(pa.float32())),
+    ("labels", pa.list_(pa.int32())),  # 1..C, the model's labels
+    ("class_names", pa.list_(pa.string())),  # the model's name of each label
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("error", pa.string()),  # "" when the image was read and decoded
+])
 
 
-def read_image(data: bytes) -> Image.Image:
-    """Decode any PIL-readable image fully (greyscale, palette and RGBA become RGB)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
+def read_images(batch: pa.Table, *, source: Location) -> pa.Table:
+    """Ray Data map: (image_id, path, fs_path) -> IMAGES_SCHEMA, the bytes read from ``source``'s
+    filesystem (a file that vanished or cannot be read becomes an error row)."""
+    images, errors = [], []
+    for fs_path in batch.column("fs_path").to_pylist():
+        try:
+            data = read_bytes(source.fs, fs_path)
+            err = "" if data else "empty file (0 bytes)"
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is an error row, not a dead job
+            data, err = b"", f"unreadable file: {type(exc).__name__}: {exc}"
+        images.append(data)
+        errors.append(err)
+    return pa.table([batch.column("image_id"), batch.column("path"), pa.array(images, pa.binary()),
+                     pa.array(errors, pa.string())], schema=IMAGES_SCHEMA)
+
+
+def _lists(arrays: list[np.ndarray], dtype, pa_type: pa.DataType) -> pa.Array:
+    """One list<pa_type> array from per-row 1-D arrays, built from offsets (no per-row objects)."""
+    lengths = np.fromiter((a.size for a in arrays), np.int32, len(arrays))
+    offsets = np.zeros(len(arrays) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False) if arrays else \
+        np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa_type))
 
 
 class Predictor:
-    def __init__(self, checkpoint: str | bytes, device: str | None = None, score_threshold: float | None = None,
-                 torch_threads: int | None = None) -> None:
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        src = io.BytesIO(checkpoint) if isinstance(checkpoint, (bytes, bytearray)) else checkpoint
-        state = load_checkpoint(src)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model_from_checkpoint(state).to(self.device).eval()
-        self.score_threshold = score_threshold
+    """The Ray Data callable class: IMAGES_SCHEMA batches -> PREDICTION_SCHEMA batches."""
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        model = self.model
-        n = len(batch["image_id"])
-        out: dict[str, list] = {k: [] for k in ("image_id", "boxes", "scores", "labels", "height", "width", "error")}
-        canvases, scales, sizes, errors = [], [], [], []
-        for i in range(n):
-            try:
-                image = read_image(batch["image"][i])
-            except Exception as exc:  # noqa: BLE001 - any decoder error is a reported row
-                errors.append(f"unreadable image: {type(exc).__name__}: {exc}")
-                continue
-            canvas, scale = model.canvas.apply_image(image)
-            canvases.append(to_tensor(canvas))
-            scales.append(scale)
-            sizes.append((image.height, image.width))
-            errors.append(None)
-        dets = iter(model.detect(torch.stack(canvases).to(self.device), scales, sizes) if canvases else [])
-        size_it = iter(sizes)
-        for i in range(n):
-            out["image_id"].append(str(batch["image_id"][i]))
-            if errors[i] is not None:
-                out["boxes"].append(np.zeros(0, np.float32))
-                out["scores"].append(np.zeros(0, np.float32))
-                out["labels"].append(np.zeros(0, np.int32))
-                out["height"].append(-1)
-                out["width"].append(-1)
-                out["error"].append(errors[i])
-                continue
-            d = next(dets)
-            h, w = next(size_it)
-            keep = d["scores"] >= self.score_threshold if self.score_threshold is not None else slice(None)
-            out["boxes"].append(d["boxes"][keep].float().cpu().numpy().reshape(-1).astype(np.float32))
-            out["scores"].append(d["scores"][keep].float().cpu().numpy().astype(np.float32))
-            out["labels"].append(d["labels"][keep].cpu().numpy().astype(np.int32))
-            out["height"].append(h)
-            out["width"].append(w)
-            out["error"].append(None)
-        return {
-            "image_id": np.array(out["image_id"], dtype=object),
-            "boxes": _ragged(out["boxes"]),
-            "scores": _ragged(out["scores"]),
-            "labels": _ragged(out["labels"]),
-            "height": np.array(out["height"], dtype=np.int32),
-            "width": np.array(out["width"], dtype=np.int32),
-            "error": np.array(out["error"], dtype=object),
-        }
+    def __init__(self, checkpoint: bytes | tuple, *, score_threshold: float | None = None, threads: int | None = None,
+                 device: str | None = None) -> None:
+        from frcnn.inference import Detector  # torch: loaded in the actor, not in read/write tasks
+
+        if isinstance(checkpoint, tuple):  # (ObjectRef,): see predict_dataset
+            import ray
+
+            checkpoint = ray.get(checkpoint[0])
+        self.detector = Detector.from_checkpoint(checkpoint, device, score_threshold=score_threshold,
+                                                 threads=threads)
+        self.names = pa.array(["?", *self.detector.class_names], pa.string())  # label k -> names[k]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pre = [e or "" for e in batch.column("error").to_pylist()]
+        images = batch.column("image").to_pylist()
+        todo = [i for i, e in enumerate(pre) if not e]
+        found = dict(zip(todo, self.detector.predict([images[i] for i in todo])))
+        boxes, scores, labels, heights, widths, errors = [], [], [], [], [], []
+        for i, err in enumerate(pre):
+            d = found.get(i)
+            if d is None or d.error:
+                err = err or (d.error if d is not None else "")
+                boxes.append(np.zeros(0, np.float32))
+                scores.append(np.zeros(0, np.float32))
+                labels.append(np.zeros(0, np.int32))
+                heights.append(-1)
+                widths.append(-1)
+            else:
+                boxes.append(d.boxes)
+                scores.append(d.scores)
+                labels.append(d.labels)
+                heights.append(d.height)
+                widths.append(d.width)
+            errors.append(err)
+        label_lists = _lists(labels, np.int32, pa.int32())
+        flat = label_lists.values.to_numpy(zero_copy_only=False)
+        names_values = self.names.take(pa.array(np.where((flat > 0) & (flat < len(self.names)), flat, 0)))
+        return pa.table([
+            batch.column("image_id"), batch.column("path"),
+            _lists(boxes, np.float32, pa.float32()), _lists(scores, np.float32, pa.float32()), label_lists,
+            pa.ListArray.from_arrays(label_lists.offsets, names_values),
+            pa.array(heights, pa.int32()), pa.array(widths, pa.int32()), pa.array(errors, pa.string()),
+        ], schema=PREDICTION_SCHEMA)
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    """A 1-D object array of 1-D arrays (a list column), even when every length is equal."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = a
-    return out
+def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batch_size: int = 8,
+                    concurrency: int = 1, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
+                    score_threshold: float | None = None) -> Any:
+    """Add the read (when ``source`` is given: rows hold ``fs_path``) and predict stages to ``ds``.
+
+    Without ``source`` the rows already follow IMAGES_SCHEMA (a Parquet input). The actors get
+    ``cpus_per_actor`` CPUs each and as many torch threads on CPU."""
+    import ray
+
+    if source is not None:
+        ds = ds.map_batches(read_images, batch_size=int(batch_size), batch_format="pyarrow", num_cpus=0.25,
+                            fn_kwargs={"source": source})
+    kwargs: dict[str, Any] = {"num_cpus": cpus_per_actor}
+    if gpus_per_actor:
+        kwargs["num_gpus"] = gpus_per_actor
+    threads = None if gpus_per_actor else max(1, round(cpus_per_actor))
+    # The checkpoint travels as a reference the actor fetches, not as a (large) constructor
+    # argument, which Ray stores in the object store and warns about for every restartable actor.
+    ckpt = (ray.put(bytes(checkpoint)),)
+    return ds.map_batches(
+        Predictor, fn_constructor_kwargs={"checkpoint": ckpt, "score_threshold": score_threshold,
+                                          "threads": threads},
+        batch_size=int(batch_size), batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=int(concurrency)),
+        zero_copy_batch=True, **kwargs)
+
+
+def predict_images(items: list[dict[str, str]], checkpoint: bytes, *, source: Location, progress: bool = False,
+                   **resources: Any) -> pa.Table:
+    """Predictions for ``items`` (image_id, path as shown, fs_path on ``source``'s filesystem),
+    collected on the driver (PREDICTION_SCHEMA, in no particular order). ``resources``: those of
+    :func:`predict_dataset`. ``progress``: a line about every 10 s."""
+    import time
+
+    import ray
+
+    if not items:
+        return PREDICTION_SCHEMA.empty_table()
+    n_blocks = max(1, min(200, -(-len(items) // int(resources.get("batch_size", 8)))))
+    ds = predict_dataset(ray.data.from_items(items, override_num_blocks=n_blocks), checkpoint, source=source,
+                         **resources)
+    tables, done, t0 = [], 0, time.perf_counter()
+    last = t0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        tables.append(batch)
+        done += batch.num_rows
+        now = time.perf_counter()
+        if progress and now - last >= 10.0:
+            last = now
+            print(f"predict {now - t0:.0f}s: {done}/{len(items)} images, {done / (now - t0):.1f} images/s", flush=True)
+    return pa.concat_tables(tables).cast(PREDICTION_SCHEMA)

@@ -19,8 +19,10 @@ import torch
 
 from frcnn import FasterRCNN, tiny_config
 from frcnn.training import TrainConfig, checkpoint_state
-from jobs.evaluate import (EvaluationError, PromotionError, load_ground_truth, promote, run_evaluation,
-                           ui_command)
+from jobs.evaluate import EvaluationError, run_evaluation
+from jobs.models import PromotionError, parse_registry_ref, promote
+from jobs.ui import ui_command
+from pipelines.groundtruth import load_ground_truth
 from pipelines.synth import SYNTH_CLASSES, generate
 
 ARTIFACTS = {"per_class.csv", "pr_curves.png", "detections_grid.png", "detections.parquet"}
@@ -85,7 +87,7 @@ def test_evaluate_checkpoint_logs_a_tagged_run_with_artifacts(ray_session, synth
     res = run_evaluation(ckpt, data_root=synth, split="test", experiment="eval-test", batch_size=2)
     client = MlflowClient(store)
     run = client.get_run(res.run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "evaluate-test"
+    assert run.info.status == "FINISHED" and run.info.run_name == f"evaluate-{tmp_path.name}-test"
     tags = run.data.tags
     assert tags["frcnn.job"] == "evaluate" and tags["frcnn.dataset"] == "voc" and tags["frcnn.split"] == "test"
     assert tags["frcnn.model_uri"] == ckpt and tags["frcnn.data_root"] == synth
@@ -106,7 +108,7 @@ def test_evaluate_refuses_a_model_of_other_classes(synth, store, tmp_path):
     from mlflow.tracking import MlflowClient
 
     ckpt = _checkpoint(tmp_path / "other.pt", class_names=("a", "b", "c", "d", "e"))
-    with pytest.raises(EvaluationError, match="classes"):
+    with pytest.raises(EvaluationError, match="model class.*'a', 'b', 'c', 'd', 'e' not in the dataset"):
         run_evaluation(ckpt, data_root=synth, split="test", experiment="eval-test")
     exp = MlflowClient(store).get_experiment_by_name("eval-test")
     assert not MlflowClient(store).search_runs([exp.experiment_id])  # refused before any run
@@ -128,21 +130,70 @@ def test_evaluate_registered_version_tags_run_and_registry(synth, store, tmp_pat
     client = MlflowClient(store)
     client.set_registered_model_alias("frcnn", "champion", "1")
 
-    def perfect(gt, checkpoint, **kwargs):
+    def perfect(gt, checkpoint, data_root, **kwargs):
         assert checkpoint[:2] == b"PK"  # the checkpoint file's bytes (torch.save writes a zip)
-        return [{"image_id": i, "boxes": g["boxes"], "scores": np.ones(len(g["labels"]), np.float32),
-                 "labels": g["labels"], "height": -1, "width": -1, "error": None} for i, g in gt.boxes.items()]
+        return _perfect(gt), set(), {"images_per_s": 1.0}
 
     monkeypatch.setattr(ev, "predict_split", perfect)
     res = run_evaluation("models:/frcnn@champion", data_root=synth, split="test", experiment="eval-test",
                          verbose=False)
-    tags = client.get_run(res.run_id).data.tags
+    run = client.get_run(res.run_id)
+    assert run.info.run_name == "evaluate-frcnn@champion-test"
+    tags = run.data.tags
     assert tags["frcnn.model_uri"] == "models:/frcnn@champion"
     assert (tags["frcnn.model_name"], tags["frcnn.model_version"]) == ("frcnn", "1")
     assert tags["frcnn.train_run_id"] == train_run.info.run_id
     vtags = client.get_model_version("frcnn", "1").tags
     assert vtags["map50_test"] == "1.0000" and vtags["eval_run_test"] == res.run_id
     assert "map50_voc07_test" in vtags and "coco_map_test" in vtags
+
+
+def _perfect(gt) -> dict:
+    return {i: {"boxes": g["boxes"], "scores": np.ones(len(g["labels"]), np.float32), "labels": g["labels"]}
+            for i, g in gt.boxes.items()}
+
+
+def test_a_model_of_some_of_the_classes_is_scored_on_them(synth, store, tmp_path, monkeypatch):
+    """A model trained on two of the five classes, in its own order: its labels are its classes,
+    ground truth of the other three is left out of the scoring and counted."""
+    import xml.etree.ElementTree as ET  # the generated XML, parsed here as an independent count
+
+    import jobs.evaluate as ev
+
+    model_classes = ("cross", "ellipse")
+    ckpt = tmp_path / "two.pt"
+    cfg = tiny_config(num_classes=2, class_names=model_classes, canvas=128)
+    torch.save(checkpoint_state(FasterRCNN(cfg), None, 0, 0, cfg, TrainConfig()), ckpt)
+    seen = {}
+
+    def perfect(gt, checkpoint, data_root, **kwargs):
+        seen["gt"] = gt
+        return _perfect(gt), set(), {"images_per_s": 1.0}
+
+    monkeypatch.setattr(ev, "predict_split", perfect)
+    res = run_evaluation(str(ckpt), data_root=synth, split="test", experiment="eval-test", verbose=False)
+    assert [r["class"] for r in res.per_class] == list(model_classes)
+    gt = seen["gt"]
+    names = {}
+    for image_id in gt.image_ids:
+        root = ET.parse(f"{synth}/VOCdevkit/VOC2007/Annotations/{image_id}.xml").getroot()
+        for obj in root.findall("object"):
+            names[obj.findtext("name")] = names.get(obj.findtext("name"), 0) + 1
+    assert gt.left_out == {k: v for k, v in names.items() if k not in model_classes}
+    assert res.metrics["objects_left_out"] == sum(gt.left_out.values()) > 0
+    for label, name in enumerate(model_classes, start=1):
+        assert sum(int((g["labels"] == label).sum()) for g in gt.boxes.values()) == names[name]
+    assert res.metrics["map50"] == 1.0
+
+
+def test_one_models_uri_parser():
+    assert parse_registry_ref("models:/frcnn/3") == ("frcnn", "3", None)
+    assert parse_registry_ref("models:/frcnn-demo@champion") == ("frcnn-demo", None, "champion")
+    assert parse_registry_ref("frcnn/2") is None and parse_registry_ref("frcnn/2", bare=True) == ("frcnn", "2", None)
+    assert parse_registry_ref("/tmp/x/checkpoint.pt", bare=True) is None
+    for bad in ("models:/frcnn", "models:/frcnn/latest", "models:/a/b/3"):
+        with pytest.raises(ValueError, match="models:/NAME/VERSION or models:/NAME@ALIAS"):
+            parse_registry_ref(bad)
 
 
 # --------------------------------------------------------------------------- evaluate a detections file

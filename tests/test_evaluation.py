@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frcnn.evaluation import VocResult, evaluate_coco, evaluate_voc, voc_ap
+from frcnn.coco import evaluate_coco
+from frcnn.evaluation import VocResult, evaluate_voc, voc_ap
 from frcnn.visualize import draw_detections, image_grid, plot_pr_curves
 
 try:  # `tests` importable as a package (rootdir on sys.path) ...

@@ -5,8 +5,10 @@ image's detections in the test (the model on the canvas, then the test's own ari
 the canvas scale, clip to the image) and requires the job's boxes to equal them, in ORIGINAL
 pixels of images larger and smaller than the canvas, of several aspect ratios and colour modes.
 One test overfits a tiny model on four pictures (~20 s) and requires the job to return their
-known boxes, scaled to the saved images' pixels, with the right classes. The rest checks the scheduling contract: layout, publishing,
-incremental ledger, killed runs, unreadable inputs, Parquet input, MLflow run and exit codes.
+known boxes, scaled to the saved images' pixels, with the right classes. The rest checks the
+scheduling contract: layout, publishing (locally and the object-store way), incremental ledger,
+interrupted and killed runs of the real command, unreadable inputs, Parquet input, MLflow run and
+exit codes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -27,6 +30,7 @@ from frcnn import FasterRCNN, tiny_config
 from frcnn.canvas import to_tensor
 from frcnn.training import TrainConfig, checkpoint_state, load_checkpoint, model_from_checkpoint
 from pipelines import infer
+from pipelines.storage import Location
 from pipelines.synth import SYNTH_CLASSES, render_image
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -124,7 +128,7 @@ def test_boxes_in_original_pixels_any_mode_and_unreadable_files_reported(ckpt, f
     assert part.name == f"run={s.run}" and (part / "_errors").is_dir()
     assert json.loads((part / "_SUCCESS").read_text())["written"] == 4
     assert sorted(p.name for p in part.glob("part-*.parquet")) == sorted(s.parts)
-    assert list((out / "_staging").iterdir()) == []
+    assert not (out / "_staging").exists() or list((out / "_staging").iterdir()) == []
 
 
 # --------------------------------------------------------------------------- a schedule
@@ -156,7 +160,72 @@ def test_incremental_run_processes_only_new_images_and_retries_failures(ckpt, fi
 # --------------------------------------------------------------------------- Parquet input
 
 
-def test_parquet_table_input_and_copy_publishing(ckpt, tmp_path):
+class _Recording(pafs.FileSystemHandler):
+    """A non-local filesystem (an object store's protocol: no rename is used by publish) over a
+    local folder, recording the driver's writes in order."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fs = pafs.SubTreeFileSystem(root, pafs.LocalFileSystem())
+        self.log: list[tuple[str, str]] = []
+
+    def __reduce__(self):  # Ray tasks get a fresh handler over the same folder
+        return (type(self), (self.root,))
+
+    def get_type_name(self):
+        return "recording"
+
+    def normalize_path(self, path):
+        return path
+
+    def equals(self, other):
+        return isinstance(other, _Recording) and other.root == self.root
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.log.append(("delete_dir", path))
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.log.append(("move", dest))
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.log.append(("copy", dest))
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        self.log.append(("write", path))
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def test_parquet_table_input_and_object_store_publishing(ckpt, tmp_path):
     png = _image(tmp_path / "x.png", 150, 100, seed=30).read_bytes()
     grey = io.BytesIO()
     Image.open(io.BytesIO(png)).convert("L").save(grey, format="PNG")
@@ -167,16 +236,29 @@ def test_parquet_table_input_and_copy_publishing(ckpt, tmp_path):
     pq.write_table(pa.table({"path": list(images), "image": pa.array(list(images.values()), pa.binary()),
                              "camera": [1, 1, 2, 2]}), table_dir / "batch-0.parquet")
 
-    out = tmp_path / "out"
-    s = _run(table_dir, out, ckpt[1], _rename=False)  # the object-store way: copy, then the marker
+    store = tmp_path / "bucket"
+    store.mkdir()
+    handler = _Recording(str(store))
+    out = Location(pafs.PyFileSystem(handler), "out", "recording://bucket/out")
+    s = _run(table_dir, out, ckpt[1], rows_per_file=2)
     assert (s.input_kind, s.seen, s.written, s.failed) == ("table", 4, 2, 2)
-    rows = {r["image_id"]: r for r in infer.read_published(str(out)).to_pylist()}
+    rows = {r["image_id"]: r for r in infer.read_published(out).to_pylist()}
     assert set(rows) == {"s3://cam/1.png", "s3://cam/4.png"}
     assert (rows["s3://cam/4.png"]["width"], rows["s3://cam/4.png"]["height"]) == (150, 100)
     assert 0 < _boxes(rows["s3://cam/1.png"])[:, 2].max() <= 150
-    errors = {e["image_id"]: e["reason"] for e in infer.read_published(str(out), errors=True).to_pylist()}
+    errors = {e["image_id"]: e["reason"] for e in infer.read_published(out, errors=True).to_pylist()}
     assert set(errors) == {"s3://cam/2.jpg", "s3://cam/3.png"}
-    assert not (out / "_staging" / s.run).exists() and (out / f"run={s.run}" / "_SUCCESS").is_file()
+
+    # The object-store protocol: no rename; every file copied into the partition, the marker
+    # written after the last copy, staging deleted after the marker.
+    partition = f"out/run={s.run}"
+    assert not [e for e in handler.log if e[0] == "move"]
+    copies = [k for k, (op, path) in enumerate(handler.log) if op == "copy" and path.startswith(partition + "/")]
+    [marker] = [k for k, (op, path) in enumerate(handler.log) if op == "write" and path == f"{partition}/_SUCCESS"]
+    assert len(copies) == len(s.parts) + len(s.error_parts) == 3 and max(copies) < marker
+    after = handler.log[marker + 1:]
+    assert after and {op for op, _ in after} == {"delete_dir"} and "_staging/" in after[0][1]
+    assert (store / partition / "_SUCCESS").is_file() and not list((store / "out").glob("_staging/*"))
 
     # A table whose ids repeat is refused before anything runs.
     pq.write_table(pa.table({"image_id": ["a", "a"], "image": pa.array([b"x", b"y"], pa.binary())}),
@@ -190,8 +272,44 @@ def test_parquet_table_input_and_copy_publishing(ckpt, tmp_path):
 # --------------------------------------------------------------------------- the command
 
 
-def test_cli_resolves_alias_once_tracks_the_run_and_fails_a_killed_run(ckpt, tmp_path, monkeypatch):
+def _start_and_stop(args: list[str], out: Path, sig: int, env: dict) -> tuple[int, str]:
+    """Run ``frcnn-jobs ARGS`` in a subprocess; send ``sig`` once its staging folder holds a part
+    file (rows written, nothing published yet); return its exit code and output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).with_name("frcnn-jobs")
+    proc = subprocess.Popen([str(exe), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("_staging/*/part-*.parquet")):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no staged part file within 300 s"
+            time.sleep(0.05)
+        assert not infer.published_runs(str(out))
+        proc.send_signal(sig)
+        text = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, text
+
+
+def test_cli_interrupted_and_killed_runs_publish_nothing_and_the_next_run_completes(ckpt, tmp_path, monkeypatch):
+    """Real faults on the real command: Ctrl-C (SIGINT) and ``kill -9`` of ``frcnn-jobs infer``
+    once rows sit in staging. Neither publishes anything; Ctrl-C deletes its staging and marks the
+    MLflow run KILLED; the next run (alias resolved once, tracked) redoes every input and deletes
+    the killed run's staging."""
+    import os
+    import signal
+
     import mlflow
+    import ray
     from click.testing import CliRunner
     from mlflow.tracking import MlflowClient
 
@@ -210,30 +328,35 @@ def test_cli_resolves_alias_once_tracks_the_run_and_fails_a_killed_run(ckpt, tmp
     client.set_registered_model_alias("frcnn", "champion", "1")
 
     inp, out = tmp_path / "in", tmp_path / "out"
-    for k in range(3):
-        _image(inp / f"{k}.jpg", 120, 90, seed=40 + k)
+    n = 300  # more than one output file (256 rows): staging holds a part while the run goes on
+    for k in range(n):
+        _image(inp / f"{k:03d}.jpg", 64, 48, seed=40 + k)
     args = ["infer", "--model", "models:/frcnn@champion", "--input", str(inp), "--output", str(out),
-            "--incremental", "--batch-size", "1"]
+            "--incremental", "--batch-size", "4"]
+    # The subprocesses join the tests' Ray instance rather than starting their own.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
-    # A run killed mid-way: exit code non-zero, nothing visible, its rows only in its staging folder.
-    killed = CliRunner().invoke(main, args + ["--fail-after", "1"])
-    assert killed.exit_code != 0 and "simulated kill" in killed.output, killed.output
-    assert infer.published_runs(str(out)) == []
-    assert infer.read_published(str(out)).num_rows == 0
-    [staging] = list((out / "_staging").iterdir())
+    code, text = _start_and_stop(args, out, signal.SIGINT, env)
+    assert code == 130, text
+    assert "interrupted: nothing of this run was published" in text and "--incremental" in text, text
+    assert infer.published_runs(str(out)) == [] and not list(out.glob("_staging/*"))
+    _, text = _start_and_stop(args, out, signal.SIGKILL, env)
+    assert infer.published_runs(str(out)) == [] and infer.read_published(str(out)).num_rows == 0
+    [staging] = list((out / "_staging").iterdir())  # what a kill leaves
     assert list(staging.glob("part-*.parquet"))
 
-    # The next scheduled run completes every input and deletes the killed run's staging.
-    res = CliRunner().invoke(main, args + ["--concurrency", "1"])
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "3 inputs seen, 3 new, 0 skipped" in res.output and "images/s" in res.output
+    assert f"{n} inputs seen, {n} new, 0 skipped" in res.output and "images/s" in res.output
     assert not staging.exists()
     table = infer.read_published(str(out))
-    assert table.num_rows == 3
+    assert sorted(table.column("image_id").to_pylist()) == sorted(f"{k:03d}.jpg" for k in range(n))
     runs = client.search_runs([client.get_experiment_by_name("infer-test").experiment_id],
                               order_by=["attributes.start_time ASC"])
-    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
-    run = runs[1]
+    # Ctrl-C: KILLED; kill -9: nothing could end it (RUNNING); the next run: FINISHED.
+    assert [r.info.status for r in runs] == ["KILLED", "RUNNING", "FINISHED"]
+    run = runs[2]
+    assert run.info.run_name == "infer-frcnn@champion"
     for col, want in (("model_name", "frcnn"), ("model_version", "1"), ("model_uri", "models:/frcnn@champion"),
                       ("train_run_id", train_run.info.run_id), ("infer_run_id", run.info.run_id)):
         assert set(table.column(col).to_pylist()) == {want}, col
@@ -242,7 +365,7 @@ def test_cli_resolves_alias_once_tracks_the_run_and_fails_a_killed_run(ckpt, tmp
     assert run.data.tags["frcnn.train_run_id"] == train_run.info.run_id
     assert run.data.params["incremental"] == "True" and run.data.params["input"] == str(inp)
     m = run.data.metrics
-    assert (m["inputs_seen"], m["inputs_new"], m["inputs_failed"]) == (3, 3, 0)
+    assert (m["inputs_seen"], m["inputs_new"], m["inputs_failed"]) == (n, n, 0)
     assert m["detections"] == sum(len(s) for s in table.column("scores").to_pylist()) and m["images_per_s"] > 0
 
 

@@ -1,0 +1,127 @@
+"""One way to load a trained detector and run it on encoded images (JPEG/PNG bytes).
+
+    detector = Detector.from_checkpoint("checkpoint.pt")            # or the file's bytes
+    results = detector.predict([jpeg_bytes, png_bytes, b"garbage"])   # one Detections per input
+    results[0].boxes   # (N, 4) float32, xyxy in the ORIGINAL image's pixels
+
+Used by the registered MLflow pyfunc (``jobs/pyfunc_model.py``) and by the Ray Data predictor
+that ``infer`` and ``evaluate`` share (``pipelines/predict.py``): decode (greyscale, palette and
+RGBA become RGB) -> the model's canvas transform -> ``FasterRCNN.detect`` in batches -> boxes
+mapped back to each image. An input that does not decode gives a result with ``error`` set,
+never an exception: one bad file must not cost the batch.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .canvas import to_tensor
+from .model import FasterRCNN
+from .training import load_checkpoint, model_from_checkpoint
+
+__all__ = ["Detections", "Detector", "decode_image", "load_model"]
+
+_BYTESIO = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def load_model(checkpoint: str | bytes | BinaryIO, device: str | torch.device = "cpu") -> FasterRCNN:
+    """A checkpoint (path, bytes or file object; ``weights_only=True``) -> the model in eval mode."""
+    src = io.BytesIO(checkpoint) if isinstance(checkpoint, (bytes, bytearray, memoryview)) else checkpoint
+    return model_from_checkpoint(load_checkpoint(src)).to(device).eval()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode any PIL-readable image fully (greyscale, palette and RGBA become RGB)."""
+    if not data:
+        raise ValueError("empty image (0 bytes)")
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+@dataclass
+class Detections:
+    """One image's detections: ``boxes`` (N, 4) float32 original pixels, ``scores`` (N,) float32,
+    ``labels`` (N,) int32 (1..C), ``height``/``width`` of the original image (-1 when it did not
+    decode), ``error`` (None, or why the image could not be decoded)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    height: int = -1
+    width: int = -1
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, reason: str) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), error=reason)
+
+
+class Detector:
+    """A model plus everything between encoded bytes and its detections.
+
+    ``threads``: torch's intra-op threads, also the threads decoding a batch (PIL releases the GIL
+    while decoding and resizing, so a batch decodes in parallel). ``score_threshold``: drop
+    detections below it (the model's own ``roi.score_thresh`` always applies).
+    """
+
+    def __init__(self, model: FasterRCNN, *, score_threshold: float | None = None, threads: int | None = None
+                 ) -> None:
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.score_threshold = score_threshold
+        self.class_names = tuple(model.cfg.class_names)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(threads or torch.get_num_threads())))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | bytes | BinaryIO, device: str | None = None, **kwargs) -> Detector:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(load_model(checkpoint, device), **kwargs)
+
+    def class_name(self, label: int) -> str:
+        """The name of label ``k`` (1..C); the number itself for a model saved without names."""
+        names = self.class_names
+        return names[label - 1] if 0 < label <= len(names) else str(label)
+
+    def _prepare(self, data: bytes) -> tuple[torch.Tensor, float, tuple[int, int]] | str:
+        try:
+            image = decode_image(data)
+        except Exception as exc:  # noqa: BLE001 - any decoder error is this input's reported reason
+            # PIL names its in-memory file ("<_io.BytesIO object at 0x...>"): noise in a report.
+            return f"unreadable image: {type(exc).__name__}: {_BYTESIO.sub('', str(exc))}".rstrip(": ")
+        canvas, scale = self.model.canvas.apply_image(image)
+        return to_tensor(canvas), scale, (image.height, image.width)
+
+    def predict(self, images: Sequence[bytes]) -> list[Detections]:
+        """Detections for each encoded image, in order; all decodable ones go through the model at once."""
+        prepared = list(self._pool.map(self._prepare, images)) if len(images) > 1 else [
+            self._prepare(d) for d in images]
+        ok = [p for p in prepared if not isinstance(p, str)]
+        dets = iter(())
+        if ok:
+            batch = torch.stack([p[0] for p in ok]).to(self.device)
+            dets = iter(self.model.detect(batch, [p[1] for p in ok], [p[2] for p in ok]))
+        out = []
+        for p in prepared:
+            if isinstance(p, str):
+                out.append(Detections.failed(p))
+                continue
+            d = next(dets)
+            scores = d["scores"]
+            keep = scores >= self.score_threshold if self.score_threshold is not None else slice(None)
+            h, w = p[2]
+            out.append(Detections(d["boxes"][keep].float().cpu().numpy().astype(np.float32, copy=False),
+                                  scores[keep].float().cpu().numpy().astype(np.float32, copy=False),
+                                  d["labels"][keep].cpu().numpy().astype(np.int32), h, w))
+        return out
