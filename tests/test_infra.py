@@ -978,7 +978,7 @@ def test_mlflow_k8s_server_uses_postgres_and_proxied_s3():
     (container,) = pod_containers(deploy)
     argv = container["command"] + container["args"]
     assert argv[:2] == ["mlflow", "server"]
-    assert _option(argv, "--backend-store-uri").startswith("postgresql://")
+    assert _option(argv, "--backend-store-uri").startswith(PG_URI_PREFIX)
     assert _option(argv, "--artifacts-destination") == "s3://mlflow"
     assert "--serve-artifacts" in argv
     assert _option(argv, "--host") == "0.0.0.0"
@@ -993,6 +993,36 @@ def test_mlflow_k8s_server_uses_postgres_and_proxied_s3():
 # --------------------------------------------------------------------------
 # docker compose
 # --------------------------------------------------------------------------
+
+
+# The store URIs name their driver: SQLAlchemy 2.1 (what MLflow 3.17.2 resolves) maps a bare
+# `postgresql://` to psycopg 3, so a URI that relies on the default breaks when either moves.
+PG_URI_PREFIX = "postgresql+psycopg://"
+
+
+def test_mlflow_image_installs_the_driver_its_store_uris_name():
+    instructions = dockerfile_instructions((INFRA / "mlflow" / "Dockerfile").read_text())
+    runs = " ".join(rest for instr, rest in instructions if instr == "RUN")
+    assert re.search(r"pip install [^&]*[\"']?psycopg\[binary\]", runs), runs
+    assert "psycopg2" not in runs
+    assert "import psycopg" in runs  # the build fails, not the first server start
+    (deploy,) = [d for d in docs_of_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
+    (container,) = pod_containers(deploy)
+    uris = [_option(container["command"] + container["args"], "--backend-store-uri"),
+            _option(_compose_argv(_compose()["services"]["mlflow"]), "--backend-store-uri")]
+    for uri in uris:
+        assert uri.split("://")[0] == "postgresql+psycopg", uri
+    # The package itself carries the same driver (the rehearsal's server runs from it).
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"psycopg\[binary\]", d) for d in deps), deps
+
+
+def test_package_carries_the_job_server():
+    # `ray job submit` needs the head's job server, which only `ray[default]` installs.
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray,) = [d for d in deps if re.match(r"ray\[", d)]
+    extras = set(re.match(r"ray\[([^\]]*)\]", ray).group(1).split(","))
+    assert {"default", "train", "data"} <= extras, ray
 
 
 def _compose() -> dict:
@@ -1020,7 +1050,7 @@ def test_compose_has_postgres_minio_and_mlflow_on_postgres():
     argv = _compose_argv(mlflow)
     env = mlflow.get("environment", {})
     uri = _option(argv, "--backend-store-uri") or env.get("MLFLOW_BACKEND_STORE_URI")
-    assert uri and uri.startswith("postgresql"), uri
+    assert uri and uri.startswith(PG_URI_PREFIX), uri
     assert _option(argv, "--artifacts-destination").startswith("s3://")
     assert "--serve-artifacts" in argv
     # MLflow needs the database healthy and the buckets created before it starts.
