@@ -155,3 +155,69 @@ def test_metric_buffer_is_bounded_and_says_what_it_dropped(store, monkeypatch):
     steps = sorted(m.step for m in MlflowClient(store).get_metric_history(run.info.run_id, "x"))
     assert steps == list(range(20, 30))  # the newest are kept
     assert any("20 dropped" in str(w.message) for w in caught)
+
+
+@pytest.fixture
+def tracking_server(tmp_path, monkeypatch):
+    """A real MLflow tracking server (MLflow's own Flask app over HTTP, in a thread of this
+    process) that the test can stop and start again on the same port."""
+    import socket
+    import threading
+
+    from werkzeug.serving import make_server
+
+    monkeypatch.setenv("_MLFLOW_SERVER_FILE_STORE", f"sqlite:///{tmp_path / 'server.db'}")
+    monkeypatch.setenv("_MLFLOW_SERVER_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    # A refused connection fails at once instead of MLflow's client retrying for minutes: the
+    # buffer's own retries are what is tested. (The first request creates the store's tables.)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    from mlflow.server import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    class Server:
+        url = f"http://127.0.0.1:{port}"
+
+        def start(self):
+            self.http = make_server("127.0.0.1", port, app, threaded=True)
+            self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+            self.thread.start()
+
+        def stop(self):
+            self.http.shutdown()
+            self.http.server_close()
+            self.thread.join()
+
+    server = Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_metric_buffer_across_a_real_server_outage(tracking_server):
+    with tracking.job_run("train", run_name="train-tiny-synth-1w", experiment="t-server",
+                          tracking_uri=tracking_server.url) as run:
+        buffer = tracking.MetricBuffer(run.info.run_id, tracking_server.url, retry_every=0.3, flush_every=0.05)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 51):
+                buffer.log({"loss_total": float(step)}, step=step)
+            assert buffer.flush()
+            tracking_server.stop()  # the server goes away mid-training
+            for step in range(51, 151):
+                buffer.log({"loss_total": float(step)}, step=step)
+                time.sleep(0.02)
+            assert buffer.pending > 0 and not buffer.flush()  # nothing reaches a stopped server
+            tracking_server.start()  # back on the same address
+            for step in range(151, 201):
+                buffer.log({"loss_total": float(step)}, step=step)
+            assert buffer.close(timeout=30)
+    history = MlflowClient(tracking_server.url).get_metric_history(run.info.run_id, "loss_total")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 201)]
+    assert MlflowClient(tracking_server.url).get_run(run.info.run_id).info.status == "FINISHED"
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert sum("cannot write metrics" in m for m in messages) == 1
+    assert sum("answers again" in m for m in messages) == 1
