@@ -32,7 +32,8 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     from pipelines.synth import generate
 
     from .data_cmds import run_precompute
-    from .evaluate import promote, run_evaluation
+    from .evaluate import run_evaluation
+    from .models import promote
     from .infer import run_infer
     from .train import run_training
 
