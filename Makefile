@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVICE ?= cpu
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test demo bench clean cluster-rehearsal
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/frcnn-jobs demo --workdir runs/demo
+
+# infra/'s shape on this machine with the real engines and four faults (infra/README.md,
+# "Rehearsed on one machine"); also run by tests/test_cluster_rehearsal.py.
+cluster-rehearsal: $(STAMP)
+	$(BIN)/python infra/rehearsal/rehearse.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --device $(DEVICE)

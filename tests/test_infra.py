@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import re
 import shlex
 import tomllib
@@ -54,7 +53,7 @@ def rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_docs(path: Path) -> tuple:
     return tuple(d for d in yaml.safe_load_all(path.read_text()) if d is not None)
 
