@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVICE ?= cpu
 
-.PHONY: install lint test demo bench clean cluster-rehearsal
+.PHONY: install lint test demo bench gpu-check clean cluster-rehearsal
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ cluster-rehearsal: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --device $(DEVICE)
+
+# The VOC recipe's VGG16 on one GPU, bf16 vs float32, ours vs torchvision (< 10 min); CPU: tiny size.
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs ray_results mlflow.db mlruns .pytest_cache

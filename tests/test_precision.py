@@ -209,3 +209,23 @@ def test_float16_losses_are_float32_and_close(trained):
     low = _step_losses(model, images, boxes, labels, torch.float16)
     for k in LOSS_KEYS:  # float16 keeps 11 significant bits: its errors are within bfloat16's bound
         assert abs(low[k] - ref[k]) <= RTOL * ref[k], (k, low[k], ref[k])
+
+
+# ---- make gpu-check, CPU CI size ---------------------------------------------------------------
+def test_gpu_check_runs_in_tiny_mode(tmp_path, capsys):
+    """benchmarks/gpu_check.py at its CPU size: every path of the GPU acceptance run executes, its
+    checks pass and it prints the table (the full size needs CUDA)."""
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--tiny", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for row in ("losses fall, bf16", "losses fall, fp32", "bf16 vs fp32 loss curves", "train images/s, bf16",
+                "infer images/s, bf16"):
+        assert row in table
+    assert "| NO " not in table
+    import json
+
+    result = json.loads(out.read_text())
+    assert [len(result["curves"][k]) for k in ("bf16", "fp32")] == [12, 12]
+    assert set(result["speed"]["train_ips"]) == {"ours", "torchvision"}
