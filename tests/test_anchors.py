@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import walkthrough_port as wp  # noqa: E402
 
 from frcnn.anchors import (  # noqa: E402
+    AnchorTargetCreator,
+    anchor_target_creator,
     assign_anchor_targets,
     cell_anchors,
     grid_anchors,
@@ -269,15 +271,10 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg_i", range(len(CONFIGS)))
-def test_assign_anchor_targets_equals_loop_port(cfg_i):
-    fh, fw, stride, scales, ratios, pos_iou, neg_iou = CONFIGS[cfg_i]
-    h, w = fh * stride, fw * stride
-    anchors = grid_anchors(fh, fw, stride, scales, ratios)
-    rng = random.Random(1234 + cfg_i)
+def _oracle_box_sets(rng: random.Random, h: int, w: int, n_sets: int = 100):
+    """Random box sets with exact ties (grid-aligned boxes), boxes no inside anchor touches, and
+    empty images."""
     kinds = ("int", "grid", "dyadic", "grid")
-    n_sets = 100
-    tie_cases = zero_cases = empty_cases = 0
     for k in range(n_sets):
         if k % 25 == 0:
             boxes = []
@@ -289,6 +286,25 @@ def test_assign_anchor_targets_equals_loop_port(cfg_i):
                 boxes.insert(rng.randint(0, len(boxes)), _random_boxes(rng, "corner", h, w, 1)[0])
         if k % 25 == 1:
             boxes = _random_boxes(rng, "corner", h, w, 1)  # only a zero-IoU box
+        yield boxes
+
+
+@pytest.mark.parametrize("grid", [True, False], ids=["grid", "not-a-grid"])
+@pytest.mark.parametrize("cfg_i", range(len(CONFIGS)))
+def test_assign_anchor_targets_equals_loop_port(cfg_i, grid):
+    """300 random sets per path against the loop port: on a grid the creator computes IoU only
+    where it can matter (pruned); with anchors that are not a grid (7 % dropped at random) it
+    computes the full IoU matrix. Both must give the port's labels, matches and deltas."""
+    fh, fw, stride, scales, ratios, pos_iou, neg_iou = CONFIGS[cfg_i]
+    h, w = fh * stride, fw * stride
+    anchors = grid_anchors(fh, fw, stride, scales, ratios)
+    if not grid:
+        keep = torch.rand(anchors.shape[0], generator=torch.Generator().manual_seed(cfg_i)) > 0.07
+        anchors = anchors[keep]
+    assert anchor_target_creator(anchors, (h, w), pos_iou, neg_iou).pruned is grid
+    rng = random.Random(1234 + cfg_i)
+    tie_cases = zero_cases = empty_cases = 0
+    for boxes in _oracle_box_sets(rng, h, w):
         port = _compare_with_port(anchors, boxes, (h, w), pos_iou, neg_iou)
         if not boxes:
             empty_cases += 1
@@ -303,7 +319,7 @@ def test_assign_anchor_targets_equals_loop_port(cfg_i):
     assert empty_cases >= 4
     if cfg_i != 1:  # config 1 has 16-px anchors flush with the corners: no zero-IoU corner box
         assert zero_cases >= 10
-    assert tie_cases >= 20
+    assert tie_cases >= (20 if grid else 10)
 
 
 def test_zero_iou_box_makes_no_anchor_positive():
@@ -332,6 +348,93 @@ def test_no_boxes_all_inside_negative():
     assert inside.any() and (~inside).any()
     assert bool((t.labels[inside] == 0).all()) and bool((t.labels[~inside] == -1).all())
     assert torch.count_nonzero(t.deltas) == 0
+
+
+# ---- AnchorTargetCreator: per-grid cache, sparse positives, the walkthrough's canvas ----------
+def _same_targets(a, b) -> None:
+    assert torch.equal(a.labels, b.labels)
+    assert torch.equal(a.pos_index, b.pos_index)
+    assert torch.equal(a.pos_deltas, b.pos_deltas)
+    assert torch.equal(a.matched, b.matched)
+
+
+def test_creator_cache_across_grids_and_canvases_equals_fresh_creators():
+    """Alternating grids, canvases, thresholds and box coders through the cached
+    ``assign_anchor_targets`` gives what a fresh creator gives each time (and the port's labels);
+    an equal copy of a grid reuses its creator; a grid changed in place does not."""
+    cases = [
+        (grid_anchors(10, 14, 16, (2.0, 4.0, 8.0), (0.5, 1.0, 2.0)), (160, 224), 0.7, 0.3, None),
+        (grid_anchors(12, 9, 8, (4.0, 8.0), (0.5, 1.0, 2.0)), (96, 72), 0.6, 0.4, None),
+        (grid_anchors(10, 14, 16, (2.0, 4.0, 8.0), (0.5, 1.0, 2.0)), (150, 200), 0.7, 0.3, None),  # smaller canvas
+        (grid_anchors(10, 14, 16, (2.0, 4.0, 8.0), (0.5, 1.0, 2.0)), (160, 224), 0.5, 0.2, BoxCoder((10, 10, 5, 5))),
+    ]
+    rng = random.Random(99)
+    for k in range(40):
+        anchors, hw, pos_iou, neg_iou, coder = cases[k % len(cases)]
+        boxes = _random_boxes(rng, rng.choice(("int", "grid", "dyadic")), hw[0], hw[1], rng.randint(1, 5))
+        bt = torch.tensor(boxes)
+        got = assign_anchor_targets(anchors, bt, hw, pos_iou, neg_iou, coder)
+        _same_targets(got, AnchorTargetCreator(anchors, hw, pos_iou, neg_iou, coder)(bt))
+        port = wp.walkthrough_anchor_targets(anchors.double().tolist(), boxes, hw, pos_iou, neg_iou)
+        assert got.labels.tolist() == port.labels
+    anchors, hw = cases[0][0], cases[0][1]
+    first = anchor_target_creator(anchors, hw)
+    assert anchor_target_creator(anchors, hw) is first
+    assert anchor_target_creator(anchors.clone(), hw) is first  # an equal grid, another tensor
+    assert anchor_target_creator(anchors, hw, 0.6) is not first
+    # In place: the same tensor object now holds another grid; the cache must not serve the old one.
+    shifted = anchors.clone()
+    anchor_target_creator(shifted, hw)
+    shifted[:, 0::2] += 16.0
+    bt = torch.tensor([[20.0, 30.0, 120.0, 110.0], [100.0, 20.0, 210.0, 150.0]])
+    _same_targets(assign_anchor_targets(shifted, bt, hw), AnchorTargetCreator(shifted.clone(), hw)(bt))
+
+
+def test_creator_walkthrough_canvas_equals_port_with_many_boxes():
+    """The benchmark's case: 800x800, 22,500 anchors, 2 and 20 random boxes (and 20 on the
+    16-px grid: exact ties), against the loop port."""
+    anchors = grid_anchors(50, 50, 16, (8.0, 16.0, 32.0), (0.5, 1.0, 2.0))
+    rng = random.Random(5)
+    sets = [_random_boxes(rng, "int", 800, 800, 2), _random_boxes(rng, "int", 800, 800, 20),
+            _random_boxes(rng, "grid", 800, 800, 20)]
+    for boxes in sets:
+        _compare_with_port(anchors, boxes, (800, 800))
+
+
+def test_sparse_positives_and_lazy_dense_fields():
+    """pos_index/pos_deltas are the positives of the dense fields; the deltas are BoxCoder's
+    encoding of each positive's matched box (to float32 rounding of log)."""
+    anchors = grid_anchors(10, 14, 16, (2.0, 4.0, 8.0), (0.5, 1.0, 2.0))
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    boxes = torch.tensor([[10.0, 12.0, 90.0, 70.0], [100.0, 40.0, 200.0, 150.0], [30.5, 80.25, 60.0, 120.0]])
+    t = assign_anchor_targets(anchors, boxes, (160, 224), box_coder=coder)
+    assert t.pos_index.dtype == torch.int64 and t.pos_deltas.dtype == torch.float32
+    assert torch.equal(t.pos_index, torch.nonzero(t.labels == 1).flatten())
+    assert t.pos_index.numel() >= 3
+    dense = t.deltas
+    assert dense.shape == (anchors.shape[0], 4)
+    assert torch.equal(dense[t.pos_index], t.pos_deltas)
+    assert torch.count_nonzero(dense.abs().sum(1)) <= t.pos_index.numel()
+    expected = coder.encode(boxes[t.matched[t.pos_index]], anchors[t.pos_index])
+    torch.testing.assert_close(t.pos_deltas, expected, atol=2e-6, rtol=1e-6)
+
+
+def test_creator_threads_share_one_creator():
+    """A creator shared by threads (its work buffers are per thread) gives every thread the
+    sequential results, on the dense path too (anchors that are not a grid)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    anchors = grid_anchors(10, 14, 16, (2.0, 4.0, 8.0), (0.5, 1.0, 2.0))
+    anchors = anchors[torch.rand(anchors.shape[0], generator=torch.Generator().manual_seed(0)) > 0.2]
+    creator = AnchorTargetCreator(anchors, (160, 224))
+    assert not creator.pruned
+    rng = random.Random(3)
+    sets = [torch.tensor(_random_boxes(rng, "int", 160, 224, rng.randint(1, 12))) for _ in range(24)]
+    expected = [creator(b) for b in sets]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: creator(b), sets * 3))
+    for k, t in enumerate(got):
+        _same_targets(t, expected[k % len(sets)])
 
 
 # ---- sampling ---------------------------------------------------------------------------------
