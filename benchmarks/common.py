@@ -48,15 +48,15 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
     return (time.perf_counter() - t) / repeat
 
 
-def interleaved(candidates: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+def interleaved(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[Any]]:
     """Run each candidate once per round, alternating the order every round (ABBA...) so that a
     load change on the shared machine hits baseline and candidate alike. Each callable returns
-    its own measurement (seconds). Returns every sample, per candidate."""
+    its own measurement (seconds, or a tuple of them). Returns every sample, per candidate."""
     names = list(candidates)
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, list[Any]] = {n: [] for n in names}
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
-            out[n].append(float(candidates[n]()))
+            out[n].append(candidates[n]())
     return out
 
 
