@@ -271,13 +271,13 @@ def _floor_and_canvases(model, paths: list[Path]) -> tuple[float, list, list, li
     """Read + decode + canvas + to_tensor of every image, one thread: the decode floor (ms per
     image) and the pre-decoded canvases for ``detect()``."""
     from frcnn.canvas import to_tensor
-    from pipelines.predict import read_image
+    from frcnn.inference import decode_image
 
     canvases, scales, sizes = [], [], []
     with _one_thread():
         t = time.perf_counter()
         for p in paths:
-            image = read_image(p.read_bytes())
+            image = decode_image(p.read_bytes())
             canvas, scale = model.canvas.apply_image(image)
             canvases.append(to_tensor(canvas))
             scales.append(scale)
@@ -365,14 +365,17 @@ def run_infer(quick: bool, ws: Workspace, work: Path, checkpoint: bytes | None =
         say(f"row 9: Ray up, first run_inference of 16 images in {time.perf_counter() - t:.1f} s")
         samples = interleaved({"detect": detect_only, "run_inference": pipeline}, rounds)
         try:
-            from jobs.evaluate import load_ground_truth, predict_split
+            from jobs.evaluate import predict_split
+            from pipelines.groundtruth import load_ground_truth
 
             gt = load_ground_truth(str(ws.voc), ws.split(f"bench_eval_{n}", n))
             t = time.perf_counter()
-            rows = predict_split(gt, checkpoint, **_kwargs_for(predict_split, batch_size=batch))
+            dets, errors, stats = predict_split(gt, checkpoint, str(ws.voc), batch_size=batch)
             dt = time.perf_counter() - t
-            evaluate = {"images": len(rows), "wall_s": round(dt, 2), "images_per_s": round(len(rows) / dt, 2)}
-            say(f"row 9: evaluate's predict_split {len(rows)} images in {dt:.1f} s ({len(rows) / dt:.1f} img/s)")
+            done = len(dets) + len(errors)
+            evaluate = {"images": done, "errors": len(errors), "wall_s": round(dt, 2),
+                        "images_per_s": round(done / dt, 2), "own_images_per_s": stats.get("images_per_s")}
+            say(f"row 9: evaluate's predict_split {done} images in {dt:.1f} s ({done / dt:.1f} img/s)")
         except Exception as exc:  # noqa: BLE001 - the evaluate figure is context, not the row
             evaluate = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             say(f"row 9: evaluate's predict_split failed: {evaluate['error']}")

@@ -105,5 +105,12 @@ def render(result: dict[str, Any]) -> str:
             "(psutil), in one run of N images and one of 10N (not the timed runs of row 2).",
             "- Rows 6/7: `jobs.train.run_training` with a temporary SQLite MLflow store; the figures are read back "
             "from the runs' `data_wait_frac` and `images_per_s` metrics.",
+            "- Row 8: `jobs.train.run_training` (1 worker, 1 CPU, the demo config's schedule) timed by its own MLflow "
+            "metric timestamps from the first to the last logged step (epoch boundaries and logging inside, "
+            "start-up outside) against the bare training loop in the benchmark's process on the same decoded rows "
+            "(`benchmarks/jobs_bench.py`).",
+            "- Row 9: `pipelines.infer.run_inference` over a folder of JPEGs, wall time of the whole call with Ray "
+            "already up, against `detect()` alone on pre-decoded canvases in the benchmark's process "
+            "(`benchmarks/jobs_bench.py`).",
             "- Raw samples, sizes and the environment: `benchmarks/results.json`.", ""]
     return "\n".join(out)

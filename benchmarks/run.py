@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             from . import precompute_bench
 
             try:
-                res = precompute_bench.run(args.quick, work, train_images)
+                res = precompute_bench.run(args.quick, ws, train_images)
                 rows["2"], rows["3"] = res["throughput"], res["memory"]
                 shards = res["train_shards"]
             except Exception as exc:  # noqa: BLE001
