@@ -352,5 +352,18 @@ def init_ray(address: str | None = None, reserved_cpus: float = 0, log_to_driver
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
         return
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 1), include_dashboard=False,
-             log_to_driver=log_to_driver)
+    # A terminal's Ctrl-C goes to the whole process group, and the local Ray daemons (GCS, raylet,
+    # the workers they spawn) are in it: started with SIGINT ignored (inherited across exec) they
+    # leave the interrupt to the driver, which stops its job and says what to rerun. Dying of it
+    # first, they would end the driver with exit status 1 before it could.
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 1), include_dashboard=False,
+                 log_to_driver=log_to_driver)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
