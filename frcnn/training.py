@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,14 +62,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         return _build(cls, data, "train")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """SGD with momentum; no weight decay on biases and normalisation parameters."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -106,7 +107,7 @@ def hflip_batch(images: Tensor, targets: dict, flip: Tensor, cfg: ModelConfig) -
                                       cfg.anchors.num_anchors)
         out["anchor_labels"] = torch.where(flip[:, None], fl, targets["anchor_labels"])
         out["anchor_deltas"] = torch.where(flip[:, None, None], fd, targets["anchor_deltas"])
-    out["boxes"] = [hflip_boxes(b, width) if f else b for b, f in zip(targets["boxes"], flip.tolist())]
+    out["boxes"] = [hflip_boxes(b, width) if f else b for b, f in zip(targets["boxes"], flip.tolist(), strict=True)]
     return images, out
 
 

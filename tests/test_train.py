@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +19,46 @@ import torch
 
 from frcnn import LOSS_KEYS, FasterRCNN, tiny_config
 from frcnn.training import TrainConfig, load_checkpoint, model_from_checkpoint
+from jobs.train_loop import StepContext, TrainCallback
 from pipelines.synth import SYNTH_CLASSES, generate
 
 CANVAS = 128
+
+
+class DieOnce(TrainCallback):
+    """The last rank's process dies at ``step`` (``os._exit``, as an OOM kill would end it), once:
+    the marker file lets the restarted group go past that step."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_step(self, ctx: StepContext) -> None:
+        if ctx.rank == ctx.world_size - 1 and ctx.step == self.step and not os.path.exists(self.marker):
+            Path(self.marker).write_text(f"killed at step {ctx.step}\n")
+            os._exit(1)
+
+
+class PoisonWeights(TrainCallback):
+    """After step ``after``, one weight becomes NaN on every rank: the next step's loss is NaN."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def on_step(self, ctx: StepContext) -> None:
+        if ctx.step == self.after:
+            with torch.no_grad():
+                next(ctx.model.parameters()).view(-1)[0] = float("nan")
+
+
+@pytest.fixture()
+def callbacks_by_value(ray_session):
+    """The callbacks above travel to the Ray workers by value: the workers cannot import this
+    test module by name."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +107,7 @@ def _training_rows(path: str, cfg):
     return batch_to_tensors({k: [r[k] for r in rows] for k in rows[0]}, cfg.num_anchor_positions)
 
 
-def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, capsys):
+def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, capsys, callbacks_by_value):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -78,7 +122,7 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     marker = tmp_path / "killed-once"
     res = run_training(shards["train"], shards["val"], train_cfg=tc, workers=2, cpus_per_worker=1,
                        experiment="t", storage_path=str(tmp_path / "ray"), model_name="frcnn-test",
-                       progress_every=3, _fail={"step": 75, "marker": str(marker)})  # first checkpoint: step 70
+                       progress_every=3, callbacks=[DieOnce(75, str(marker))])  # first checkpoint: step 70
     assert marker.exists(), "the injected failure did not happen"
     # Progress lines while it trains, then the run id, checkpoint and final metrics.
     out = capsys.readouterr().out
@@ -91,6 +135,7 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     assert [r.info.run_id for r in runs] == [res.run_id]  # the restart wrote into the same run
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "train-tiny-synth-2w"
 
     # Params: every resolved config value.
     params = run.data.params
@@ -153,18 +198,32 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     assert res2.metrics["epoch"] == 41
 
 
-def test_nan_loss_stops_with_the_step(shards, tracking_uri, tmp_path):
+def test_nan_loss_stops_with_the_step(shards, tracking_uri, tmp_path, callbacks_by_value):
     from mlflow.tracking import MlflowClient
 
+    from jobs.models import CHECKPOINT_FILE
     from jobs.train import NonFiniteLoss, run_training
 
-    tc = TrainConfig(epochs=3, batch_size=2, log_every=1, warmup_steps=1)
-    with pytest.raises(NonFiniteLoss, match="step 10"):
+    # 14 steps an epoch (28 rows, batch 2, 1 worker); the epoch-0 checkpoint holds step 14. The
+    # weights turn NaN after step 17, so step 18's loss is NaN; losses are checked every 4 steps,
+    # so the loop finds it at step 20 and must still name step 18.
+    tc = TrainConfig(epochs=3, batch_size=2, log_every=4, warmup_steps=1)
+    with pytest.raises(NonFiniteLoss, match=r"step 18; the last good checkpoint is (\S+)") as err:
         run_training(shards["train"], None, train_cfg=tc, workers=1, cpus_per_worker=1, experiment="nan",
-                     storage_path=str(tmp_path / "ray"), model_name=None, _nan_at_step=10)
+                     storage_path=str(tmp_path / "ray"), model_name=None, callbacks=[PoisonWeights(17)])
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert run.info.status == "FAILED"
+    assert run.data.tags["frcnn.nan_step"] == "18"
+    # The last good checkpoint is kept (epoch 0, step 14, finite weights) and no later one was written.
+    good = re.search(r"checkpoint is (\S+)$", str(err.value)).group(1)
+    assert Path(good).name == "epoch-0000"
+    state = load_checkpoint(f"{good}/{CHECKPOINT_FILE}")
+    assert state["step"] == 14 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert sorted(p.name for p in Path(good).parent.glob("epoch-*")) == ["epoch-0000"]
+    # Nothing computed after the NaN was logged: windows at steps 4, 8, 12 and 16, all finite.
+    hist = _history(client, run.info.run_id, "loss_total")
+    assert [s for s, _ in hist] == [4, 8, 12, 16] and all(np.isfinite(v) for _, v in hist)
 
 
 def test_mismatched_config_is_refused(shards, tracking_uri, tmp_path):
@@ -195,12 +254,12 @@ def test_progress_lines_come_from_the_mlflow_run(tracking_uri, capsys):
 
     import mlflow
 
-    from jobs.train import _Progress
+    from jobs.progress import Progress
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("progress")  # not the experiment id an earlier test left active
     with mlflow.start_run() as run:
-        with _Progress(tracking_uri, run.info.run_id, total_steps=100, epochs=4, interval=0.05):
+        with Progress(tracking_uri, run.info.run_id, total_steps=100, epochs=4, interval=0.05):
             time.sleep(0.3)  # nothing logged yet: no line
             mlflow.log_metrics({"loss_total": 1.5, "epoch": 1, "images_per_s": 12.0}, step=25)
             time.sleep(0.5)
@@ -211,3 +270,53 @@ def test_progress_lines_come_from_the_mlflow_run(tracking_uri, capsys):
     assert re.fullmatch(r"train \S+: step 25/100, epoch 2/4, loss_total 1\.500, 12\.0 images/s", lines[0])
     assert re.fullmatch(r"train \S+: step 60/100, epoch 3/4, loss_total 0\.750, 14\.0 images/s, "
                         r"val_map50 0\.500 \(step 60\), about \S+ left", lines[1])
+
+
+def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking_uri, tmp_path):
+    """A real ``frcnn-jobs train`` process gets SIGINT (its whole process group, as a terminal's
+    Ctrl-C): it stops, the run is KILLED, and the printed ``--resume`` command finishes the run with
+    every step logged once."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.models import CHECKPOINT_FILE
+
+    config = tmp_path / "train.yaml"
+    config.write_text("train: {checkpoint_every: 1, log_every: 1, warmup_steps: 1, batch_size: 2}\n")
+    storage = tmp_path / "ray"
+    exe = str(Path(sys.executable).parent / "frcnn-jobs")
+    cmd = [exe, "train", "--data", shards["train"], "--workers", "1", "--config", str(config), "--epochs", "12",
+           "--experiment", "sigint", "--storage-path", str(storage), "--model-name", "sigint-test",
+           "--progress-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(storage.glob("train-*/epoch-0001")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sigint").experiment_id])
+    assert run.info.status == "KILLED" and run.info.run_name == "train-tiny-synth-1w"
+    logged = max(s for s, _ in _history(client, run.info.run_id, "loss_total"))
+    reached = int(re.search(r"reached step (\d+)/168;", err).group(1))
+    ckpt = re.search(r"last checkpoint: (\S+)", err).group(1)
+    assert re.fullmatch(r"epoch-\d{4}", Path(ckpt).name) and Path(ckpt).parent.parent == storage, err
+    assert reached >= max(logged, load_checkpoint(f"{ckpt}/{CHECKPOINT_FILE}")["step"])
+    assert f"MLflow run {run.info.run_id} is KILLED" in err, err
+    resume = re.search(r"continue with:\n  (.+)", err).group(1)
+    assert shlex.split(resume) == ["frcnn-jobs", *cmd[1:], "--resume", run.info.run_id]
+    # Quiet: our lines, not Ray's worker logs or Ray Data's operator stream.
+    assert "PlacementGroupCleaner" not in out + err and "Execution plan" not in out + err, (out, err)
+    assert all(line.startswith(("MLflow run", "train ")) for line in out.splitlines() if line.strip()), out
+
+    done = subprocess.run([exe, *shlex.split(resume)[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in _history(client, run.info.run_id, "loss_total")] == list(range(1, 169))
