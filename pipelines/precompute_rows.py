@@ -40,7 +40,7 @@ class ImageWorker:
     def __init__(self, spec: dict[str, Any]) -> None:
         from PIL import ImageFile
 
-        from frcnn.anchors import grid_anchors
+        from frcnn.anchors import AnchorTargetCreator, grid_anchors
         from frcnn.boxes import BoxCoder
         from frcnn.canvas import CanvasTransform
 
@@ -57,6 +57,9 @@ class ImageWorker:
         fh, fw = cfg.feature_size
         self.anchors = grid_anchors(fh, fw, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
         self.coder = BoxCoder(cfg.rpn.box_weights)
+        # Built once per grid: everything that does not depend on the boxes (frcnn.anchors).
+        self.targets = AnchorTargetCreator(self.anchors, (cfg.canvas.height, cfg.canvas.width),
+                                           cfg.rpn.pos_iou, cfg.rpn.neg_iou, self.coder)
         # Paths from list_split keep the data root's form: map them onto one filesystem handle
         # instead of building a filesystem (S3 credentials...) per file.
         self.root_shown = spec["root_shown"]
@@ -73,7 +76,6 @@ class ImageWorker:
         import torch
         from PIL import Image
 
-        from frcnn.anchors import assign_anchor_targets
         from pipelines import schema
 
         image_id = item["image_id"]
@@ -152,8 +154,7 @@ class ImageWorker:
         cboxes[:, 1::2] = np.clip(cboxes[:, 1::2], 0.0, H)
         cboxes = cboxes.astype(np.float32)
         target_boxes = cboxes if self.use_difficult else cboxes[~difficult]
-        t = assign_anchor_targets(self.anchors, torch.from_numpy(np.ascontiguousarray(target_boxes)), (H, W),
-                                  self.cfg.rpn.pos_iou, self.cfg.rpn.neg_iou, self.coder)
+        t = self.targets(torch.from_numpy(np.ascontiguousarray(target_boxes)))
         pos = t.pos_index
         row = {
             "image_id": image_id,
@@ -166,7 +167,7 @@ class ImageWorker:
             "difficult": difficult,
             "anchor_labels": t.labels.numpy().astype(np.int8),
             "pos_anchor_index": pos.numpy().astype(np.int32),
-            "pos_anchor_deltas": t.deltas[pos].numpy().astype(np.float32).reshape(-1),
+            "pos_anchor_deltas": t.pos_deltas.numpy().astype(np.float32).reshape(-1),
         }
         return row, [], warnings, fatal, int(pos.numel()), ann.left_out
 
