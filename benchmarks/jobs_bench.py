@@ -292,7 +292,7 @@ def run_infer(quick: bool, ws: Workspace, work: Path, checkpoint: bytes | None =
     from frcnn.training import load_checkpoint, model_from_checkpoint
     from pipelines.infer import run_inference
 
-    n = 64 if quick else 1000
+    n = 64 if quick else 600
     rounds = 1 if quick else 2
     batch = 8
     source = "row 8's run_training checkpoint"

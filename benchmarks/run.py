@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_images = 32 if args.quick else 64
     need = [train_images if wanted & {"6", "7"} else 0, (24 if args.quick else 200) * 10 if wanted & {"2", "3"} else 0,
-            (64 if args.quick else 256) if wanted & {"8", "9"} else 0, (64 if args.quick else 1000) if "9" in wanted else 0]
+            (64 if args.quick else 256) if wanted & {"8", "9"} else 0, (64 if args.quick else 600) if "9" in wanted else 0]
     with tempfile.TemporaryDirectory(prefix="frcnn-bench-") as tmp:
         work = Path(tmp)
         ws = Workspace(work, max(need + [1]))
