@@ -11,39 +11,27 @@ DIAGNOSED_AT = "a86f540"
 
 FINDINGS: dict[str, dict[str, str]] = {
     "1": {
-        "cause_short": ("fresh multi-MB float64 tensors page-fault on every op (torchvision's box_iou on an "
-                        "(8,940 x M x 2) layout), and per-call rebuilding of what depends only on the anchor grid."),
-        "fix_short": ("an AnchorTargetCreator built once per grid: inside anchors as four float64 columns, IoU "
-                      "box-major (M x 8,940) into reused buffers; prototype 5-7x faster at 20 boxes, same targets."),
+        "cause_short": ("if this row misses, the profile below says where the time went; the creator was measured "
+                        "at 180-230x (2 boxes) and 220-340x (20 boxes) in CPU time while it was built (load 20-36)."),
+        "fix_short": "see the profile; the history is in the details.",
         "cause": (
-            "`assign_anchor_targets` spends most of its time in `torchvision.ops.box_iou` on the (8,940 inside "
-            "anchors x M boxes x 2) float64 layout (see the profile: `minimum`, `maximum`, `sub`, `clamp` over "
-            "`[8940, 20, 2]`). Each of these ops allocates a fresh 2.9 MB tensor; glibc serves allocations "
-            "that large with mmap, so every op first page-faults its whole output in (this VM makes faults "
-            "expensive): with `MALLOC_MMAP_THRESHOLD_=268435456` (no mmap, no faults) the same code runs 20 "
-            "boxes in 5.7-5.9 ms instead of 16.6-18.4 ms (one thread, same process, same boxes). The size-2 "
-            "inner dimension also keeps the elementwise kernels from vectorising. With 2 boxes the fixed cost "
-            "dominates (about 1.9 ms): each call converts all 22,500 anchors to float64 again (`aten::copy_` "
-            "0.46 ms), recomputes the inside mask and its `nonzero`, zero-fills a dense (22,500 x 4) delta "
-            "tensor (0.23 ms when fresh) and scatters with `index_put_` twice -- none of which depends on the "
-            "boxes. At the default 2 torch threads it is usually worse (1-20x across runs, moving with the "
-            "machine's load, against 13-29x at one thread): with other processes on the 2 cores, every OpenMP parallel region waits for a "
-            "preempted thread (see Other findings). The precompute workers run it at 1 thread (Ray sets "
-            "`OMP_NUM_THREADS=1`), which is why the headline is measured there."),
-        "fix": (
-            "In `frcnn/anchors.py`, an `AnchorTargetCreator(anchors, canvas_hw, pos_iou, neg_iou, box_coder)` "
-            "(the paper's name) that precomputes once per grid the inside index, the inside anchors as four "
-            "contiguous float64 columns and their areas, and keeps (M x N_inside) work buffers between calls; "
-            "`__call__(boxes)` computes the IoU box-major -- `torch.minimum(bx2[:, None], ax2, out=buf)` and "
-            "in-place `sub_/clamp_/mul_/div_` -- then the same max/argmax/ties rules as today; "
-            "`assign_anchor_targets` stays as a thin wrapper, and `_Worker` in `pipelines/precompute.py` and "
-            "`FasterRCNN.anchor_targets` hold one creator. A prototype of exactly this (kept out of the repo) "
-            "gives identical labels, matches and deltas on 0/1/2/20/50 boxes and runs at 0.8-0.9 ms (2 boxes) "
-            "and 2.4-2.8 ms (20 boxes) against 1.9-2.5 / 14-18 ms today: 61-77x and 88-97x the walkthrough "
-            "loop in the same runs, up from 23-38x and 12-16x. Past 100x at 2 boxes the remaining ~40 small "
-            "ops per call must shrink too: return positives sparsely (index + deltas: what precompute stores) "
-            "instead of a dense (N, 4) tensor, and fuse the elementwise IoU chain (e.g. `torch.compile`, or a "
-            "per-box window over the regular grid, which touches only the anchors that can overlap a box)."),
+            "History. At `a86f540` `assign_anchor_targets` ran torchvision's `box_iou` on the (8,940 x M x 2) "
+            "float64 layout: fresh multi-MB tensors page-faulted on every op, and every call rebuilt what depends "
+            "only on the grid (28x / 13x). Now (`frcnn.anchors.AnchorTargetCreator`, cached per grid behind "
+            "`assign_anchor_targets`): the inside anchors, their shapes (exact width and height) and their "
+            "distinct x- and y-extents are found once per grid; per image, the overlap width of each box with "
+            "each distinct x-extent and height with each y-extent are small tables (M x 274 here), and within a "
+            "(box, shape) block the IoU is a non-decreasing function of the intersection (same area), so each "
+            "box's best IoU comes from its largest overlap height and width, and an anchor can reach IoU t only "
+            "if its height >= t S / (1 + t) / (largest width) and its width likewise. IoU is computed, in "
+            "float64 and bit-identical to `box_iou`, only for those pairs (t = the smaller threshold, or the "
+            "box's best when lower: every non-negative anchor, positive and tie is among them): a few hundred "
+            "pairs per box instead of 8,940. Positives come back sparse (index, deltas); the dense deltas and "
+            "the matched box of every anchor are computed only when read. Anchors that are not a full grid "
+            "take a dense path (the whole IoU matrix into per-thread buffers). Both paths are tested against "
+            "the loop port on 300 random sets with exact ties, and the cache across grids, canvases and "
+            "in-place changes against fresh creators (tests/test_anchors.py). Nothing runs in float32."),
+        "fix": "Read the profile of this run; the per-call fixed cost is about 40 numpy calls on small arrays.",
     },
     "2": {
         "cause_short": ("each image costs the workers more CPU than the floor's steps (anchor targets, row 1, are "
@@ -114,7 +102,7 @@ FINDINGS: dict[str, dict[str, str]] = {
 }
 
 OTHER_FINDINGS: list[str] = [
-    ("**Bug: the precompute ledger actor can die under a running precompute (`ActorDiedError`).** "
+    ("**Fixed (0173203): the precompute ledger actor could die under a running precompute (`ActorDiedError`).** "
      "`pipelines.precompute._get_ledger` finds or creates the named actor `frcnn-precompute-ledger` with "
      "`get_if_exists=True`, but nothing keeps a handle between runs: the handles of a finished run sit in "
      "reference cycles, and when Python's cyclic GC frees them Ray kills the actor (`The actor is dead because "
@@ -135,7 +123,7 @@ OTHER_FINDINGS: list[str] = [
      "worth measuring against 1 thread (or `OMP_WAIT_POLICY=PASSIVE`) before keeping it."),
     ("**Large fresh tensors page-fault.** glibc hands allocations above its mmap threshold (128 KB to "
      "start with) straight from mmap and returns them on free, so a multi-MB temporary is faulted in page by "
-     "page every time. This is most of row 1's miss (above); it may matter elsewhere (decoding, the "
-     "training step). `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` or jemalloc/tcmalloc in the "
+     "page every time. This was most of row 1's old miss (fixed by the creator's precomputed tables and "
+     "pruned IoU); it may matter elsewhere (decoding, the training step). `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` or jemalloc/tcmalloc in the "
      "runtime image are environment-level levers; only row 1 was measured with them."),
 ]

@@ -43,6 +43,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def readme_table(rows: list[dict[str, Any]]) -> str:
+    """The README's short table (no notes): ``python -m benchmarks.run --render-only --readme``."""
+    lines = ["| # | what | baseline | figure | goal | met? |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(x) for x in (r["id"], r["what"], r["baseline"], r["figure"], r["goal"],
+                                                          _met(r))) + " |")
+    return "\n".join(lines)
+
+
 def _profile_table(ops: list[dict[str, Any]]) -> str:
     lines = ["| op | input shapes | self ms / image | share | calls / image |", "|---|---|---|---|---|"]
     for o in ops:

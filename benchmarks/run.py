@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                          "temporary folder unless --out is given.")
     ap.add_argument("--render-only", action="store_true",
                     help="Only regenerate RESULTS.md from the results.json already in --out (no measurement).")
+    ap.add_argument("--readme", action="store_true", help="With --render-only: also print the README's table.")
     args = ap.parse_args(argv)
     wanted = set(args.rows.split(",")) if args.rows else set(ROWS)
     unknown = wanted - set(ROWS) - {"4g", "5g"}
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((target / "results.json").read_text())
         (target / "RESULTS.md").write_text(report.render(result))
         print(f"wrote {target / 'RESULTS.md'} from {target / 'results.json'}")
+        if args.readme:
+            print(report.readme_table(result["rows"]))
         return 0
     out_dir = Path(args.out) if args.out else (
         Path(tempfile.mkdtemp(prefix="frcnn-bench-quick-" if args.quick else "frcnn-bench-rows-"))
