@@ -8,20 +8,13 @@ import dataclasses
 import pytest
 import torch
 import torchvision
+from test_model import _one_thread  # noqa: F401 (autouse fixture: one torch thread per test)
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from frcnn import FasterRCNN, tiny_config, total_loss
 from frcnn.backbones import WeightsError, build_backbone
 from frcnn.config import BackboneConfig, CanvasConfig, ModelConfig, RoIHeadConfig
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _meta_keys(ctor) -> dict[str, torch.Size]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import make_images, make_model
+from test_model import _one_thread, make_images, make_model  # noqa: F401 (_one_thread: autouse fixture)
 from torchvision.ops import roi_align
 
 from frcnn import LOSS_KEYS, FasterRCNN, roi_heads, total_loss
@@ -29,14 +29,6 @@ from frcnn.config import AnchorConfig, CanvasConfig, ModelConfig, RoIHeadConfig,
 U_BF16 = 2.0**-8
 RTOL = 4 * U_BF16
 LOW = (torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
