@@ -401,6 +401,26 @@ def test_creator_walkthrough_canvas_equals_port_with_many_boxes():
         _compare_with_port(anchors, boxes, (800, 800))
 
 
+def test_iou_exactly_at_the_thresholds_equals_port():
+    """Boxes whose IoU with some anchors is exactly the threshold (0.75 / 0.25: exact in binary)
+    or one rounding from it (0.7 / 0.3): the pruned path's bounds must keep every such pair, and
+    label it as the port does (>= pos_iou positive, < neg_iou negative)."""
+    anchors = grid_anchors(10, 14, 16, (2.0, 4.0, 8.0), (0.5, 1.0, 2.0))
+    boxes = []
+    for t in (0.25, 0.75, 0.3, 0.7, 0.5):
+        for x0 in (56.0, 104.0):  # 32x32 anchors [56, 88] and [104, 136] in x; same in y
+            boxes.append([x0, 56.0, x0 + 32.0 * t, 88.0])  # inside the anchor: IoU = t (as rounded)
+            boxes.append([x0, 56.0, x0 + 32.0 / t, 88.0])  # containing it: IoU = t
+        boxes.append([40.0, 40.0, 40.0 + 64.0 * t, 104.0])  # inside a 64x64 anchor
+    hits = set()
+    for k in range(0, len(boxes), 3):
+        for pos_iou, neg_iou in ((0.75, 0.25), (0.7, 0.3)):
+            _compare_with_port(anchors, boxes[k:k + 3], (160, 224), pos_iou, neg_iou)
+        hits |= {wp._iou_loop(a, b) for a in anchors.double().tolist() for b in boxes[k:k + 3]}
+    assert {0.25, 0.75} <= hits  # the exact cases did occur
+    _compare_with_port(anchors, boxes, (160, 224), 0.75, 0.25)
+
+
 def test_sparse_positives_and_lazy_dense_fields():
     """pos_index/pos_deltas are the positives of the dense fields; the deltas are BoxCoder's
     encoding of each positive's matched box (to float32 rounding of log)."""
