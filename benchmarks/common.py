@@ -21,6 +21,27 @@ def say(msg: str) -> None:
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
 
 
+def ray_up(reserved_cpus: float = 0, attempts: int = 3) -> None:
+    """Start local Ray the way the commands do (``pipelines.storage.init_ray``), quietly, retrying:
+    Ray gives its raylet a fixed 30 s to start, which an oversubscribed shared machine can miss
+    ("The current node timed out during startup")."""
+    import ray
+
+    from pipelines.storage import init_ray
+
+    for attempt in range(1, attempts + 1):
+        if ray.is_initialized():
+            break
+        try:
+            init_ray(None, reserved_cpus, log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if attempt == attempts or "timed out" not in str(exc):
+                raise
+            say(f"ray: start {attempt} of {attempts} failed ({exc}); again")
+            ray.shutdown()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 @contextlib.contextmanager
 def mlflow_store(work: Path) -> Iterator[str]:
     """A temporary SQLite MLflow store in ``work`` (the tracking URI while inside), with the cwd

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import REPO, interleaved, mlflow_store, say
+from .common import REPO, interleaved, mlflow_store, ray_up, say
 from .workspace import Workspace
 
 TRAIN_GOAL = 0.90
@@ -155,16 +155,6 @@ def _one_thread():
     return _T()
 
 
-def _start_ray(reserved: float) -> None:
-    import ray
-
-    from pipelines.storage import init_ray
-
-    if not ray.is_initialized():
-        init_ray(None, reserved, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 def _kwargs_for(fn, **kwargs) -> dict[str, Any]:
     """Only the keyword arguments ``fn`` accepts (the commands' options evolve)."""
     params = inspect.signature(fn).parameters
@@ -230,7 +220,7 @@ def run_train(quick: bool, ws: Workspace, work: Path) -> dict[str, Any]:
 
     try:
         with mlflow_store(work) as uri:
-            _start_ray(1)
+            ray_up(1)
             say(f"row 8: {images} images, batch {batch}, runs of {epochs} epochs, {rounds} round(s)")
             interleaved({"bare": bare, "run_training": pipeline}, rounds)
     finally:
@@ -354,7 +344,7 @@ def run_infer(quick: bool, ws: Workspace, work: Path, checkpoint: bytes | None =
 
     evaluate: dict[str, Any] | None = None
     try:
-        _start_ray(1)
+        ray_up(1)
         warm = work / "infer_warm"
         warm.mkdir(exist_ok=True)
         for p in paths[:16]:

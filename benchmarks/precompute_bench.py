@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import PeakRSS, interleaved, say
+from .common import PeakRSS, interleaved, ray_up, say
 
 THROUGHPUT_GOAL = 0.80
 MEMORY_GOAL = 1.2
@@ -165,9 +165,7 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
         t = time.perf_counter()
         pool.map(floor_image, [(p, canvas) for p in paths[: 2 * cpus]], chunksize=1)  # warm the pool
         say(f"rows 2/3: floor pool of {cpus} processes warm in {time.perf_counter() - t:.1f} s")
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        ray_up()
         ledger = _get_ledger()  # held for the session: see the module docstring  # noqa: F841
         me = psutil.Process()
         t = time.perf_counter()

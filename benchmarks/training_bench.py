@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import mlflow_store, say
+from .common import mlflow_store, ray_up, say
 
 WAIT_GOAL = 0.05
 
@@ -31,6 +31,7 @@ def _one_run(shards: str, work: Path, workers: int, train_cfg, uri: str) -> dict
 
     from jobs.train import run_training
 
+    ray_up(workers)  # what run_training's init_ray would start, with retries (see common.ray_up)
     t = time.perf_counter()
     res = run_training(shards, None, train_cfg=train_cfg, workers=workers, cpus_per_worker=1,
                        experiment="bench", storage_path=str(work / "ray_results"), model_name=None,

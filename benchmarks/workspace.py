@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import say
+from .common import ray_up, say
 
 SEED = 11
 
@@ -63,8 +63,7 @@ class Workspace:
         out = self.root / f"train_shards_{n}"
         started = not ray.is_initialized()
         if started:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            ray.data.DataContext.get_current().enable_progress_bars = False
+            ray_up()
         try:
             t = time.perf_counter()
             precompute(str(self.voc), split, str(out), tiny_config(len(SYNTH_CLASSES), SYNTH_CLASSES),
