@@ -48,14 +48,15 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG = Path(__file__).resolve().parent / "rehearsal.yaml"  # the tiny detector, 128x128 canvas
 VENV_BIN = Path(sys.executable).parent
 MARKER = "FRCNN_REHEARSAL_ID"  # in the environment of every process this run starts
 CLASSES = ("ellipse", "rectangle", "triangle", "cross", "diamond")
 MODEL_NAME = "frcnn-rehearsal"
 EXPERIMENT = "frcnn-rehearsal"
-# Sizes: 60 generated images (42 train, 9 val, 9 test), a 128x128 canvas, batch 2 per rank.
-IMAGES, CANVAS, BATCH = 60, 128, 2
-EPOCHS = 16
+# Sizes: 40 generated images (28 train, 6 val, 6 test), a 128x128 canvas, batch 2 per rank.
+# EPOCHS and BATCH are rehearsal.yaml's train section.
+IMAGES, BATCH, EPOCHS = 40, 2, 12
 
 
 class RehearsalError(AssertionError):
@@ -522,18 +523,6 @@ def _port_open(port: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def rehearsal_config(path: Path) -> None:
-    """The tiny detector on a 128x128 canvas, with a short schedule logged every step."""
-    import yaml
-
-    from frcnn.config import tiny_config
-
-    model = tiny_config(len(CLASSES), CLASSES, canvas=CANVAS).to_dict()
-    train = {"epochs": EPOCHS, "batch_size": BATCH, "base_lr": 0.02, "lr_reference_batch": 4, "warmup_steps": 10,
-             "log_every": 1, "checkpoint_every": 1, "val_every": 1, "keep_checkpoints": 2, "max_failures": 3}
-    path.write_text(yaml.safe_dump(json.loads(json.dumps({"model": model, "train": train}))))
-
-
 def run_ids(st: Stack, job: str) -> list[tuple[str, str]]:
     """(run id, status) of the runs tagged frcnn.job=<job>, oldest first."""
     return [(r[0], r[1]) for r in st.sql(
@@ -565,6 +554,7 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         return cm()
 
     fj = "frcnn-jobs"
+    config = CONFIG
     with timed("start"):
         st.start_postgres()
         log("postgres up")
@@ -581,8 +571,6 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
             t.join()
         wait_for("2 worker nodes", lambda: st.alive_worker_nodes() == 2, 60)
         log("ray workers up")
-        config = st.tmp / "rehearsal.yaml"
-        rehearsal_config(config)
 
     # The head requires the token: a client without it is refused.
     res = st.run([str(VENV_BIN / "ray"), "job", "list", "--address", st.ray_address], env=st.base_env(),
@@ -610,13 +598,19 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
     pre = {s: f"s3://frcnn/precomputed/synth-{s}" for s in ("train", "val", "test")}
     cut_out = "s3://frcnn/precomputed/synth-trainval"
     with timed("precompute train/val/test + fault c"):
-        # The three splits as three jobs at once (a RayJob would chain them; in parallel the
-        # rehearsal waits less), and beside them fault c: a fourth precompute whose S3 endpoint
-        # (its own relay, passed in the job's runtime env) goes away once it has staged a shard.
-        for s in ("train", "val", "test"):
-            st.submit(f"precompute-{s}", precompute(s, pre[s]))
-        st.submit("precompute-s3-down", precompute("trainval", cut_out, on_error="skip"),
-                  env_vars={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{st.s3_fault_port}"})
+        # The three splits chained in one job, as the precompute RayJob does (`ray job submit`
+        # quotes a bare `&&`, hence `bash -c`); beside it fault c: a second precompute whose S3
+        # endpoint (its own relay, passed in the job's runtime env) goes away once it has staged a
+        # shard. Two jobs at once, not four: each precompute job holds ~3 GB (driver, ledger, tasks).
+        chain = " && ".join(precompute(s, pre[s]) for s in ("train", "val", "test"))
+        submits = [threading.Thread(target=st.submit, args=("precompute", f"bash -c {shlex.quote(chain)}")),
+                   threading.Thread(target=st.submit,
+                                    args=("precompute-s3-down", precompute("trainval", cut_out, on_error="skip")),
+                                    kwargs={"env_vars": {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{st.s3_fault_port}"}})]
+        for t in submits:  # each `ray job submit` is a Python start-up: both at once
+            t.start()
+        for t in submits:
+            t.join()
         staged = "precomputed/_staging/synth-trainval."
         wait_for("fault c's precompute to stage a shard",
                  lambda: any(k.endswith(".parquet") for k in st.keys("frcnn", staged))
@@ -629,9 +623,8 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         obs["fault_c"] = {"status": status, "staged_shards_at_cut": len(staged_at_cut), "last_lines": tail}
         check(staged_at_cut, "fault c's precompute finished before the S3 endpoint could be cut")
         check(status == "FAILED", f"precompute with S3 unreachable ended {status}")
-        for s in ("train", "val", "test"):
-            status_s, logs_s = st.wait_job(f"precompute-{s}", 400)
-            check(status_s == "SUCCEEDED", f"precompute-{s} {status_s}:\n{logs_s[-4000:]}")
+        status_p, logs_p = st.wait_job("precompute", 600)
+        check(status_p == "SUCCEEDED", f"precompute {status_p}:\n{logs_p[-4000:]}")
         for s, uri in pre.items():
             key = uri[len("s3://frcnn/"):]
             manifest = json.loads(st.get("frcnn", f"{key}/_frcnn_manifest.json"))
@@ -665,11 +658,31 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
             return sorted({k.split("/")[2] for k in st.keys("frcnn", f"ray-results/train-{rid}/")
                            if k.split("/")[2].startswith("checkpoint_")})
 
+        # Ray Train's checkpoint manager snapshot names the latest checkpoint's reported metrics:
+        # watched through the run, its epochs must only go up. A group restarted from scratch would
+        # report epoch 0 again; restarted from the last checkpoint, it reports the next epoch.
+        epochs_seen: list[tuple[float, int]] = []
+        watching = threading.Event()
+
+        def watch_snapshot() -> None:
+            while not watching.is_set():
+                with contextlib.suppress(Exception):
+                    for key in st.keys("frcnn", f"ray-results/train-{rid}/"):
+                        if key.endswith("snapshot.json"):
+                            latest = json.loads(st.get("frcnn", key)).get("latest_checkpoint_result") or {}
+                            epoch = latest.get("metrics", {}).get("epoch")
+                            if epoch is not None and (not epochs_seen or epochs_seen[-1][1] != epoch):
+                                epochs_seen.append((time.monotonic(), int(epoch)))
+                watching.wait(0.3)
+
+        threading.Thread(target=watch_snapshot, daemon=True).start()
+
         # Fault a: kill a worker node (its raylet's process group) after the first checkpoint.
         wait_for("a checkpoint and steps past it", lambda: checkpoints() and last_step() >= steps_per_epoch + 3
                  or st.job_status("train") != "RUNNING", 300)
         check(st.job_status("train") == "RUNNING", "training ended before the node could be killed")
         kill_step, ckpts_before = last_step(), checkpoints()
+        epoch_at_kill = epochs_seen[-1][1] if epochs_seen else -1
         log(f"killing worker node w2 at step {kill_step} (checkpoints: {len(ckpts_before)})")
         st.kill_group("ray-w2", signal.SIGKILL)
         t_kill = time.monotonic()
@@ -680,13 +693,14 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         obs["fault_a"] = {"killed_at_step": kill_step, "checkpoints_before": len(ckpts_before),
                           "seconds_to_next_step": round(time.monotonic() - t_kill, 1)}
 
-        # Fault b: the tracking server away for ~20 s.
-        pre_outage = set(metric_steps(st, rid, "loss_total"))
-        outage_start = max(pre_outage)
-        log(f"stopping the tracking server at step {outage_start}")
+        # Fault b: the tracking server away for ~20 s (killed: no graceful drain).
         st.kill_group("mlflow", signal.SIGKILL)
+        pre_outage = set(metric_steps(st, rid, "loss_total"))  # what reached the store before it
+        outage_start = max(pre_outage)
+        log(f"tracking server stopped at step {outage_start}")
         time.sleep(20)
-        steps_during = last_step()  # what PostgreSQL holds: nothing new can have arrived
+        steps_during = last_step()
+        check(st.job_status("train") == "RUNNING", "training ended during the tracking outage")
         st.start_mlflow()
         wait_for("the tracking server back", st.mlflow_healthy, 120)
         obs["fault_b"] = {"outage_from_step": outage_start}
@@ -705,6 +719,16 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         missing = sorted(set(range(1, total + 1)) - set(steps))
         obs["fault_b"].update(missing_steps=missing, last_step=steps[-1] if steps else None, total_steps=total)
         check(steps and steps[-1] == total, f"last logged step {steps[-1] if steps else None}, expected {total}")
+        # jobs/tracking.MetricBuffer holds rank 0's metrics while the server is away and writes
+        # them when it answers again: no step may be missing, the outage's included.
+        check(not missing, f"steps missing from the run (logged during the outage?): {missing}")
+        watching.set()
+        epochs = [e for _, e in epochs_seen]
+        after_kill = [e for t, e in epochs_seen if t > t_kill]
+        obs["fault_a"].update(checkpoint_epochs_seen=epochs, epoch_at_kill=epoch_at_kill)
+        check(epochs == sorted(set(epochs)), f"checkpoint epochs went back (restart from scratch?): {epochs}")
+        check(after_kill and after_kill[0] > epoch_at_kill,
+              f"first checkpoint after the kill is epoch {after_kill[:1]}, last before it {epoch_at_kill}")
         # A restart from scratch would have reported epoch 0 again (its checkpoint and its val_* row
         # at the first epoch's step); a restart from the checkpoint reports each epoch's step once.
         val_rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'val_map50' "
@@ -746,14 +770,18 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         for p in images:
             st.s3.upload_file(str(p), "frcnn", f"incoming/{p.name}")
         st.submit("infer-killed", infer_cmd)
-        wait_for("infer to start writing", lambda: any("_staging/" in k for k in st.keys("frcnn", "detections/"))
-                 or st.job_status("infer-killed") != "RUNNING" and st.job_status("infer-killed") != "PENDING",
-                 240, every=0.1)
-        stop = st.run([str(VENV_BIN / "ray"), "job", "stop", "--address", st.ray_address, "infer-killed"],
-                      env=st.client_env(), check_rc=False)
+        # Stop it as soon as its partition is open (the staging folder exists): the run is then
+        # predicting and writing. `stop_job` is the REST call behind `ray job stop` (SIGTERM to the
+        # driver's process group, SIGKILL after a few seconds), without the CLI's start-up time.
+        wait_for("infer to open its partition",
+                 lambda: any("/_staging/" in "/" + k for k in st.keys("frcnn", "detections/"))
+                 or st.job_status("infer-killed") not in ("RUNNING", "PENDING"), 300, every=0.05)
+        staged_at_stop = [k for k in st.keys("frcnn", "detections/") if "_staging/" in k]
+        stopped = st.jobs.stop_job("infer-killed")
         status, _ = st.wait_job("infer-killed", 120)
-        obs["fault_d"] = {"status": status, "stop_rc": stop.returncode,
+        obs["fault_d"] = {"status": status, "stop_accepted": stopped, "staged_at_stop": staged_at_stop,
                           "objects_left": st.keys("frcnn", "detections/")[:10]}
+        check(staged_at_stop, "the infer job ended before its partition was opened")
         check(status == "STOPPED", f"the infer job was not stopped mid-write (it ended {status})")
         check(published(st, "detections") == [], f"a partition is visible: {published(st, 'detections')}")
         st.run_job("infer-1", infer_cmd)
@@ -844,6 +872,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": st.ray_token})
     log(f"temp folder {st.tmp}, logs in {st.logs}")
     st.start_sampler()
+
+    def terminated(signum, frame):  # `timeout`, CI cancelling: still stop everything
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         rehearse(st, summary)
         summary["ok"] = True
