@@ -192,6 +192,8 @@ def precompute_cmd(dataset, data_root, split, out, years, config_path, class_nam
                        jpeg_quality=jpeg_quality, experiment=experiment, address=address)
     except (PrecomputeError, FileExistsError, FileNotFoundError, VocLayoutError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # storage gone mid-run (an S3 endpoint that stops answering): name the URIs
+        raise click.ClickException(f"precompute of {data_root} into {out} failed, nothing published: {exc}") from exc
     except KeyboardInterrupt:
         click.echo("Interrupted: the MLflow run is marked KILLED and its staging folder deleted. "
                    f"Rerun with: frcnn-jobs {shlex.join(sys.argv[1:])}", err=True)
