@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 _T0 = time.perf_counter()
@@ -34,7 +35,7 @@ def ray_up(reserved_cpus: float = 0, attempts: int = 3) -> None:
             break
         try:
             init_ray(None, reserved_cpus, log_to_driver=False)
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+        except Exception as exc:  # Ray raises a bare Exception for this
             if attempt == attempts or "timed out" not in str(exc):
                 raise
             say(f"ray: start {attempt} of {attempts} failed ({exc}); again")
@@ -159,7 +160,7 @@ class PeakRSS:
             self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.sample()
         self._thread.start()
         return self

@@ -90,7 +90,7 @@ def _setup(cfg, batch: int, device: torch.device):
     hw = (cfg.canvas.height, cfg.canvas.width)
     targets = [assign_anchor_targets(ours.anchors, b, hw, cfg.rpn.pos_iou, cfg.rpn.neg_iou, ours.rpn_coder)
                for b in boxes]  # precomputed: outside the clock, as the precompute job does it
-    ours_targets = {"boxes": [b.to(device) for b in boxes], "labels": [l.to(device) for l in labels],
+    ours_targets = {"boxes": [b.to(device) for b in boxes], "labels": [lb.to(device) for lb in labels],
                     "anchor_labels": torch.stack([t.labels for t in targets]).to(device),
                     "anchor_deltas": torch.stack([t.deltas for t in targets]).to(device)}
     tv = torchvision_model(cfg)
@@ -98,8 +98,9 @@ def _setup(cfg, batch: int, device: torch.device):
     tv.to(device)
     ours_images = images.to(device)
     tv_images = [im.to(device).float() / 255.0 for im in images]  # torchvision's input contract
-    tv_targets = [{"boxes": b.to(device), "labels": l.to(device)} for b, l in zip(boxes, labels)]
-    n_params = {"ours": sum(p.numel() for p in ours.parameters()), "torchvision": sum(p.numel() for p in tv.parameters())}
+    tv_targets = [{"boxes": b.to(device), "labels": lb.to(device)} for b, lb in zip(boxes, labels, strict=True)]
+    n_params = {"ours": sum(p.numel() for p in ours.parameters()),
+                "torchvision": sum(p.numel() for p in tv.parameters())}
     return ours, ours_images, ours_targets, tv, tv_images, tv_targets, n_params
 
 
@@ -161,7 +162,8 @@ def _run(quick: bool, device_name: str, amp: bool, rounds: int | None) -> dict[s
 
     tag = f"{device.type}{' bf16' if amp else ''}"
     say(f"rows 4/5 ({tag}): batch {batch} on a {cfg.canvas.height}x{cfg.canvas.width} canvas, "
-        f"{torch.get_num_threads()} torch threads, params ours {n_params['ours']:,} / torchvision {n_params['torchvision']:,}")
+        f"{torch.get_num_threads()} torch threads, params ours {n_params['ours']:,} / "
+        f"torchvision {n_params['torchvision']:,}")
     ours.train()
     tv.train()
     o_train = lambda: train_step(ours, o_opt, o_img, o_tgt)  # noqa: E731
@@ -186,8 +188,10 @@ def _run(quick: bool, device_name: str, amp: bool, rounds: int | None) -> dict[s
 
     tr_best, tr_ips, tr_ratio = summarize(train)
     in_best, in_ips, in_ratio = summarize(infer)
-    say(f"row 4 ({tag}): train ours {tr_ips['ours']:.1f} img/s, torchvision {tr_ips['torchvision']:.1f} -> {tr_ratio:.2f}x")
-    say(f"row 5 ({tag}): infer ours {in_ips['ours']:.1f} img/s, torchvision {in_ips['torchvision']:.1f} -> {in_ratio:.2f}x")
+    say(f"row 4 ({tag}): train ours {tr_ips['ours']:.1f} img/s, torchvision {tr_ips['torchvision']:.1f} "
+        f"-> {tr_ratio:.2f}x")
+    say(f"row 5 ({tag}): infer ours {in_ips['ours']:.1f} img/s, torchvision {in_ips['torchvision']:.1f} "
+        f"-> {in_ratio:.2f}x")
     common = {"device": str(device), "amp": "bf16" if amp else None, "batch": batch, "canvas": cfg.canvas.height,
               "torch_threads": torch.get_num_threads(), "rounds": rounds, "steps_per_sample": steps,
               "params": n_params, "statistic": "best of rounds (torchvision and ours interleaved)"}
@@ -198,7 +202,8 @@ def _run(quick: bool, device_name: str, amp: bool, rounds: int | None) -> dict[s
             "id": f"4{rid}",
             "what": (f"training images/s{suffix}, tiny backbone, {cfg.canvas.height}x{cfg.canvas.width} canvas, "
                      f"batch {batch}, {torch.get_num_threads()} torch thread(s)"),
-            "baseline": f"torchvision FasterRCNN, same backbone/anchors/head width/proposal counts: {tr_ips['torchvision']:.2f} img/s",
+            "baseline": (f"torchvision FasterRCNN, same backbone/anchors/head width/proposal counts: "
+                         f"{tr_ips['torchvision']:.2f} img/s"),
             "figure": f"{tr_ratio:.2f}x ({tr_ips['ours']:.2f} img/s)",
             "goal": f">= {TRAIN_GOAL}x", "met": tr_ratio >= TRAIN_GOAL, "value": tr_ratio,
             "data": {**common, "best_step_s": tr_best, "images_per_s": tr_ips,

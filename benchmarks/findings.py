@@ -81,7 +81,8 @@ FINDINGS: dict[str, dict[str, str]] = {
             "`train_loop` calls `train_shard.iter_batches(...)` once per epoch, and each call executes the "
             "Ray Data pipeline again from the start: read the Parquet shards, launch the decode "
             "`map_batches` tasks (JPEG decode, densify the anchor targets), restart the streaming split. The "
-            "first batch of the epoch waits for all of it (0.1-0.4 s here, with the load), and `prefetch_batches` cannot "
+            "first batch of the epoch waits for all of it (0.1-0.4 s here, with the load), and "
+            "`prefetch_batches` cannot "
             "reach across the epoch boundary. With 64 images at batch 8 an epoch is only 8 steps, so the "
             "stall is a large share; on the demo's ~490 training images (about 61 steps an epoch) it would be "
             "about an eighth of this. With 2 workers the epoch start also waits for the slower rank (the "
@@ -124,6 +125,7 @@ OTHER_FINDINGS: list[str] = [
     ("**Large fresh tensors page-fault.** glibc hands allocations above its mmap threshold (128 KB to "
      "start with) straight from mmap and returns them on free, so a multi-MB temporary is faulted in page by "
      "page every time. This was most of row 1's old miss (fixed by the creator's precomputed tables and "
-     "pruned IoU); it may matter elsewhere (decoding, the training step). `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` or jemalloc/tcmalloc in the "
+     "pruned IoU); it may matter elsewhere (decoding, the training step). `MALLOC_MMAP_THRESHOLD_` / "
+     "`MALLOC_TRIM_THRESHOLD_` or jemalloc/tcmalloc in the "
      "runtime image are environment-level levers; only row 1 was measured with them."),
 ]

@@ -16,7 +16,8 @@ images/s is measured inside the run, from the MLflow timestamps of its first and
 ``loss_total`` (steps 20..96: two epoch boundaries, logging and metric reduction inside; start-up
 and the final checkpoint outside, reported separately as "end to end"), so the logged timestamps
 must stay the times the steps finished. Ray is started once before the runs (as a running
-cluster would be). Baseline: the bare training loop in this process on the same decoded rows: ``to_model_inputs``, ``hflip_batch``, forward, ``total_loss``, backward, gradient
+cluster would be). Baseline: the bare training loop in this process on the same decoded rows:
+``to_model_inputs``, ``hflip_batch``, forward, ``total_loss``, backward, gradient
 clipping, SGD step, the LR schedule -- the work of ``train_loop`` without Ray, MLflow, logging or
 metric reduction (JPEG decoding done beforehand, as Ray Data does it beside the worker). Same
 model, canvas, batch 8, one torch thread. Baseline and runs are interleaved, best of each.
@@ -250,7 +251,8 @@ def run_train(quick: bool, ws: Workspace, work: Path) -> dict[str, Any]:
                           f"its MLflow metric timestamps (epoch boundaries and logging inside, start-up outside; "
                           f"Ray already up); end to end incl. start-up and the final checkpoint: "
                           f"{max(r['end_to_end_images_per_s'] for r in runs):.1f} img/s; mean of the run's own "
-                          f"logged images_per_s windows: {statistics.fmean(runs[-1]['logged_images_per_s'] or [0]):.1f}"),
+                          "logged images_per_s windows: "
+                          f"{statistics.fmean(runs[-1]['logged_images_per_s'] or [0]):.1f}"),
         },
         "checkpoint": ckpt,
     }

@@ -6,8 +6,9 @@ Row 2's floor is the work no pipeline can skip, on the same images and the same 
 ``multiprocessing`` pool of ``os.cpu_count()`` processes doing read file -> PIL decode ->
 ``CanvasTransform.apply_image`` -> JPEG encode (quality 95, as precompute). Ray start-up is
 excluded: a first small run warms Ray's workers, then floor and pipeline are timed in interleaved
-rounds (best of each), at N (3 rounds) and at 10N (1 round: 2,000 images at 800x800 take minutes). The pipeline time is the wall time of
-the whole ``precompute()`` call (listing, Ray Data plan, shards, manifest, publish).
+rounds (best of each), at N (3 rounds) and at 10N (1 round: 2,000 images at 800x800 take
+minutes). The pipeline time is the wall time of the whole ``precompute()`` call (listing, Ray
+Data plan, shards, manifest, publish).
 
 Row 3: peak RSS of the driver plus every Ray worker process, sampled every 50 ms
 (``common.PeakRSS``), during a run of N images and a run of 10N (separate runs from row 2's timed
@@ -221,7 +222,8 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             precompute(str(voc), "bench_n", str(work / "out_n"), cfg, overwrite=True, progress=False)
             dt_n = time.perf_counter() - t0
-        say(f"row 3: peak RSS driver+workers {mem_n.peak_workers / 2**20:.0f} MiB at {n} images ({mem_n.samples} samples)")
+        say(f"row 3: peak RSS driver+workers {mem_n.peak_workers / 2**20:.0f} MiB at {n} images "
+            f"({mem_n.samples} samples)")
         with PeakRSS() as mem10:
             t0 = time.perf_counter()
             s10 = precompute(str(voc), "bench_10n", str(work / "out_10n"), cfg, overwrite=True, progress=False)
@@ -236,8 +238,10 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
             say(f"row 2: goal missed: per-image breakdown in this process (1 torch thread, {min(n, 100)} images)")
             try:
                 breakdown = per_image_breakdown(voc, "bench_n", cfg, min(n, 100))
-                say(f"row 2: per image: floor steps {breakdown['floor']} ms, pipeline process() {breakdown['process']} ms "
-                    f"(anchor targets {breakdown['anchor_targets']} ms) -> floor/process {breakdown['floor_over_process']:.0%}")
+                say(f"row 2: per image: floor steps {breakdown['floor']} ms, "
+                    f"pipeline process() {breakdown['process']} ms "
+                    f"(anchor targets {breakdown['anchor_targets']} ms) -> "
+                    f"floor/process {breakdown['floor_over_process']:.0%}")
             except Exception as exc:  # noqa: BLE001 - a diagnostic must not lose the row
                 say(f"row 2: breakdown failed: {type(exc).__name__}: {exc}")
 
@@ -245,7 +249,8 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
         train_shards = work / f"train_shards_{train_images}"
         precompute(str(voc), "bench_train", str(train_shards), tiny_config(len(SYNTH_CLASSES), SYNTH_CLASSES),
                    overwrite=True, progress=False)
-        say(f"rows 6/7: {train_images} images precomputed at the tiny config (192x192) in {time.perf_counter() - t:.1f} s")
+        say(f"rows 6/7: {train_images} images precomputed at the tiny config (192x192) in "
+            f"{time.perf_counter() - t:.1f} s")
     finally:
         pool.terminate()
         pool.join()
@@ -286,10 +291,12 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
                       f"{rounds} rounds at {n}, {rounds_10n} at {10 * n}; CPU per image at {n}: floor "
                       f"{acc_n['floor_cpu_ms_per_image']:.1f} ms, pipeline workers "
                       f"{acc_n['pipeline_worker_cpu_ms_per_image']:.1f} ms (at {10 * n}: "
-                      f"{acc_10n['floor_cpu_ms_per_image']:.1f} / {acc_10n['pipeline_worker_cpu_ms_per_image']:.1f} ms); "
+                      f"{acc_10n['floor_cpu_ms_per_image']:.1f} / "
+                      f"{acc_10n['pipeline_worker_cpu_ms_per_image']:.1f} ms); "
                       f"workers busy {acc_n['pipeline_worker_utilisation']:.0%} / "
                       f"{acc_10n['pipeline_worker_utilisation']:.0%} of the wall x cores; driver + Ray actors/daemons "
-                      f"{acc_n['pipeline_overhead_cpu_s']:.2f} / {acc_10n['pipeline_overhead_cpu_s']:.2f} CPU-s per run"),
+                      f"{acc_n['pipeline_overhead_cpu_s']:.2f} / {acc_10n['pipeline_overhead_cpu_s']:.2f} "
+                      "CPU-s per run"),
     }
     row3 = {
         "id": "3",

@@ -103,7 +103,8 @@ def render(result: dict[str, Any]) -> str:
             else:
                 out += ["Cause not diagnosed yet.", ""]
     if OTHER_FINDINGS:
-        out += ["## Other findings", "", f"Found while benchmarking (commit `{DIAGNOSED_AT}`); not rows of the table.", ""]
+        out += ["## Other findings", "",
+                f"Found while benchmarking (commit `{DIAGNOSED_AT}`); not rows of the table.", ""]
         out += [f"- {f}" for f in OTHER_FINDINGS] + [""]
     out += ["## How each row is measured", ""]
     for r in rows:

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     load_before = load_average()
     env = environment()
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     say(f"start: {'quick' if args.quick else 'full'} run, device {args.device}, {env['cpu_count']} CPUs, "
         f"{env['torch_threads']} torch threads, load average {load_before}, torch {env['versions']['torch']}, "
         f"ray {env['versions']['ray']}")
@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             rows[r["id"]] = r
 
     train_images = 32 if args.quick else 64
-    need = [train_images if wanted & {"6", "7"} else 0, (24 if args.quick else 200) * 10 if wanted & {"2", "3"} else 0,
-            (64 if args.quick else 256) if wanted & {"8", "9"} else 0, (64 if args.quick else 600) if "9" in wanted else 0]
+    need = [train_images if wanted & {"6", "7"} else 0,
+            (24 if args.quick else 200) * 10 if wanted & {"2", "3"} else 0,
+            (64 if args.quick else 256) if wanted & {"8", "9"} else 0,
+            (64 if args.quick else 600) if "9" in wanted else 0]
     with tempfile.TemporaryDirectory(prefix="frcnn-bench-") as tmp:
         work = Path(tmp)
         ws = Workspace(work, max(need + [1]))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import walkthrough_port as wp  # noqa: E402
+import walkthrough_port as wp
 
-from frcnn.anchors import (  # noqa: E402
+from frcnn.anchors import (
     AnchorTargetCreator,
     anchor_target_creator,
     assign_anchor_targets,
@@ -23,8 +23,8 @@ from frcnn.anchors import (  # noqa: E402
     hflip_anchor_targets,
     sample_anchor_labels,
 )
-from frcnn.boxes import BoxCoder  # noqa: E402
-from frcnn.rpn import RPNHead  # noqa: E402
+from frcnn.boxes import BoxCoder
+from frcnn.rpn import RPNHead
 
 WALK_SCALES = (8, 16, 32)
 WALK_RATIOS = (0.5, 1, 2)
@@ -208,8 +208,8 @@ def test_walkthrough_two_boxes_800():
     port = _compare_with_port(anchors, WALK_BOXES_XYXY, (800, 800))
     assert len(port.inside_index) == 8940  # In [100]
     assert sum(label == 1 for label in port.labels) == 18  # In [109]
-    torch.testing.assert_close(torch.tensor(port.gt_max_ious, dtype=torch.float64), torch.tensor([0.68130493, 0.61035156],
-                               dtype=torch.float64), atol=1e-6, rtol=0)  # In [104]
+    torch.testing.assert_close(torch.tensor(port.gt_max_ious, dtype=torch.float64),  # In [104]
+                               torch.tensor([0.68130493, 0.61035156], dtype=torch.float64), atol=1e-6, rtol=0)
     assert port.gt_best_counts == [2, 16]  # In [106]: ties included
 
 
@@ -226,10 +226,12 @@ def test_port_reproduces_walkthrough_prints_and_frcnn_positives_are_its_anchors(
     # In [113]: first and last rows of anchor_locs, (dy, dx, dh, dw) -> (dx, dy, dw, dh)
     first = port.deltas[port.inside_index[0]]
     last = port.deltas[port.inside_index[-1]]
-    torch.testing.assert_close(torch.tensor(first, dtype=torch.float64), torch.tensor([2.30914558, 0.5855728, 1.64727602, 0.7415674],
-                               dtype=torch.float64), atol=1e-6, rtol=0)
-    torch.testing.assert_close(torch.tensor(last, dtype=torch.float64), torch.tensor([-5.29225232, -2.68479606, 1.64727602, 0.7415674],
-                               dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(first, dtype=torch.float64),
+                               torch.tensor([2.30914558, 0.5855728, 1.64727602, 0.7415674], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(last, dtype=torch.float64),
+                               torch.tensor([-5.29225232, -2.68479606, 1.64727602, 0.7415674], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
 
     perm = wp.x_major_to_y_major(50, 50, 9)
     y_of_x = {xm: ym for ym, xm in enumerate(perm)}
@@ -517,7 +519,7 @@ def test_hflip_targets_equal_targets_of_flipped_boxes(fh, fw, stride, scales):
     rng = random.Random(fh * 1000 + fw)
     n_sets = 60 if fh < 50 else 15
     batch_labels, batch_deltas, flipped_sets = [], [], []
-    for k in range(n_sets):
+    for _ in range(n_sets):
         boxes = []
         for _ in range(rng.randint(0, 4)):
             boxes += _random_boxes(rng, rng.choice(("int", "grid", "dyadic", "corner")), h, w, 1)
