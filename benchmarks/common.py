@@ -22,7 +22,7 @@ def say(msg: str) -> None:
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
 
 
-def ray_up(reserved_cpus: float = 0, attempts: int = 3) -> None:
+def ray_up(reserved_cpus: float = 0, attempts: int = 5) -> None:
     """Start local Ray the way the commands do (``pipelines.storage.init_ray``), quietly, retrying:
     Ray gives its raylet a fixed 30 s to start, which an oversubscribed shared machine can miss
     ("The current node timed out during startup")."""
@@ -40,6 +40,7 @@ def ray_up(reserved_cpus: float = 0, attempts: int = 3) -> None:
                 raise
             say(f"ray: start {attempt} of {attempts} failed ({exc}); again")
             ray.shutdown()
+            time.sleep(10)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

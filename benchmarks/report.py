@@ -85,6 +85,11 @@ def render(result: dict[str, Any]) -> str:
         table(rows),
         "",
     ]
+    for m in result.get("merged_runs", []):
+        out += [f"Row{'s' if len(m['rows']) > 1 else ''} {', '.join(m['rows'])} "
+                f"{'were' if len(m['rows']) > 1 else 'was'} measured again by `{m['command']}` on {m['started_at']} "
+                f"({m['wall_s']:.0f} s) and merged in (the first run's measurement of them had failed or was "
+                "superseded); each row's run is in results.json (`run`).", ""]
     if missed:
         out += ["## Missed (or borderline) goals: what was found", "",
                 f"Diagnosis written against commit `{DIAGNOSED_AT}`; the profile tables come from this run. "

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render-only", action="store_true",
                     help="Only regenerate RESULTS.md from the results.json already in --out (no measurement).")
     ap.add_argument("--readme", action="store_true", help="With --render-only: also print the README's table.")
+    ap.add_argument("--merge", action="store_true",
+                    help="With --only: replace these rows in the results.json already in --out and keep the others "
+                         "(each row records its run; RESULTS.md names the rows measured later).")
     args = ap.parse_args(argv)
     wanted = set(args.rows.split(",")) if args.rows else set(ROWS)
     unknown = wanted - set(ROWS) - {"4g", "5g"}
@@ -205,12 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
     env.update(load_average_before=load_before, load_average_after=load_after)
     order = ["1", "2", "3", "4", "5", "4g", "5g", "6", "7", "8", "9"]
-    table = [rows[k] for k in order if k in rows]
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    for r in rows.values():
+        r.setdefault("run", {"started_at": started, "command": command.strip(), "load_average_before": load_before,
+                             "git_commit": env["git_commit"]})
     result = {
         "started_at": started, "wall_s": round(wall, 1), "quick": args.quick, "device": args.device,
-        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": env, "rows": table,
+        "command": command, "environment": env,
     }
+    if args.merge:
+        old = json.loads((out_dir / "results.json").read_text())
+        kept = {r["id"]: r for r in old["rows"] if r["id"] not in rows}
+        for r in kept.values():
+            r.setdefault("run", {"started_at": old["started_at"], "command": old["command"].strip(),
+                                 "load_average_before": old["environment"].get("load_average_before"),
+                                 "git_commit": old["environment"].get("git_commit")})
+        rows = {**kept, **rows}
+        merged = list(old.get("merged_runs", [])) + [{
+            "started_at": started, "command": command.strip(), "rows": sorted(set(wanted) & set(rows)),
+            "wall_s": round(wall, 1)}]
+        result = {**old, "merged_runs": merged}
+    result["rows"] = [rows[k] for k in order if k in rows]
+    table = result["rows"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     (out_dir / "RESULTS.md").write_text(report.render(result))
