@@ -29,14 +29,6 @@ DEMO_CONFIG = "demo"  # frcnn/configs/demo.yaml, shipped in the package
 def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str | None = None,
              workers: int = 1, cpus_per_worker: float = 2, epochs: int | None = None,
              experiment: str = "frcnn-demo", fresh: bool = True) -> dict:
-    from pipelines.synth import generate
-
-    from .data_cmds import run_precompute
-    from .evaluate import run_evaluation
-    from .models import promote
-    from .infer import run_infer
-    from .train import run_training
-
     t_start = time.perf_counter()
     work = Path(workdir).resolve()
     if fresh and work.exists():
@@ -50,8 +42,33 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
         timings[name] = time.perf_counter()
         click.secho(f"\n== {name} ({time.perf_counter() - t_start:.0f} s)", fg="cyan", bold=True)
 
+    try:
+        return _steps(step, work, uri, images=images, seed=seed, config_path=config_path, workers=workers,
+                      cpus_per_worker=cpus_per_worker, epochs=epochs, experiment=experiment, t_start=t_start)
+    except KeyboardInterrupt as stop:
+        raise DemoInterrupted(next(reversed(timings), "start"), uri, stop) from None
+
+
+class DemoInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the demo: the job that was running ended its MLflow run KILLED."""
+
+    def __init__(self, step: str, uri: str, cause: KeyboardInterrupt) -> None:
+        super().__init__(f"demo interrupted during {step}")
+        self.step, self.uri, self.cause = step, uri, cause
+
+
+def _steps(step, work: Path, uri: str, *, images: int, seed: int, config_path: str, workers: int,
+           cpus_per_worker: float, epochs: int | None, experiment: str, t_start: float) -> dict:
+    from pipelines.synth import generate
+
+    from .data_cmds import run_precompute
+    from .evaluate import run_evaluation
+    from .infer import run_infer
+    from .models import promote
+    from .train import run_training
+
     step("generate")
-    data = work / "data"
+    data = work / "synth"  # the dataset's folder name is what run names call it (precompute-synth-train)
     summary = generate(str(data), n_images=images, seed=seed, min_size=240, max_size=320)
     print(f"{summary['images']} images in VOC layout at {data}: splits {summary['splits']}")
 
@@ -120,9 +137,21 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Overrides the demo config's train.epochs.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--cpus-per-worker", type=click.FloatRange(0.5), default=2, show_default=True)
-def demo_cmd(workdir, images, epochs, workers, cpus_per_worker):
-    """Generate data, precompute, train, evaluate, promote and infer, locally, on CPU."""
-    run_demo(workdir, images=images, epochs=epochs, workers=workers, cpus_per_worker=cpus_per_worker)
+@click.pass_context
+def demo_cmd(ctx, workdir, images, epochs, workers, cpus_per_worker):
+    """Generate data, precompute, train, evaluate, promote and infer, locally, on CPU.
+    Ctrl-C stops the running job (its MLflow run ends KILLED) and exits 130."""
+    try:
+        run_demo(workdir, images=images, epochs=epochs, workers=workers, cpus_per_worker=cpus_per_worker)
+    except DemoInterrupted as stop:
+        click.echo(f"\ninterrupted during {stop.step}: that job's MLflow run is KILLED, the earlier ones are in "
+                   f"{stop.uri}", err=True)
+        if getattr(stop.cause, "run_id", None):  # the training's own account: step reached, checkpoint
+            click.echo(f"training run {stop.cause.run_id}: {stop.cause}; last checkpoint "
+                       f"{getattr(stop.cause, 'checkpoint', None) or 'none'}", err=True)
+        click.echo(f"the demo starts over with: frcnn-jobs demo --workdir {workdir}  (it replaces the folder)",
+                   err=True)
+        ctx.exit(130)
 
 
 COMMANDS = [demo_cmd]

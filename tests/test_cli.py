@@ -129,3 +129,19 @@ def test_every_command_module_imports():
     from jobs.cli import main
 
     assert {"synth", "precompute", "train", "evaluate", "promote", "infer", "ui", "demo"} <= set(main.commands)
+
+
+def test_demo_ctrl_c_says_where_it_stopped_and_exits_130(tmp_path, monkeypatch):
+    import pipelines.synth
+    from jobs.demo import demo_cmd
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the first stage runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines.synth, "generate", interrupted)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(demo_cmd, ["--workdir", str(tmp_path / "demo")])
+    assert result.exit_code == 130, result.output
+    assert "interrupted during generate" in result.output
+    assert f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}" in result.output
+    assert f"frcnn-jobs demo --workdir {tmp_path / 'demo'}" in result.output
