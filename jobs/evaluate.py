@@ -186,11 +186,14 @@ def predict_split(gt, checkpoint: bytes, data_root: str, *, address: str | None 
     t0 = time.perf_counter()
     table = predict_images(items, checkpoint, source=source, progress=progress, **resources)
     elapsed = time.perf_counter() - t0
-    failed = table.filter(table.column("error") != "")
+    import pyarrow.compute as pc
+
+    bad = pc.not_equal(table.column("error"), "")
+    failed = table.filter(bad)
     for row in failed.select(["image_id", "error"]).to_pylist()[:5]:
         log.warning("image %s: %s", row["image_id"], row["error"])
     errors |= set(failed.column("image_id").to_pylist())
-    dets = _per_image(table.filter(table.column("error") == ""))
+    dets = _per_image(table.filter(pc.invert(bad)))
     return dets, errors, {"images_per_s": len(items) / max(elapsed, 1e-9), "inference_s": elapsed}
 
 
