@@ -35,6 +35,7 @@ The model is row 8's trained checkpoint when row 8 ran, else one trained here by
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import random
@@ -174,6 +175,8 @@ def run_train(quick: bool, ws: Workspace, work: Path) -> dict[str, Any]:
     rounds = 1 if quick else 2
     shards = ws.train_shards(images)
     tcfg = train_config(epochs)
+    if quick:  # 8 steps an epoch: log often enough to span an epoch boundary
+        tcfg = dataclasses.replace(tcfg, log_every=4)
     batch = tcfg.batch_size
     steps_per_epoch = images // batch
     decoded, cfg = load_rows(shards)
