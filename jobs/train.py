@@ -19,6 +19,7 @@ How it fits together:
 
 from __future__ import annotations
 
+import os
 import shlex
 import threading
 from collections.abc import Sequence
@@ -176,6 +177,7 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
             "use_difficult": bool(manifest.get("use_difficult", False)), "in_memory": prepared.in_memory,
             "torch_threads": max(int(cpus_per_worker), 1) if gpus_per_worker == 0 else None,
             "callbacks": list(callbacks),
+            "driver_niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None,
         }
         trainer = TorchTrainer(
             train_loop,

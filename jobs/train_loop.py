@@ -95,6 +95,9 @@ class RankZeroMetrics:
             self.buffer.log(metrics, step)
             self._last[key] = step
 
+    def flush(self) -> None:
+        self.buffer.flush()
+
     def close(self) -> None:
         self.buffer.close()
 
@@ -227,6 +230,7 @@ def train_loop(config: dict[str, Any]) -> None:
     tcfg = TrainConfig.from_dict(config["train"])
     if config.get("torch_threads"):
         torch.set_num_threads(int(config["torch_threads"]))
+    _match_priority(config.get("driver_niceness"))
     device = ray.train.torch.get_device()
     torch.manual_seed(tcfg.seed)  # identical initial weights (DDP also broadcasts rank 0's)
 
@@ -314,6 +318,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 if writer is not None:
                     writer.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step, "val_loss_total")
             if checkpoint_now:
+                if writer is not None:
+                    # Every step up to a checkpoint is in the run before the checkpoint exists: a
+                    # group restarted (or resumed) from it logs only the steps after it.
+                    writer.flush()
                 _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, rank)
             else:
                 ray.train.report(metrics)
@@ -325,6 +333,20 @@ def train_loop(config: dict[str, Any]) -> None:
             writer.close()
         if monitor is not None:
             tracking.safe(monitor.finish)
+
+
+def _match_priority(niceness: int | None) -> None:
+    """Run at the priority of the command that started the training. Ray starts its workers at
+    niceness 15 (background work); a training worker is the job itself, and at 15 any other process
+    on the node takes the CPU first. Raising priority needs the privilege to: otherwise nothing
+    changes."""
+    if niceness is None or not hasattr(os, "setpriority"):
+        return
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > niceness:
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError:
+        log.debug("worker priority left at niceness %s", os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, rank) -> None:

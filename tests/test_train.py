@@ -303,7 +303,7 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sigint").experiment_id])
     assert run.info.status == "KILLED" and run.info.run_name == "train-tiny-synth-1w"
-    logged = max(s for s, _ in _history(client, run.info.run_id, "loss_total"))
+    logged = max((s for s, _ in _history(client, run.info.run_id, "loss_total")), default=0)
     reached = int(re.search(r"reached step (\d+)/168;", err).group(1))
     ckpt = re.search(r"last checkpoint: (\S+)", err).group(1)
     assert re.fullmatch(r"epoch-\d{4}", Path(ckpt).name) and Path(ckpt).parent.parent == storage, err
