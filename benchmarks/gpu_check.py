@@ -151,7 +151,8 @@ def train_curve(cfg, data, plan: Plan, amp: torch.dtype | None, init: dict) -> l
 
 
 def windows(curve: list[dict[str, float]], key: str, n: int = 5) -> list[float]:
-    size = max(1, len(curve) // n)
+    n = max(1, min(n, len(curve)))
+    size = len(curve) // n
     return [float(np.mean([c[key] for c in curve[i * size:(i + 1) * size]])) for i in range(n)]
 
 
