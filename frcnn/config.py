@@ -40,7 +40,8 @@ class CanvasConfig:
     max_long_side: int = 0
     # Aspect-ratio buckets, (height, width) each, multiples of the stride: each image goes on the
     # bucket needing the least padding (at the rule's scale when there is a rule). () = the one
-    # canvas height x width. Not yet wired into precompute/train/infer: feature_size refuses them.
+    # canvas height x width. Each bucket has its own anchor grid (ModelConfig.feature_size_for); a
+    # training batch holds one bucket.
     buckets: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -142,16 +143,31 @@ class ModelConfig:
 
     @property
     def feature_size(self) -> tuple[int, int]:
-        if self.canvas.buckets:  # one grid per bucket: every user of this property assumes one canvas
-            raise NotImplementedError("canvas.buckets are not yet supported by precompute, training and "
-                                      "inference (one anchor grid per bucket); use one canvas")
+        """The feature grid of the one canvas; with buckets there is one grid per bucket
+        (``feature_size_for``), and code that assumes a single grid must not get one silently."""
+        if self.canvas.buckets:
+            raise ValueError(f"canvas.buckets {[list(b) for b in self.canvas.buckets]}: one feature grid per "
+                             "bucket; use feature_size_for((height, width))")
+        return self.feature_size_for((self.canvas.height, self.canvas.width))
+
+    def feature_size_for(self, canvas_hw: tuple[int, int]) -> tuple[int, int]:
+        """The feature grid of one of ``canvas.sizes`` (a bucket, or the one canvas)."""
+        hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        if hw not in self.canvas.sizes:
+            raise ValueError(f"canvas {hw[0]}x{hw[1]} is not one of the config's canvases "
+                             f"{[list(b) for b in self.canvas.sizes]}")
         s = self.anchors.stride
-        return self.canvas.height // s, self.canvas.width // s
+        return hw[0] // s, hw[1] // s
 
     @property
     def num_anchor_positions(self) -> int:
         h, w = self.feature_size
         return h * w * self.anchors.num_anchors
+
+    def anchor_positions(self) -> dict[tuple[int, int], int]:
+        """Anchors per canvas (bucket): ``{(height, width): H*W*A}``."""
+        a = self.anchors.num_anchors
+        return {hw: self.feature_size_for(hw)[0] * self.feature_size_for(hw)[1] * a for hw in self.canvas.sizes}
 
     def __post_init__(self) -> None:
         s = self.anchors.stride

@@ -40,9 +40,11 @@ class FasterRCNN(nn.Module):
                                   bb.out_channels)
         self.rpn_coder = BoxCoder(cfg.rpn.box_weights)
         self.proposal_layer = ProposalLayer(cfg.rpn, self.rpn_coder)
-        fh, fw = cfg.feature_size
+        fh, fw = cfg.feature_size_for(self.canvas_hw)
         a = cfg.anchors
+        # The default canvas's grid; other buckets' grids are built on first use (anchors_for).
         self.register_buffer("anchors", grid_anchors(fh, fw, a.stride, a.scales, a.ratios), persistent=False)
+        self._bucket_anchors: dict[tuple[int, int], Tensor] = {}
         self.register_buffer("pixel_mean", torch.tensor(cfg.canvas.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.canvas.std).view(1, 3, 1, 1), persistent=False)
         self.canvas = CanvasTransform.from_config(cfg.canvas)
@@ -50,6 +52,18 @@ class FasterRCNN(nn.Module):
     @property
     def canvas_hw(self) -> tuple[int, int]:
         return self.cfg.canvas.height, self.cfg.canvas.width
+
+    def anchors_for(self, canvas_hw: tuple[int, int]) -> Tensor:
+        """The anchor grid of one canvas (bucket), on the model's device."""
+        hw = (int(canvas_hw[0]), int(canvas_hw[1]))
+        if hw == self.canvas_hw:
+            return self.anchors
+        grid = self._bucket_anchors.get(hw)
+        if grid is None or grid.device != self.anchors.device:
+            fh, fw = self.cfg.feature_size_for(hw)
+            a = self.cfg.anchors
+            grid = self._bucket_anchors[hw] = grid_anchors(fh, fw, a.stride, a.scales, a.ratios).to(self.anchors.device)
+        return grid
 
     def normalize(self, images: Tensor) -> Tensor:
         """RGB canvases (uint8 0..255 or float 0..1) -> what the backbone's weights expect: RGB
@@ -59,11 +73,14 @@ class FasterRCNN(nn.Module):
             x = x.flip(1) * 255.0  # RGB -> BGR; canvas.mean/std are in BGR 0..255 units
         return (x - self.pixel_mean) / self.pixel_std
 
-    def anchor_targets(self, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Assign anchor targets in the model (when none were precomputed)."""
+    def anchor_targets(self, boxes: list[Tensor], canvas_hw: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """Assign anchor targets in the model (when none were precomputed) on ``canvas_hw``'s grid
+        (default: the config's canvas)."""
+        hw = canvas_hw or self.canvas_hw
+        anchors = self.anchors_for(hw)
         labels, deltas = [], []
         for b in boxes:
-            t = assign_anchor_targets(self.anchors, b, self.canvas_hw, self.cfg.rpn.pos_iou,
+            t = assign_anchor_targets(anchors, b, hw, self.cfg.rpn.pos_iou,
                                       self.cfg.rpn.neg_iou, self.rpn_coder)
             labels.append(t.labels)
             deltas.append(t.deltas)
@@ -71,8 +88,10 @@ class FasterRCNN(nn.Module):
 
     def _rpn(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> backbone features, RPN logits (B, H*W*A, 2) and deltas (B, H*W*A, 4)."""
-        if images.shape[-2:] != self.canvas_hw:
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, the canvas is {self.canvas_hw}")
+        hw = tuple(images.shape[-2:])
+        if hw not in self.cfg.canvas.sizes:  # a batch holds one canvas (bucket): one anchor grid
+            sizes = " or ".join(f"{h}x{w}" for h, w in self.cfg.canvas.sizes)
+            raise ValueError(f"images are {hw[0]}x{hw[1]}, the canvas is {sizes}")
         features = self.backbone(self.normalize(images))
         return (features, *self.rpn_head(features))
 
@@ -81,27 +100,29 @@ class FasterRCNN(nn.Module):
         input (Fast R-CNN on external proposals; or two models compared on the same RoIs). The RPN
         still runs, and its losses are still computed in training."""
         features, logits, deltas = self._rpn(images)
+        hw = tuple(images.shape[-2:])
         if proposals is None:
-            proposals = self.proposal_layer(self.anchors, logits, deltas, self.canvas_hw, self.training)
+            proposals = self.proposal_layer(self.anchors_for(hw), logits, deltas, hw, self.training)
         if self.training:
             if targets is None:
                 raise ValueError("training needs targets")
             if "anchor_labels" in targets:
                 a_labels, a_deltas = targets["anchor_labels"], targets["anchor_deltas"]
             else:
-                a_labels, a_deltas = self.anchor_targets(targets["boxes"])
+                a_labels, a_deltas = self.anchor_targets(targets["boxes"], hw)
             losses = rpn_loss(self.cfg.rpn, logits, deltas, a_labels, a_deltas, tuple(features.shape[-2:]))
             losses.update(self.roi_heads.forward_train(features, proposals, targets["boxes"], targets["labels"]))
             return losses
         cls_logits, box_deltas = self.roi_heads.predict(features, proposals)
-        return self.roi_heads.postprocess_detections(cls_logits, box_deltas, proposals, self.canvas_hw)
+        return self.roi_heads.postprocess_detections(cls_logits, box_deltas, proposals, hw)
 
     @torch.no_grad()
     def propose(self, images: Tensor) -> list[Tensor]:
         """The RPN's proposals per image (canvas boxes, best first), with the training or the test
         counts (``rpn.*_top_n_train`` / ``_test``) as the module is in train or eval mode."""
         _, logits, deltas = self._rpn(images)
-        return self.proposal_layer(self.anchors, logits, deltas, self.canvas_hw, self.training)
+        hw = tuple(images.shape[-2:])
+        return self.proposal_layer(self.anchors_for(hw), logits, deltas, hw, self.training)
 
     @torch.no_grad()
     def detect(self, images: Tensor, scales: list[float] | Tensor, orig_sizes: list[tuple[int, int]]

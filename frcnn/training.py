@@ -95,11 +95,12 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 def hflip_batch(images: Tensor, targets: dict, flip: Tensor, cfg: ModelConfig) -> tuple[Tensor, dict]:
     """Flip the images where ``flip`` (B,) is True, with their boxes and stored anchor targets,
-    exactly: no anchor target is recomputed (see ``frcnn.anchors.hflip_anchor_targets``)."""
+    exactly: no anchor target is recomputed (see ``frcnn.anchors.hflip_anchor_targets``). The batch
+    is one canvas (bucket): its width and anchor grid are the images'."""
     if not bool(flip.any()):
         return images, targets
-    fh, fw = cfg.feature_size
-    width = cfg.canvas.width
+    fh, fw = cfg.feature_size_for(tuple(images.shape[-2:]))
+    width = images.shape[-1]
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     out = dict(targets)
     if "anchor_labels" in targets:
