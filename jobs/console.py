@@ -24,6 +24,9 @@ import sys
 _verbose: bool | None = None
 # Loggers whose INFO stream (execution plans, per-operator progress, controller chatter) is detail.
 _RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.util")
+# Single INFO/WARNING lines that only restate what quiet mode did or what the job prints itself:
+# "Started a local Ray instance.", "Progress bars disabled. To enable, set ...".
+_RAY_CHATTER = {"ray._private.worker": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
 
 
 def configure(verbose: bool = False) -> None:
@@ -43,7 +46,7 @@ def configure(verbose: bool = False) -> None:
         os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
         if not interactive():
             os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        _set_ray_levels(logging.WARNING)
+    _set_ray_levels(quiet=not verbose)
 
 
 def verbose() -> bool:
@@ -77,10 +80,12 @@ def quiet_ray() -> None:
     ctx.enable_progress_bars = detail or interactive()
     ctx.print_on_execution_start = detail
     ctx.enable_auto_log_stats = detail
-    if not detail:
-        _set_ray_levels(logging.WARNING)
+    _set_ray_levels(quiet=not detail)
 
 
-def _set_ray_levels(level: int) -> None:
+def _set_ray_levels(quiet: bool) -> None:
+    """Quiet: Ray's libraries at WARNING, the chatter above; else every level inherited again."""
     for name in _RAY_LOGGERS:
-        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
+    for name, level in _RAY_CHATTER.items():
+        logging.getLogger(name).setLevel(level if quiet else logging.NOTSET)

@@ -86,7 +86,7 @@ def restore_console(monkeypatch):
 
     for name in ("RAY_LOG_TO_DRIVER", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DEDUP_LOGS"):
         monkeypatch.delenv(name, raising=False)  # and restored after the test
-    levels = {n: logging.getLogger(n).level for n in ("", "ray.data", "ray.train")}
+    levels = {n: logging.getLogger(n).level for n in ("", *console._RAY_LOGGERS, *console._RAY_CHATTER)}
     saved = console._verbose
     yield
     console._verbose = saved
@@ -114,12 +114,14 @@ def test_quiet_by_default_detail_with_verbose(restore_console):
             False, False, False)  # CliRunner's stdout is not a terminal
         assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
         assert logging.getLogger("ray.train").getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("ray.data._internal.progress").getEffectiveLevel() == logging.ERROR
 
         assert CliRunner().invoke(main, ["-v", "synth", "--help"]).exit_code == 0
         assert console.verbose() is True and console.log_to_driver() is True
         console.quiet_ray()
         assert (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats) == (
             True, True, True)
+        assert logging.getLogger("ray.data._internal.progress").getEffectiveLevel() <= logging.INFO
     finally:
         ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats = saved
 
