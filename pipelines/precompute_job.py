@@ -187,14 +187,12 @@ class Progress:
     def _loop(self) -> None:
         import ray
 
-        last = -1
         while not self._stop.wait(self.interval):
             try:
                 done = ray.get(self.ledger.progress.remote(self.run_id), timeout=5)
             except Exception:  # noqa: BLE001 - a missed poll costs one line, never the run
                 continue
-            if done != last:
-                last = done
-                seconds = time.perf_counter() - self._t0
-                print(f"precompute: {done}/{self.total} images, {done / seconds:.1f} images/s, {seconds:.0f}s",
-                      flush=True)
+            # A line every interval, also before the first image is done (workers still starting).
+            seconds = time.perf_counter() - self._t0
+            print(f"precompute: {done}/{self.total} images, {done / seconds:.1f} images/s, {seconds:.0f}s",
+                  flush=True)

@@ -418,6 +418,23 @@ def test_model_classes_rule_dataset_classes_left_out_and_counted(ray_session, sy
     assert sorted(os.listdir(tmp_path)) == ["two"]
 
 
+def test_progress_lines_come_from_the_ledger(ray_session, capsys):
+    import re
+    import time
+
+    from pipelines.precompute_job import Progress, get_ledger
+
+    ledger = get_ledger()
+    run = "progress-test"
+    ray_session.get(ledger.tick.remote(run, 7))  # what the tasks send, about once a second each
+    with Progress(ledger, run, 20, interval=0.05):
+        time.sleep(0.6)
+    assert ray_session.get(ledger.finish.remote(run))["ticked"] == 7
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 2, lines
+    assert all(re.fullmatch(r"precompute: 7/20 images, [0-9.]+ images/s, [0-9]+s", line) for line in lines), lines
+
+
 # --------------------------------------------------------------------------- kill -9 and Ctrl-C
 
 _SLOW_CLI = """
