@@ -467,7 +467,7 @@ def _start_slow_precompute(synth_root: str, out: Path, tracking_uri: str):
     return proc, args
 
 
-def _wait_for_a_staged_shard(proc, out: Path, timeout: float = 180.0) -> Path:
+def _wait_for_a_staged_shard(proc, out: Path, timeout: float = 480.0) -> Path:
     import time
 
     staging_root = out.parent / "_staging"
