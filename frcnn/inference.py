@@ -104,20 +104,26 @@ class Detector:
         return to_tensor(canvas), scale, (image.height, image.width)
 
     def predict(self, images: Sequence[bytes]) -> list[Detections]:
-        """Detections for each encoded image, in order; all decodable ones go through the model at once."""
+        """Detections for each encoded image, in order; the decodable ones go through the model at
+        once, or once per canvas bucket (``canvas.buckets``: ``apply_image`` picks each image's)."""
         prepared = list(self._pool.map(self._prepare, images)) if len(images) > 1 else [
             self._prepare(d) for d in images]
-        ok = [p for p in prepared if not isinstance(p, str)]
-        dets = iter(())
-        if ok:
-            batch = torch.stack([p[0] for p in ok]).to(self.device)
-            dets = iter(self.model.detect(batch, [p[1] for p in ok], [p[2] for p in ok]))
+        # One model call per canvas (bucket): a batch has one image size and one anchor grid.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prepared):
+            if not isinstance(p, str):
+                groups.setdefault(tuple(p[0].shape), []).append(i)
+        found: dict[int, dict] = {}
+        for idx in groups.values():
+            batch = torch.stack([prepared[i][0] for i in idx]).to(self.device)
+            dets = self.model.detect(batch, [prepared[i][1] for i in idx], [prepared[i][2] for i in idx])
+            found.update(zip(idx, dets, strict=True))
         out = []
-        for p in prepared:
+        for i, p in enumerate(prepared):
             if isinstance(p, str):
                 out.append(Detections.failed(p))
                 continue
-            d = next(dets)
+            d = found[i]
             scores = d["scores"]
             keep = scores >= self.score_threshold if self.score_threshold is not None else slice(None)
             h, w = p[2]

@@ -43,15 +43,64 @@ class TrainData:
     in_memory: dict[str, list] | None = None  # split -> numpy block refs, held by every worker
 
 
-def _decode_fn(num_anchor_positions: int):
+def _decode_fn(num_anchor_positions: int | dict[tuple[int, int], int]):
     def fn(batch):
         return decode_batch(batch, num_anchor_positions)
     return fn
 
 
+def _positions(cfg: ModelConfig) -> int | dict[tuple[int, int], int]:
+    """What ``decode_batch`` checks rows against: one count, or one per bucket."""
+    return cfg.anchor_positions() if cfg.canvas.buckets else cfg.num_anchor_positions
+
+
 def decoded_bytes_per_row(cfg: ModelConfig) -> int:
-    h, w = cfg.canvas.height, cfg.canvas.width
-    return h * w * 3 + cfg.num_anchor_positions * (1 + 16) + 4096  # image + labels + dense deltas
+    """An upper bound: the largest canvas (bucket)."""
+    return max(h * w * 3 + n * (1 + 16) + 4096 for (h, w), n in cfg.anchor_positions().items())
+
+
+def bucket_batches(order: np.ndarray, bucket: np.ndarray, batch_size: int, steps: int | None
+                   ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Rows ``order`` (indices, in the order to use them), ``bucket`` the bucket of each row (by
+    index) -> batches of ``batch_size`` indices, each of ONE bucket, in the order they fill up, and
+    the rows left over. With ``steps``: exactly that many batches (fewer rows than that fill, the
+    leftovers are topped up, then whole buckets cycled, with rows of their own bucket), so that
+    every rank takes the same number of steps (DDP waits for all); without: only full batches."""
+    buffers: dict[int, list[int]] = {}
+    seen: dict[int, list[int]] = {}
+    out: list[np.ndarray] = []
+    for i in order.tolist():
+        b = int(bucket[i])
+        seen.setdefault(b, []).append(i)
+        buf = buffers.setdefault(b, [])
+        buf.append(i)
+        if len(buf) == batch_size:
+            out.append(np.asarray(buf, dtype=np.int64))
+            buffers[b] = []
+            if steps is not None and len(out) == steps:
+                return out, np.zeros(0, np.int64)
+    left = [i for buf in buffers.values() for i in buf]
+    if steps is None or not seen:
+        return out, np.asarray(left, dtype=np.int64)
+    # Top up the largest leftovers first, then cycle through the buckets with the most rows.
+    fills = sorted((buf for buf in buffers.values() if buf), key=len, reverse=True)
+    fills += [[] for _ in range(steps)]
+    by_size = sorted(seen, key=lambda b: -len(seen[b]))
+    k = 0
+    for buf in fills:
+        if len(out) == steps:
+            break
+        b = int(bucket[buf[0]]) if buf else by_size[k % len(by_size)]
+        k += 0 if buf else 1
+        pool = seen[b]
+        extra = [pool[j % len(pool)] for j in range(batch_size - len(buf))]
+        out.append(np.asarray(buf + extra, dtype=np.int64))
+    return out, np.zeros(0, np.int64)
+
+
+def row_buckets(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Decoded rows (``decode_batch``'s ``canvas_height``/``canvas_width``) -> one int per canvas."""
+    return columns["canvas_height"].astype(np.int64) * 100_000 + columns["canvas_width"].astype(np.int64)
 
 
 def prepare_data(data: str, val_data: str | None, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -61,7 +110,7 @@ def prepare_data(data: str, val_data: str | None, model_cfg: ModelConfig, train_
 
     from pipelines.precompute import open_precomputed
 
-    n_pos = model_cfg.num_anchor_positions
+    n_pos = _positions(model_cfg)
     train_ds, manifest = open_precomputed(data, model_cfg)
     datasets = {"train": train_ds.randomize_block_order(seed=train_cfg.seed).map_batches(
         _decode_fn(n_pos), batch_size=train_cfg.batch_size * 4, num_cpus=0.5)}
@@ -114,6 +163,8 @@ class WorkerData:
         import ray.train
 
         self.rank, self.world, self.tcfg = rank, world, tcfg
+        # Several canvases: a batch holds rows of one bucket (one anchor grid, one image size).
+        self.bucketed = bool(ModelConfig.from_dict(config["model"]).canvas.buckets)
         mem = config.get("in_memory")
         self.train = MemoryRows(mem["train"]) if mem else ray.train.get_dataset_shard("train")
         self.val = None
@@ -124,8 +175,15 @@ class WorkerData:
         bs, tcfg = self.tcfg.batch_size, self.tcfg
         if isinstance(self.train, MemoryRows):
             order = np.random.default_rng((tcfg.seed, epoch)).permutation(self.train.n)[self.rank::self.world]
+            if self.bucketed:
+                for index in bucket_batches(order, row_buckets(self.train.columns), bs, steps)[0]:
+                    yield self.train.take(index)
+                return
             for i in range(min(steps, len(order) // bs)):
                 yield self.train.take(order[i * bs:(i + 1) * bs])
+            return
+        if self.bucketed:
+            yield from self._streamed_buckets(epoch, steps)
             return
         batches = self.train.iter_batches(
             batch_size=bs, batch_format="numpy", drop_last=True, prefetch_batches=tcfg.prefetch_batches,
@@ -135,11 +193,55 @@ class WorkerData:
                 break
             yield batch
 
+    def _streamed_buckets(self, epoch: int, steps: int) -> Iterator[dict[str, Any]]:
+        """The streamed shard regrouped by bucket: rows wait in a per-bucket buffer until a batch
+        of one bucket is full; the last batches are topped up within their bucket (``bucket_batches``)."""
+        bs, tcfg = self.tcfg.batch_size, self.tcfg
+        chunks = self.train.iter_batches(
+            batch_size=bs * 4, batch_format="numpy", prefetch_batches=tcfg.prefetch_batches,
+            local_shuffle_buffer_size=bs * 8, local_shuffle_seed=tcfg.seed + epoch * 131 + self.rank)
+        pending: dict[str, np.ndarray] | None = None
+        done = 0
+        for chunk in chunks:
+            rows = chunk if pending is None else {k: _concat([pending[k], chunk[k]]) for k in chunk}
+            n = len(rows["image_id"])
+            full, left = bucket_batches(np.arange(n), row_buckets(rows), bs, None)
+            for index in full[:steps - done]:
+                yield _take(rows, index)
+            done += min(len(full), steps - done)
+            if done >= steps:
+                return
+            pending = _take(rows, left)
+        if pending is not None and done < steps:
+            n = len(pending["image_id"])
+            if n == 0:  # every row went into full batches: repeat the last one
+                pending = _take(rows, full[-1] if full else np.arange(len(rows["image_id"])))
+                n = len(pending["image_id"])
+            for index in bucket_batches(np.arange(n), row_buckets(pending), bs, steps - done)[0]:
+                yield _take(pending, index)
+
     def validation(self) -> Iterator[dict[str, Any]]:
         bs = self.tcfg.batch_size
         if isinstance(self.val, MemoryRows):
             mine = np.arange(self.rank, self.val.n, self.world)
+            if self.bucketed:  # every row once, in batches of one bucket
+                full, left = bucket_batches(mine, row_buckets(self.val.columns), bs, None)
+                groups = full + [left[row_buckets(self.val.columns)[left] == b]
+                                 for b in np.unique(row_buckets(self.val.columns)[left])]
+                for index in groups:
+                    yield self.val.take(index)
+                return
             for i in range(0, len(mine), bs):
                 yield self.val.take(mine[i:i + bs])
             return
+        if self.bucketed:
+            for chunk in self.val.iter_batches(batch_size=bs, batch_format="numpy"):
+                keys = row_buckets(chunk)
+                for b in np.unique(keys):
+                    yield _take(chunk, np.flatnonzero(keys == b))
+            return
         yield from self.val.iter_batches(batch_size=bs, batch_format="numpy")
+
+
+def _take(columns: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[index] for k, v in columns.items()}

@@ -54,12 +54,14 @@ class ImageWorker:
         self.drop_empty = bool(spec["drop_empty"])
         self.jpeg_quality = int(spec["jpeg_quality"])
         self.transform = CanvasTransform.from_config(cfg.canvas)  # the scale rule, when the config sets one
-        fh, fw = cfg.feature_size
-        self.anchors = grid_anchors(fh, fw, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
         self.coder = BoxCoder(cfg.rpn.box_weights)
-        # Built once per grid: everything that does not depend on the boxes (frcnn.anchors).
-        self.targets = AnchorTargetCreator(self.anchors, (cfg.canvas.height, cfg.canvas.width),
-                                           cfg.rpn.pos_iou, cfg.rpn.neg_iou, self.coder)
+        # Built once per canvas (bucket): everything that does not depend on the boxes (frcnn.anchors).
+        self.grids, self.targets = {}, {}
+        for hw in cfg.canvas.sizes:
+            fh, fw = cfg.feature_size_for(hw)
+            grid = self.grids[hw] = grid_anchors(fh, fw, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
+            self.targets[hw] = AnchorTargetCreator(grid, hw, cfg.rpn.pos_iou, cfg.rpn.neg_iou, self.coder)
+        self.anchors = self.grids[(cfg.canvas.height, cfg.canvas.width)]  # the default canvas's grid
         # Paths from list_split keep the data root's form: map them onto one filesystem handle
         # instead of building a filesystem (S3 credentials...) per file.
         self.root_shown = spec["root_shown"]
@@ -154,7 +156,7 @@ class ImageWorker:
         cboxes[:, 1::2] = np.clip(cboxes[:, 1::2], 0.0, H)
         cboxes = cboxes.astype(np.float32)
         target_boxes = cboxes if self.use_difficult else cboxes[~difficult]
-        t = self.targets(torch.from_numpy(np.ascontiguousarray(target_boxes)))
+        t = self.targets[(H, W)](torch.from_numpy(np.ascontiguousarray(target_boxes)))
         pos = t.pos_index
         row = {
             "image_id": image_id,
@@ -168,6 +170,8 @@ class ImageWorker:
             "anchor_labels": t.labels.numpy().astype(np.int8),
             "pos_anchor_index": pos.numpy().astype(np.int32),
             "pos_anchor_deltas": t.pos_deltas.numpy().astype(np.float32).reshape(-1),
+            "canvas_height": H,
+            "canvas_width": W,
         }
         return row, [], warnings, fatal, int(pos.numel()), ann.left_out
 

@@ -12,6 +12,7 @@
 | anchor_labels       | list<int8>      | H*W*A values in the detector's anchor order, before sampling   |
 | pos_anchor_index    | list<int32>     | indices of the positive anchors                               |
 | pos_anchor_deltas   | list<float32>   | 4 per positive (RPN weights 1, 1, 1, 1)                       |
+| canvas_height/width | int32           | the row's canvas: its bucket (``canvas.buckets``) or the one canvas |
 
 ``_frcnn_manifest.json`` is written last, into the published folder: its presence is what makes
 a folder readable, and ``check_manifest`` refuses shards made for another model config.
@@ -43,6 +44,8 @@ SCHEMA = pa.schema([
     ("anchor_labels", pa.list_(pa.int8())),
     ("pos_anchor_index", pa.list_(pa.int32())),
     ("pos_anchor_deltas", pa.list_(pa.float32())),
+    ("canvas_height", pa.int32()),
+    ("canvas_width", pa.int32()),
 ])
 
 
@@ -81,44 +84,89 @@ def read_manifest_at(path_or_uri: str) -> dict[str, Any]:
 def check_manifest(manifest: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
     """Refuse shards whose anchor-target fields differ from the model config's, naming the field."""
     got = manifest.get("targets", {})
+    # A field only some configs set (the scale rule, the buckets) may be in the shards and not in
+    # the config: shards with buckets hold rows of several canvases, which a one-canvas model cannot take.
+    expected = {**{k: None for k in got if k not in expected}, **expected}
     for key, want in expected.items():
         have = got.get(key)
-        if isinstance(have, list) and isinstance(want, (list, tuple)):
-            same = len(have) == len(want) and all(float(a) == float(b) for a, b in zip(have, want))
-        else:
-            same = have == want
-        if not same:
+        if not _same(have, want):
             raise ManifestMismatch(
                 f"{where}: shards were precomputed with {key}={have!r}, the model config has {key}={want!r}; "
                 "precompute again with this config")
 
 
-def decode_batch(batch: Mapping[str, Any], num_anchor_positions: int) -> dict[str, Any]:
+def _same(have: Any, want: Any) -> bool:
+    """JSON (lists, ints) against the config's values (tuples, floats): equal numbers, nested."""
+    if isinstance(have, list) and isinstance(want, (list, tuple)):
+        return len(have) == len(want) and all(_same(a, b) for a, b in zip(have, want))
+    if isinstance(have, (int, float)) and isinstance(want, (int, float)) and not isinstance(have, bool):
+        return float(have) == float(want)
+    return have == want
+
+
+def decode_batch(batch: Mapping[str, Any], num_anchor_positions: int | Mapping[tuple[int, int], int]
+                 ) -> dict[str, Any]:
     """Rows (Ray Data ``batch_format="numpy"``) -> dense numpy arrays, ready for ``torch.from_numpy``.
 
     Runs inside Ray Data's ``map_batches`` during training, so JPEG decoding and densifying the
     sparse deltas overlap with the training step instead of stalling it.
+
+    ``num_anchor_positions``: the model's anchors, or per canvas ``{(height, width): anchors}``
+    (``ModelConfig.anchor_positions``) when rows may be on different buckets. Rows of one canvas
+    give ``(B, ...)`` arrays; rows of several give object arrays of per-row arrays (a training
+    batch then takes rows of one bucket, ``canvas_height``/``canvas_width``, and stacks them).
     """
     n = len(batch["image_id"])
-    images = np.stack([decode_canvas(b) for b in batch["image"]])  # (B, H, W, 3) uint8
-    a_labels = np.stack([np.asarray(x, dtype=np.int8) for x in batch["anchor_labels"]])
-    if a_labels.shape[1] != num_anchor_positions:
-        raise ManifestMismatch(
-            f"rows hold {a_labels.shape[1]} anchor labels, the model has {num_anchor_positions} anchors")
-    a_deltas = np.zeros((n, num_anchor_positions, 4), dtype=np.float32)
-    for i in range(n):
+    decoded = [decode_canvas(b) for b in batch["image"]]
+    counts = num_anchor_positions if isinstance(num_anchor_positions, Mapping) else None
+    labels, deltas = [], []
+    for i, img in enumerate(decoded):
+        hw = img.shape[:2]
+        want = num_anchor_positions if counts is None else counts.get(hw)
+        if want is None:
+            raise ManifestMismatch(f"row {batch['image_id'][i]} is on a {hw[0]}x{hw[1]} canvas, the model's canvases "
+                                   f"are {' and '.join(f'{h}x{w}' for h, w in counts)}")
+        a_labels = np.asarray(batch["anchor_labels"][i], dtype=np.int8)
+        if a_labels.shape[0] != want:
+            raise ManifestMismatch(f"rows hold {a_labels.shape[0]} anchor labels, the model has {want} anchors")
+        a_deltas = np.zeros((want, 4), dtype=np.float32)
         idx = np.asarray(batch["pos_anchor_index"][i], dtype=np.int64)
         if idx.size:
-            a_deltas[i, idx] = np.asarray(batch["pos_anchor_deltas"][i], dtype=np.float32).reshape(-1, 4)
+            a_deltas[idx] = np.asarray(batch["pos_anchor_deltas"][i], dtype=np.float32).reshape(-1, 4)
+        labels.append(a_labels)
+        deltas.append(a_deltas)
     out = {k: batch[k] for k in ("image_id", "orig_height", "orig_width", "scale", "boxes", "labels", "difficult")}
-    out.update(image=images, anchor_labels=a_labels, anchor_deltas=a_deltas)
+    out["canvas_height"] = np.array([d.shape[0] for d in decoded], dtype=np.int32)
+    out["canvas_width"] = np.array([d.shape[1] for d in decoded], dtype=np.int32)
+    if len({d.shape for d in decoded}) <= 1:
+        out.update(image=np.stack(decoded) if n else np.zeros((0, 0, 0, 3), np.uint8),
+                   anchor_labels=np.stack(labels) if n else np.zeros((0, 0), np.int8),
+                   anchor_deltas=np.stack(deltas) if n else np.zeros((0, 0, 4), np.float32))
+    else:
+        out.update(image=_objects(decoded), anchor_labels=_objects(labels), anchor_deltas=_objects(deltas))
     return out
+
+
+def _objects(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def _stacked(column: np.ndarray) -> np.ndarray:
+    """A column of one canvas's rows: as given, or stacked from per-row arrays (``decode_batch``)."""
+    if column.dtype != object:
+        return column
+    shapes = {np.shape(x) for x in column}
+    if len(shapes) != 1:
+        raise ValueError(f"a batch mixes canvases {sorted(shapes)}: a batch holds rows of one bucket")
+    return np.stack(list(column))
 
 
 def to_model_inputs(decoded: Mapping[str, Any], use_difficult: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decoded numpy batch -> ``images`` (B, 3, H, W) uint8 and the model's ``targets``: boxes and
     labels (difficult boxes dropped unless ``use_difficult``), dense anchor labels and deltas."""
-    images = torch.from_numpy(np.ascontiguousarray(decoded["image"])).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.ascontiguousarray(_stacked(decoded["image"]))).permute(0, 3, 1, 2)
     boxes, labels = [], []
     for bx, lb, df in zip(decoded["boxes"], decoded["labels"], decoded["difficult"]):
         bx = torch.from_numpy(np.asarray(bx, dtype=np.float32)).view(-1, 4)
@@ -131,13 +179,13 @@ def to_model_inputs(decoded: Mapping[str, Any], use_difficult: bool = False) -> 
     targets = {
         "boxes": boxes,
         "labels": labels,
-        "anchor_labels": torch.from_numpy(np.asarray(decoded["anchor_labels"])),
-        "anchor_deltas": torch.from_numpy(np.asarray(decoded["anchor_deltas"])),
+        "anchor_labels": torch.from_numpy(np.ascontiguousarray(_stacked(np.asarray(decoded["anchor_labels"])))),
+        "anchor_deltas": torch.from_numpy(np.ascontiguousarray(_stacked(np.asarray(decoded["anchor_deltas"])))),
     }
     return images, targets
 
 
-def batch_to_tensors(batch: Mapping[str, Any], num_anchor_positions: int, use_difficult: bool = False
-                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+def batch_to_tensors(batch: Mapping[str, Any], num_anchor_positions: int | Mapping[tuple[int, int], int],
+                     use_difficult: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """Rows -> model inputs in one call (``decode_batch`` then ``to_model_inputs``)."""
     return to_model_inputs(decode_batch(batch, num_anchor_positions), use_difficult)
