@@ -107,6 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['torch_threads']} torch threads, load average {load_before}, torch {env['versions']['torch']}, "
         f"ray {env['versions']['ray']}")
     rows: dict[str, dict[str, Any]] = {}
+    partial_path = out_dir / "results.partial.json"
+
+    def save_partial() -> None:
+        """What is measured so far (a killed run leaves it; the full results replace it at the end)."""
+        order = ["1", "2", "3", "4", "5", "4g", "5g", "6", "7", "8", "9"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        env.update(load_average_before=load_before, load_average_after=load_average())
+        partial_path.write_text(json.dumps({
+            "started_at": started, "wall_s": round(time.perf_counter() - t_start, 1), "quick": args.quick,
+            "device": args.device, "partial": True,
+            "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "environment": env, "rows": [rows[k] for k in order if k in rows]}, indent=2, default=_json_default) + "\n")
 
     # Order: the single-process rows first (no Ray daemons running beside them), then Ray.
     if "1" in wanted:
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["1"] = anchor_targets.run(args.quick)
         except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
             rows["1"] = _failed("1", "anchor targets per image", exc)
+        save_partial()
 
     if wanted & {"4", "5"}:
         from . import detector
@@ -142,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001
                 rows["4g"] = _failed("4g", "training images/s on the GPU vs torchvision", exc)
                 rows["5g"] = _failed("5g", "inference images/s on the GPU vs torchvision", exc)
+        save_partial()
     if not wanted & {"4", "5"}:
         pass
     elif not torch.cuda.is_available():
@@ -173,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             for rid in ("2", "3"):
                 if rid not in wanted:
                     rows.pop(rid, None)
+            save_partial()
         if wanted & {"6", "7"}:
             from . import training_bench
 
@@ -187,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             for rid in ("6", "7"):
                 if rid not in wanted:
                     rows.pop(rid, None)
+            save_partial()
         checkpoint = None
         if "8" in wanted:
             from . import jobs_bench
@@ -196,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows["8"], checkpoint = res["row"], res["checkpoint"]
             except Exception as exc:  # noqa: BLE001
                 rows["8"] = _failed("8", "frcnn-jobs train vs the bare training loop", exc)
+            save_partial()
         if "9" in wanted:
             from . import jobs_bench
 
@@ -233,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     (out_dir / "RESULTS.md").write_text(report.render(result))
+    partial_path.unlink(missing_ok=True)
     say(f"done in {wall:.0f} s; load average {load_before} -> {load_after}; wrote {out_dir / 'results.json'} "
         f"and {out_dir / 'RESULTS.md'}")
     print()
