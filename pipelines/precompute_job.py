@@ -190,7 +190,10 @@ class Progress:
         while not self._stop.wait(self.interval):
             try:
                 done = ray.get(self.ledger.progress.remote(self.run_id), timeout=5)
-            except Exception:  # noqa: BLE001 - a missed poll costs one line, never the run
+            except Exception:  # noqa: BLE001 - a slow or missed poll costs the count, never the run
+                seconds = time.perf_counter() - self._t0
+                print(f"precompute: no count from the workers yet ({self.total} images to do), {seconds:.0f}s",
+                      flush=True)
                 continue
             # A line every interval, also before the first image is done (workers still starting).
             seconds = time.perf_counter() - self._t0
