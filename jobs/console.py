@@ -46,6 +46,8 @@ def configure(verbose: bool = False) -> None:
         os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
         if not interactive():
             os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+            # MLflow's own bar ("Downloading artifacts: 100%|...") is a line per update in a log.
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _set_ray_levels(quiet=not verbose)
 
 

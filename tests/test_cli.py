@@ -84,7 +84,8 @@ def test_actor_resources_defaults_and_values():
 def restore_console(monkeypatch):
     import logging
 
-    for name in ("RAY_LOG_TO_DRIVER", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DEDUP_LOGS"):
+    for name in ("RAY_LOG_TO_DRIVER", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DEDUP_LOGS",
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
         monkeypatch.delenv(name, raising=False)  # and restored after the test
     levels = {n: logging.getLogger(n).level for n in ("", *console._RAY_LOGGERS, *console._RAY_CHATTER)}
     saved = console._verbose
@@ -109,6 +110,7 @@ def test_quiet_by_default_detail_with_verbose(restore_console):
         assert console.verbose() is False and console.log_to_driver() is False
         # What a job starts later inherits the quiet defaults even without calling quiet_ray().
         assert os.environ["RAY_LOG_TO_DRIVER"] == "0" and os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
+        assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
         console.quiet_ray()
         assert (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats) == (
             False, False, False)  # CliRunner's stdout is not a terminal
