@@ -85,15 +85,21 @@ def generated_data(cfg, n: int, seed: int = 0):
     from pipelines.synth import SYNTH_CLASSES, render_image
 
     transform = CanvasTransform.from_config(cfg.canvas)
-    fh, fw = cfg.feature_size
+    # One canvas: the config's height x width (with buckets, the recipe's landscape one; images
+    # that go on another bucket are skipped, as a training batch holds one bucket).
+    hw = (cfg.canvas.height, cfg.canvas.width)
+    fh, fw = cfg.feature_size_for(hw)
     anchors = grid_anchors(fh, fw, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
     coder = BoxCoder(cfg.rpn.box_weights)
-    hw = (cfg.canvas.height, cfg.canvas.width)
     shrink = 1.0 if min(hw) >= 600 else min(hw) / 1000  # tiny: smaller originals, same aspect ratios
     rng = np.random.default_rng(seed)
     images, boxes, labels, a_labels, a_deltas = [], [], [], [], []
+    other = 0  # sizes passed over: on another bucket
     while len(images) < n:
-        h, w = VOC_SIZES[len(images) % len(VOC_SIZES)]
+        h, w = VOC_SIZES[(len(images) + other) % len(VOC_SIZES)]
+        if transform.canvas_for(max(32, round(h * shrink)), max(32, round(w * shrink))) != hw:
+            other += 1
+            continue
         image, objects = render_image(rng, max(32, round(w * shrink)), max(32, round(h * shrink)))
         if not objects:
             continue

@@ -247,8 +247,11 @@ def test_bad_canvas_rules_and_buckets_are_refused():
     with pytest.raises(ValueError, match="both 0"):
         _canvas_cfg(short_side=600)
     cfg = _canvas_cfg(height=608, width=1008, short_side=600, max_long_side=1000, buckets=BUCKETS_3)
-    with pytest.raises(NotImplementedError, match="buckets are not yet supported"):
+    with pytest.raises(ValueError, match="one feature grid per bucket"):  # one grid each: feature_size_for
         _ = cfg.feature_size
+    assert cfg.feature_size_for((1008, 608)) == (63, 38) and cfg.anchor_positions()[(608, 1008)] == 38 * 63 * 9
+    with pytest.raises(ValueError, match="not one of the config's canvases"):
+        cfg.feature_size_for((608, 608))
     # Buckets survive YAML (lists) as tuples; the rule and buckets key the precomputed targets,
     # and a config without them keeps the fields (and hash) it had before they existed.
     assert ModelConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
