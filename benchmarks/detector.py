@@ -17,6 +17,7 @@ NMS thresholds. Ours keeps its own design: a 1x1 conv to 32 channels before RoI 
 
 from __future__ import annotations
 
+import functools
 import statistics
 from typing import Any
 
@@ -166,16 +167,16 @@ def _run(quick: bool, device_name: str, amp: bool, rounds: int | None) -> dict[s
         f"torchvision {n_params['torchvision']:,}")
     ours.train()
     tv.train()
-    o_train = lambda: train_step(ours, o_opt, o_img, o_tgt)  # noqa: E731
-    t_train = lambda: train_step(tv, t_opt, t_img, t_tgt)  # noqa: E731
+    o_train = functools.partial(train_step, ours, o_opt, o_img, o_tgt)
+    t_train = functools.partial(train_step, tv, t_opt, t_img, t_tgt)
     for _ in range(1 if quick else 2):  # warm-up: allocator, oneDNN primitives, cuDNN autotune
         o_train()
         t_train()
     train = interleaved({"torchvision": clock(t_train, steps), "ours": clock(o_train, steps)}, rounds)
     ours.eval()
     tv.eval()
-    o_inf = lambda: infer_step(ours, o_img)  # noqa: E731
-    t_inf = lambda: infer_step(tv, t_img)  # noqa: E731
+    o_inf = functools.partial(infer_step, ours, o_img)
+    t_inf = functools.partial(infer_step, tv, t_img)
     for _ in range(1 if quick else 2):
         o_inf()
         t_inf()

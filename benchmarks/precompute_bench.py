@@ -167,7 +167,7 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
         pool.map(floor_image, [(p, canvas) for p in paths[: 2 * cpus]], chunksize=1)  # warm the pool
         say(f"rows 2/3: floor pool of {cpus} processes warm in {time.perf_counter() - t:.1f} s")
         ray_up()
-        ledger = _get_ledger()  # held for the session: see the module docstring  # noqa: F841
+        _ledger = _get_ledger()  # held for the session: see the module docstring
         me = psutil.Process()
         t = time.perf_counter()
         precompute(str(voc), "bench_warm", str(work / "out_warm"), cfg, overwrite=True, progress=False)
@@ -257,7 +257,9 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
         if ray.is_initialized():
             ray.shutdown()
 
-    mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+    def mib(b: float) -> float:
+        return round(b / 2**20, 1)
+
 
     def cpu_account(size: int, smp: dict[str, list[float]], bst: dict[str, float]) -> dict[str, float]:
         cpu_best = cpu_pipeline[size][smp["pipeline"].index(bst["pipeline"])]

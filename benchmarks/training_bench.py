@@ -42,7 +42,9 @@ def _one_run(shards: str, work: Path, workers: int, train_cfg, uri: str) -> dict
     client = MlflowClient(uri)
     wait = _history(client, res.run_id, "data_wait_frac")
     ips = _history(client, res.run_id, "images_per_s")
-    after = lambda h: [v for _, v in h[1:]] or [v for _, v in h]  # noqa: E731 - windows after the first
+    def after(h: list) -> list:  # the windows after the first (the first holds the start-up)
+        return [v for _, v in h[1:]] or [v for _, v in h]
+
     out = {
         "run_id": res.run_id, "workers": workers, "wall_s": wall, "logged_windows": len(wait),
         "data_wait_frac_mean": statistics.fmean(after(wait)), "data_wait_frac_max": max(after(wait)),

@@ -181,7 +181,9 @@ class AnchorTargetCreator:
             offset += members.size
         self._groups = groups
         self.layout = inside_idx[np.concatenate(order)] if order else inside_idx  # column -> anchor index
-        cat = lambda parts, n: np.concatenate(parts) if parts else np.zeros((0, n))  # noqa: E731
+        def cat(parts: list, n: int) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros((0, n))
+
         ys_cat, xs_cat = cat(ys_all, 2), cat(xs_all, 2)
         self._y1, self._y2 = np.ascontiguousarray(ys_cat[:, 0]), np.ascontiguousarray(ys_cat[:, 1])
         self._x1, self._x2 = np.ascontiguousarray(xs_cat[:, 0]), np.ascontiguousarray(xs_cat[:, 1])
@@ -209,7 +211,9 @@ class AnchorTargetCreator:
             else:
                 col_y.append(g.ys.start + g.yinv)
                 col_x.append(g.xs.start + g.xinv)
-        cat_i = lambda parts: np.concatenate(parts).astype(np.intp) if parts else np.zeros(0, np.intp)  # noqa: E731
+        def cat_i(parts: list) -> np.ndarray:
+            return np.concatenate(parts).astype(np.intp) if parts else np.zeros(0, np.intp)
+
         self._col_g, self._col_y, self._col_x = cat_i(col_g), cat_i(col_y), cat_i(col_x)
         # The pruned path needs every shape to be a full grid and thresholds above 0.
         self.pruned = all(g.product for g in groups) and min(self.pos_iou, self.neg_iou) > 0

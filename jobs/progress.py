@@ -1,5 +1,5 @@
-"""What the driver of a training job prints: progress lines read from the MLflow run, and the
-quiet default for Ray's own output.
+"""What the driver of a training job prints: progress lines read from the MLflow run (the quiet
+default for Ray's own output is ``jobs/console.py``).
 
 The progress lines come from the run (rank 0's latest metrics), not from the workers' stdout, so
 they look the same on a laptop and on a cluster, whether or not Ray forwards worker output.
@@ -7,36 +7,8 @@ they look the same on a laptop and on a cluster, whether or not Ray forwards wor
 
 from __future__ import annotations
 
-import logging
-import sys
 import threading
 import time
-
-
-def verbose() -> bool:
-    """``frcnn-jobs -v`` (debug logging on the root logger): show Ray's own detail too."""
-    return logging.getLogger().isEnabledFor(logging.DEBUG)
-
-
-def quiet_ray(detail: bool = False) -> None:
-    """Keep Ray Data's execution stream off a run's output; ``detail`` (``-v``) keeps everything.
-
-    Ray Data prints each execution plan and, without a terminal, logs its progress bars as lines
-    (hundreds in one training); in a terminal its bars stay. The workers' own output (including
-    Ray Train's repeated ``PlacementGroupCleaner`` warnings, which come from an actor) is kept off
-    by starting Ray with ``log_to_driver=False``: see ``run_training``.
-    """
-    if detail:
-        return
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.print_on_execution_start = False
-    if not sys.stdout.isatty():
-        ctx.enable_progress_bars = False
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
-    for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def duration(seconds: float) -> str:

@@ -326,7 +326,9 @@ def _split_ids(ids: list[str], rng: np.random.Generator) -> dict[str, list[str]]
     n = len(ids)
     order = rng.permutation(n)
     n_train, n_val = round(_TRAIN_FRACTION * n), round(_VAL_FRACTION * n)
-    pick = lambda idx: sorted(ids[i] for i in idx)  # noqa: E731
+    def pick(idx) -> list[str]:
+        return sorted(ids[i] for i in idx)
+
     train, val = pick(order[:n_train]), pick(order[n_train : n_train + n_val])
     return {"train": train, "val": val, "trainval": sorted(train + val), "test": pick(order[n_train + n_val :])}
 

@@ -96,8 +96,12 @@ def damaged(synth_root, tmp_path_factory):
     voc = root / "VOCdevkit" / "VOC2007"
     ids = [i.image_id for i in list_split(str(root), "trainval")]
     assert len(ids) >= 14
-    ann = lambda i: voc / "Annotations" / f"{i}.xml"  # noqa: E731
-    img = lambda i: voc / "JPEGImages" / f"{i}.jpg"  # noqa: E731
+    def ann(i: str) -> Path:
+        return voc / "Annotations" / f"{i}.xml"
+
+    def img(i: str) -> Path:
+        return voc / "JPEGImages" / f"{i}.jpg"
+
     good_obj = ("rectangle", (3, 3, 30, 30), False)
     skipped, warned = {}, {}
 
