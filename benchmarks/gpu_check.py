@@ -1,6 +1,6 @@
 """`make gpu-check`: the VOC recipe's detector on one GPU, in under 10 minutes, one printed table.
 
-    python -m benchmarks.gpu_check            # CUDA: the recipe (VGG16, 1008x1008 canvas, bf16)
+    python -m benchmarks.gpu_check            # CUDA: the recipe (VGG16, its 608x1008 bucket, bf16)
     python -m benchmarks.gpu_check --tiny     # CPU, a few seconds' worth: what CI runs so this cannot rot
 
 What it checks, on generated images (pipelines.synth, VOC's image sizes, the recipe's scale rule):
