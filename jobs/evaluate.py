@@ -313,7 +313,7 @@ def run_evaluation(model: str | None = None, detections: str | None = None, *, d
         params.update({"batch_size": batch_size, "concurrency": concurrency, "gpus_per_actor": gpus_per_actor,
                        "cpus_per_actor": cpus_per_actor, "address": address, "score_thresh": cfg.roi.score_thresh,
                        "nms_thresh": cfg.roi.nms_thresh, "detections_per_img": cfg.roi.detections_per_img,
-                       "canvas": f"{cfg.canvas.height}x{cfg.canvas.width}"})
+                       "canvas": ",".join(f"{h}x{w}" for h, w in cfg.canvas.sizes)})  # the buckets, or one
     name = tracking.evaluate_run_name(ref.uri if ref else made_by.get("model_uri") or "detections", split)
     with tracking.job_run("evaluate", run_name=name, experiment=experiment, tracking_uri=tracking_uri, tags=tags,
                           params=params) as run:
