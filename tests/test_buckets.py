@@ -213,6 +213,27 @@ def test_training_with_buckets_on_two_workers(shards, cfg, tmp_path, monkeypatch
     assert "val_map50" in res.metrics
 
 
+def test_streamed_shard_batches_hold_one_bucket(shards, cfg):
+    """The streaming path (data too large for memory): the real Ray Data decode of rows on three
+    buckets, regrouped per bucket on the worker, exactly ``steps`` batches."""
+    from frcnn.training import TrainConfig
+    from jobs.train_data import WorkerData, _decode_fn, _positions
+
+    ds, manifest = pc.open_precomputed(shards["trainval"], cfg)
+    data = WorkerData.__new__(WorkerData)  # as a worker builds it, with this shard in place of get_dataset_shard's
+    data.rank, data.world, data.tcfg, data.bucketed = 0, 1, TrainConfig(batch_size=3), True
+    data.train = ds.map_batches(_decode_fn(_positions(cfg)), batch_size=5)
+    steps = manifest["rows"] // 3
+    batches = list(data.epoch(0, steps))
+    assert len(batches) == steps
+    for batch in batches:
+        images, targets = schema.to_model_inputs(batch)
+        hw = tuple(images.shape[-2:])
+        assert images.shape[0] == 3 and hw in BUCKETS
+        assert targets["anchor_labels"].shape == (3, cfg.anchor_positions()[hw])
+    assert len({tuple(b["canvas_height"].tolist() + b["canvas_width"].tolist()) for b in batches}) > 1
+
+
 def _jpeg(w: int, h: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
