@@ -373,3 +373,4 @@ def test_ui_command(store):
     assert cmd[1:4] == ["-m", "mlflow", "ui"]
     assert cmd[cmd.index("--backend-store-uri") + 1] == store
     assert cmd[cmd.index("--port") + 1] == "5123" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--workers") + 1] == "1"
