@@ -102,6 +102,24 @@ FINDINGS: dict[str, dict[str, str]] = {
     },
 }
 
+FINDINGS["9"] = {
+    "cause_short": ("the one predictor actor decodes and resizes its own images (10.7 ms an image at one thread in "
+                    "this run) before detect(), so it cannot pass 1 / (1/50 + 0.0107) = 33 img/s (65 %) even "
+                    "with no other cost; actor start, Ray Data scheduling and writing take the rest."),
+    "fix_short": "decode in Ray Data tasks on the other core, so the actor only runs the model.",
+    "cause": (
+        "From this run's figures (results.json, row 9): detect() alone 27.6-50.0 img/s (batch 8, one thread), "
+        "the decode+canvas floor 10.67 ms an image (one thread), run_inference 13.2 and 15.5 img/s for 600 images "
+        "(its own count, which leaves out listing and publishing, is the same: the fixed costs are small at 600 "
+        "images). `frcnn.inference.Detector.predict` decodes the batch in the actor's thread pool sized by its "
+        "torch threads (one), so decoding and the model run one after the other on one core while the second "
+        "core mostly waits: 1 / (1/50 + 0.0107) = 33 img/s is that design's ceiling here."),
+    "fix": (
+        "Decode and put on the canvas in a Ray Data map (num_cpus below 1) before the predictor, passing uint8 "
+        "canvases and scales to the actor, so that the second core decodes while the first runs the model; or "
+        "two actors of one CPU each. Measure with `python -m benchmarks.run --only 9`."),
+}
+
 OTHER_FINDINGS: list[str] = [
     ("**Fixed (0173203): the precompute ledger actor could die under a running precompute (`ActorDiedError`).** "
      "`pipelines.precompute._get_ledger` finds or creates the named actor `frcnn-precompute-ledger` with "
