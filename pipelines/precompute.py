@@ -275,6 +275,8 @@ def precompute(
     except BaseException as exc:
         if not collected:
             ledger.finish.remote(run)  # drop whatever the run reported
+        if isinstance(exc, KeyboardInterrupt):
+            storage.stop_local_ray()  # no write task may outlive the staging folder it writes into
         storage.discard(staging)
         if progress and isinstance(exc, KeyboardInterrupt):
             print(f"precompute interrupted: nothing published to {dest.shown}"

@@ -57,6 +57,7 @@ __all__ = [
     "run_time",
     "shown",
     "staging_location",
+    "stop_local_ray",
 ]
 
 log = logging.getLogger(__name__)
@@ -359,11 +360,31 @@ def init_ray(address: str | None = None, reserved_cpus: float = 0, log_to_driver
     import signal
     import threading
 
+    global _STARTED_HERE
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 1), include_dashboard=False,
                  log_to_driver=log_to_driver)
+        _STARTED_HERE = True
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
+
+
+_STARTED_HERE = False
+
+
+def stop_local_ray() -> None:
+    """Stop the local Ray instance :func:`init_ray` started in this process (its workers with it).
+
+    An interrupted job calls it before deleting its staging: Ray Data does not wait for the tasks
+    it cancels, and a write task still running would recreate the staging folder it writes into.
+    A joined cluster is left alone (its tasks end on their own; the next run cleans their staging).
+    """
+    global _STARTED_HERE
+    import ray
+
+    if _STARTED_HERE and ray.is_initialized():
+        ray.shutdown()
+    _STARTED_HERE = False
