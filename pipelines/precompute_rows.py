@@ -34,6 +34,11 @@ def record(image_id: str, source: str, reason: str) -> dict[str, str]:
     return {"image_id": image_id, "source": source, "reason": reason}
 
 
+class StorageReadError(OSError):
+    """A file the split lists could not be read (the store failed, not the file): the run stops
+    and publishes nothing, whatever ``on_error`` says. A missing file is bad input (skipped)."""
+
+
 class ImageWorker:
     """Everything one image needs that does not change between images (built once per process)."""
 
@@ -99,8 +104,8 @@ class ImageWorker:
             if img_path is None:
                 return skip(ann_path, f"split entry {stem!r} has no annotation file and no image file")
             return skip(ann_path, "annotation file not found")
-        except OSError as exc:
-            return skip(ann_path, f"cannot read annotation file: {exc}")
+        except OSError as exc:  # the store failing is not bad input: skipping would publish a short dataset
+            raise StorageReadError(f"{ann_path}: cannot read: {exc}") from exc
         if img_path is None:
             expected = posixpath.join(item["year_dir"], "JPEGImages", f"{stem}.jpg")
             return skip(expected, "no image file for this split entry (looked for .jpg, .jpeg, .png)")
@@ -117,10 +122,13 @@ class ImageWorker:
 
         try:
             data = self.read(img_path)
-            image = Image.open(io.BytesIO(data))
-            image.load()
         except FileNotFoundError:
             return skip(img_path, "image file not found")
+        except OSError as exc:
+            raise StorageReadError(f"{img_path}: cannot read: {exc}") from exc
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
         except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, bombs...
             return skip(img_path, f"image does not decode: {type(exc).__name__}: {exc}")
 

@@ -551,3 +551,31 @@ def test_ctrl_c_publishes_nothing_deletes_staging_and_marks_the_run_killed(synth
     (run,) = client.search_runs([client.get_experiment_by_name("kill-test").experiment_id],
                                 filter_string="attributes.status = 'KILLED'")
     assert run.data.tags["frcnn.job"] == "precompute"
+
+
+def test_a_store_that_fails_to_read_stops_the_run_a_missing_file_is_skipped(synth_root, cfg):
+    """A read that fails for another reason than a missing file (the object store not answering)
+    must not be recorded as bad input and skipped: the run would publish a dataset silently short."""
+    from pipelines.precompute_rows import ImageWorker, StorageReadError
+
+    item = next(i for i in list_split(synth_root, "trainval"))
+    spec = {"cfg": cfg.to_dict(), "class_names": list(SYNTH_CLASSES), "dataset_classes": list(SYNTH_CLASSES),
+            "use_difficult": False, "drop_empty": False, "jpeg_quality": 95, "data_root": synth_root,
+            "root_shown": synth_root}
+    worker = ImageWorker(spec)
+    row, skipped, *_ = worker.process(dict(vars(item)))
+    assert row is not None and skipped == []  # the stage itself works on this item
+
+    def failing(error):
+        def read(path):
+            if path == item.image_path:
+                raise error
+            return ImageWorker.read(worker, path)
+        return read
+
+    worker.read = failing(ConnectionError("Connection reset by peer"))
+    with pytest.raises(StorageReadError, match=f"{item.image_path}: cannot read: Connection reset"):
+        worker.process(dict(vars(item)))
+    worker.read = failing(FileNotFoundError(item.image_path))
+    row, skipped, *_ = worker.process(dict(vars(item)))
+    assert row is None and [(s["source"], s["reason"]) for s in skipped] == [(item.image_path, "image file not found")]
