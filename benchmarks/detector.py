@@ -50,16 +50,16 @@ def synthetic_batch(cfg, batch: int, seed: int = 0):
     return torch.stack(images), boxes, labels
 
 
-def torchvision_model(cfg):
+def torchvision_faster_rcnn(cfg, body, out_channels: int, head_width: int, sampling_ratio: int):
+    """torchvision's FasterRCNN around ``body`` with our config's anchors, proposal counts, samples
+    and thresholds, a TwoMLPHead ``head_width`` wide, and canvases not resized (min_size = the
+    canvas). Rows 4/5 (tiny body) and ``make gpu-check`` (VGG16) build their baseline with it."""
     from torchvision.models.detection import FasterRCNN as TVFasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
-    from frcnn.backbones import tiny_body
-
-    body = tiny_body(tuple(cfg.backbone.tiny_channels))
-    body.out_channels = cfg.backbone.tiny_channels[-1]
+    body.out_channels = out_channels
     sizes = tuple(int(round(cfg.anchors.stride * s)) for s in cfg.anchors.scales)
     rpn, roi = cfg.rpn, cfg.roi
     return TVFasterRCNN(
@@ -71,14 +71,21 @@ def torchvision_model(cfg):
         rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test, rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
         rpn_nms_thresh=rpn.nms_thresh, rpn_fg_iou_thresh=rpn.pos_iou, rpn_bg_iou_thresh=rpn.neg_iou,
         rpn_batch_size_per_image=rpn.batch_size_per_image, rpn_positive_fraction=rpn.positive_fraction,
-        box_roi_pool=MultiScaleRoIAlign(["0"], roi.pool_size, 2),
-        box_head=TwoMLPHead(body.out_channels * roi.pool_size**2, roi.representation_size),
-        box_predictor=FastRCNNPredictor(roi.representation_size, cfg.num_classes + 1),
+        box_roi_pool=MultiScaleRoIAlign(["0"], roi.pool_size, sampling_ratio),
+        box_head=TwoMLPHead(out_channels * roi.pool_size**2, head_width),
+        box_predictor=FastRCNNPredictor(head_width, cfg.num_classes + 1),
         box_score_thresh=roi.score_thresh, box_nms_thresh=roi.nms_thresh,
         box_detections_per_img=roi.detections_per_img,
         box_fg_iou_thresh=roi.fg_iou, box_bg_iou_thresh=roi.bg_iou_hi,
         box_batch_size_per_image=roi.batch_size_per_image, box_positive_fraction=roi.positive_fraction,
     )
+
+
+def torchvision_model(cfg):
+    from frcnn.backbones import tiny_body
+
+    return torchvision_faster_rcnn(cfg, tiny_body(tuple(cfg.backbone.tiny_channels)), cfg.backbone.tiny_channels[-1],
+                                   cfg.roi.representation_size, sampling_ratio=2)
 
 
 def _setup(cfg, batch: int, device: torch.device):

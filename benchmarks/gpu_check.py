@@ -166,35 +166,11 @@ def torchvision_model(cfg):
     """torchvision's FasterRCNN on the same backbone body (VGG16: conv1_1..conv5_3), anchors,
     proposal counts, samples and thresholds, with a TwoMLPHead as wide as ours (4096 for VGG16);
     canvases are not resized (min_size = max_size = the canvas)."""
-    from torchvision.models.detection import FasterRCNN as TVFasterRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.ops import MultiScaleRoIAlign
-
+    from benchmarks.detector import torchvision_faster_rcnn
     from frcnn.backbones import build_backbone
 
     bb = build_backbone(cfg.backbone, cfg.roi, cfg.anchors.stride)
-    body, width = bb.body, bb.head_out
-    body.out_channels = bb.out_channels
-    sizes = tuple(int(round(cfg.anchors.stride * s)) for s in cfg.anchors.scales)
-    rpn, roi = cfg.rpn, cfg.roi
-    return TVFasterRCNN(
-        body, num_classes=None,
-        min_size=cfg.canvas.height, max_size=max(cfg.canvas.height, cfg.canvas.width),
-        image_mean=list(cfg.canvas.mean), image_std=list(cfg.canvas.std),
-        rpn_anchor_generator=AnchorGenerator((sizes,), (tuple(cfg.anchors.ratios),)),
-        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train, rpn_post_nms_top_n_train=rpn.post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test, rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
-        rpn_nms_thresh=rpn.nms_thresh, rpn_fg_iou_thresh=rpn.pos_iou, rpn_bg_iou_thresh=rpn.neg_iou,
-        rpn_batch_size_per_image=rpn.batch_size_per_image, rpn_positive_fraction=rpn.positive_fraction,
-        box_roi_pool=MultiScaleRoIAlign(["0"], roi.pool_size, roi.sampling_ratio),
-        box_head=TwoMLPHead(bb.out_channels * roi.pool_size**2, width),
-        box_predictor=FastRCNNPredictor(width, cfg.num_classes + 1),
-        box_score_thresh=roi.score_thresh, box_nms_thresh=roi.nms_thresh,
-        box_detections_per_img=roi.detections_per_img,
-        box_fg_iou_thresh=roi.fg_iou, box_bg_iou_thresh=roi.bg_iou_hi,
-        box_batch_size_per_image=roi.batch_size_per_image, box_positive_fraction=roi.positive_fraction,
-    )
+    return torchvision_faster_rcnn(cfg, bb.body, bb.out_channels, bb.head_out, cfg.roi.sampling_ratio)
 
 
 def speed(cfg, data, plan: Plan) -> dict[str, Any]:
