@@ -153,23 +153,38 @@ def _package_version() -> str:
 
 @contextlib.contextmanager
 def _ray_data_output(detail: bool):
-    """Ray Data's progress bars and per-operator log lines only with ``detail``; restored after."""
+    """Ray Data's progress bars and per-operator log lines only with ``detail``; restored after.
+
+    Without ``detail`` Ray Data's error tracebacks stay out of the console too (they still reach
+    its ``ray-data.log`` file): a failed run ends with one line naming the file and the reason,
+    raised here, and ``-v`` shows Ray Data's trace.
+    """
     import ray
 
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats)
     loggers = [logging.getLogger(n) for n in ("ray.data", "ray.data._internal")]
     levels = [lg.level for lg in loggers]
+    consoles = [h for lg in loggers for h in lg.handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     ctx.enable_progress_bars = ctx.print_on_execution_start = ctx.enable_auto_log_stats = detail
     if not detail:
         for lg in loggers:
             lg.setLevel(logging.WARNING)
+        for h in consoles:
+            h.addFilter(_below_error)
     try:
         yield
     finally:
         ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats = saved
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        for h in consoles:
+            h.removeFilter(_below_error)
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 # --------------------------------------------------------------------------- the job
@@ -255,7 +270,7 @@ def precompute(
                             fn_kwargs={"spec": spec, "ledger": ledger, "run_id": run,
                                        "fail_fast": on_error == "fail"})
         lines = Progress(ledger, run, len(items)) if progress else contextlib.nullcontext()
-        with _ray_data_output(log.isEnabledFor(logging.DEBUG)), lines:
+        with _ray_data_output(log.isEnabledFor(logging.DEBUG)), storage.bounded_io_retries(), lines:
             try:
                 ds.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=shard_rows,
                                  max_rows_per_file=shard_rows, schema=schema.SCHEMA)
@@ -265,6 +280,11 @@ def precompute(
                 if first is not None:
                     raise PrecomputeError(f"{first['source']}: {first['reason']}", first["source"],
                                           first["reason"]) from None
+                io_error = _first_io_error(exc)
+                if io_error is not None:  # the store: one line naming the output and the store's answer
+                    reason = str(io_error).split("; Details:")[0].strip()
+                    raise PrecomputeError(f"{dest.shown}: cannot write the output: {reason}", dest.shown,
+                                          reason) from None
                 raise PrecomputeError(f"precompute of {data_root} split {split!r} failed: {exc}") from exc
         collected = True
         result = ray.get(ledger.finish.remote(run))
@@ -295,6 +315,25 @@ def precompute(
         if len(summary.skipped) > 20:
             print(f"  ... {len(summary.skipped) - 20} more in {schema.MANIFEST_NAME}")
     return summary
+
+
+def _first_io_error(exc: BaseException) -> OSError | None:
+    """The filesystem error under a failed write (Ray wraps a task's exception in its own error,
+    whose ``cause`` is the original), or None when the failure was not the store's."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if not isinstance(cause, BaseException):
+            cause = None
+        if isinstance(e, OSError) and cause is None and not isinstance(e, FileExistsError):
+            return e
+        todo += [cause, e.__cause__, e.__context__]
+    return None
 
 
 def _manifest(staging: Location, result: dict[str, Any], data_root: str, split: str, years, dataset_classes,

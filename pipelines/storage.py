@@ -30,6 +30,7 @@ earlier one would then fail to publish: it never publishes half an output).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -46,6 +47,7 @@ import pyarrow.fs as pafs
 __all__ = [
     "STAGING_DIR",
     "Location",
+    "bounded_io_retries",
     "clean_stale_staging",
     "discard",
     "init_ray",
@@ -338,6 +340,30 @@ def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = Fals
 
 
 # --------------------------------------------------------------------------- Ray
+
+
+# Ray Data retries a file write whose error message holds one of ``DataContext.retried_io_errors``
+# up to 10 times with backoff up to 32 s, through a filesystem wrapper that retries each call 10
+# more times: an S3 endpoint that stops answering kept a precompute job busy for over 15 minutes in
+# the cluster rehearsal. Answers that ask to slow down or try again (throttling, 5xx) stay retried
+# by Ray Data; a connection that cannot be made is left to the S3 client's own bounded retries
+# (pyarrow's standard strategy, 3 attempts), after which the job fails and names the URI.
+_UNREACHABLE = ("AWS Error NETWORK_CONNECTION",)
+
+
+@contextlib.contextmanager
+def bounded_io_retries():
+    """Within the block, Ray Data gives up on a store it cannot connect to instead of retrying for
+    minutes (the datasets and sinks created here keep that setting when they run)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.retried_io_errors
+    ctx.retried_io_errors = [e for e in saved if not any(u in e for u in _UNREACHABLE)]
+    try:
+        yield
+    finally:
+        ctx.retried_io_errors = saved
 
 
 def init_ray(address: str | None = None, reserved_cpus: float = 0, log_to_driver: bool = True) -> None:

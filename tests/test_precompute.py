@@ -579,3 +579,85 @@ def test_a_store_that_fails_to_read_stops_the_run_a_missing_file_is_skipped(synt
     worker.read = failing(FileNotFoundError(item.image_path))
     row, skipped, *_ = worker.process(dict(vars(item)))
     assert row is None and [(s["source"], s["reason"]) for s in skipped] == [(item.image_path, "image file not found")]
+
+
+# --------------------------------------------------------------------------- an object store that goes away
+
+
+def _rehearsal_module():
+    """infra/rehearsal/rehearse.py (a script, not a package): its cuttable TCP relay."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rehearse", REPO / "infra" / "rehearsal" / "rehearse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def s3_behind_a_relay(tmp_path):
+    """moto's S3 server on 127.0.0.1 with a bucket, reached through a relay the test can cut."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    rh = _rehearsal_module()
+    moto_port, relay_port = rh.free_ports(2)
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    log = open(tmp_path / "moto.log", "wb")
+    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rh.wait_for("moto", lambda: rh._port_open(moto_port), 30)
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3.create_bucket(Bucket="frcnn")
+        relay = rh.Relay(relay_port, moto_port)
+        yield s3, relay, {**keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay_port}"}
+        relay.cut()
+    finally:
+        moto.terminate()
+        moto.wait(timeout=30)
+        log.close()
+
+
+def test_an_object_store_that_goes_away_fails_the_run_naming_the_uri_and_publishes_nothing(
+        synth_root, tmp_path, tracking_uri, s3_behind_a_relay):
+    """The S3 endpoint stops answering after a shard is staged. Ray Data's own write retries (10
+    attempts, backoff up to 32 s, each through a filesystem that retries 10 times more) kept such a
+    run busy for over 15 minutes in the cluster rehearsal; it must fail with one line naming the
+    output URI, and publish nothing."""
+    import subprocess
+    import sys
+    import time
+
+    s3, relay, s3_env = s3_behind_a_relay
+    out = "s3://frcnn/pre/trainval"
+    env = {**os.environ, **s3_env, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = ["precompute", "--data-root", synth_root, "--split", "trainval", "--out", out, "--rows-per-shard", "4",
+            "--experiment", "s3-down"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def staged() -> list[str]:
+        listed = s3.list_objects_v2(Bucket="frcnn", Prefix="pre/_staging/").get("Contents", [])
+        return [o["Key"] for o in listed if o["Key"].endswith(".parquet")]
+
+    try:
+        deadline = time.monotonic() + 480
+        while not staged():
+            assert proc.poll() is None, f"precompute ended before the store went away: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no shard was staged in time"
+            time.sleep(0.05)
+        relay.cut()
+        stdout, stderr = proc.communicate(timeout=600)  # bounded by the S3 client's retries, not Ray Data's
+    finally:
+        _kill_session(proc) if proc.poll() is None else None
+    assert proc.returncode == 1, (stdout, stderr[-3000:])
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and out in last, stderr[-3000:]
+    assert "Traceback" not in stderr
+    published = s3.list_objects_v2(Bucket="frcnn", Prefix="pre/trainval").get("Contents", [])
+    assert published == [], [o["Key"] for o in published]
