@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ class Detector:
     ``threads``: torch's intra-op threads, also the threads decoding a batch (PIL releases the GIL
     while decoding and resizing, so a batch decodes in parallel). ``score_threshold``: drop
     detections below it (the model's own ``roi.score_thresh`` always applies).
+
+    ``predict`` may be called from several threads at once: the model runs one batch at a time
+    (a lock), while the other callers decode theirs. Two callers on a one-thread detector keep
+    the model busy while the next batch decodes on another core (``pipelines/predict.py``).
     """
 
     def __init__(self, model: FasterRCNN, *, score_threshold: float | None = None, threads: int | None = None
@@ -82,7 +87,10 @@ class Detector:
         self.device = next(model.parameters()).device
         self.score_threshold = score_threshold
         self.class_names = tuple(model.cfg.class_names)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, int(threads or torch.get_num_threads())))
+        workers = max(1, int(threads or torch.get_num_threads()))
+        # One thread: decode in the caller's thread (concurrent callers then decode in parallel).
+        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        self._model_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | bytes | BinaryIO, device: str | None = None, **kwargs) -> Detector:
@@ -106,7 +114,7 @@ class Detector:
     def predict(self, images: Sequence[bytes]) -> list[Detections]:
         """Detections for each encoded image, in order; the decodable ones go through the model at
         once, or once per canvas bucket (``canvas.buckets``: ``apply_image`` picks each image's)."""
-        prepared = list(self._pool.map(self._prepare, images)) if len(images) > 1 else [
+        prepared = list(self._pool.map(self._prepare, images)) if self._pool and len(images) > 1 else [
             self._prepare(d) for d in images]
         # One model call per canvas (bucket): a batch has one image size and one anchor grid.
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -115,8 +123,10 @@ class Detector:
                 groups.setdefault(tuple(p[0].shape), []).append(i)
         found: dict[int, dict] = {}
         for idx in groups.values():
-            batch = torch.stack([prepared[i][0] for i in idx]).to(self.device)
-            dets = self.model.detect(batch, [prepared[i][1] for i in idx], [prepared[i][2] for i in idx])
+            batch = torch.stack([prepared[i][0] for i in idx])
+            with self._model_lock:
+                dets = self.model.detect(batch.to(self.device), [prepared[i][1] for i in idx],
+                                         [prepared[i][2] for i in idx])
             found.update(zip(idx, dets, strict=True))
         out = []
         for i, p in enumerate(prepared):

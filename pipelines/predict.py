@@ -5,11 +5,13 @@
                          concurrency=1, cpus_per_actor=2)
     # rows: PREDICTION_SCHEMA (pyarrow batches all the way: no pickled Python objects)
 
-Stages: ``read_images`` (tasks reading each ``fs_path`` through the source's pyarrow filesystem;
-skipped for a Parquet input, which already holds the bytes) -> ``Predictor`` (an actor pool:
-``frcnn.inference.Detector`` loads the model once per actor, decodes each batch on the actor's
-threads and runs ``FasterRCNN.detect``; boxes come back in ORIGINAL pixels). An input that cannot
-be read or decoded is a row with ``error`` set (empty string: none), never a dead job.
+One stage: ``Predictor``, an actor pool. ``frcnn.inference.Detector`` loads the model once per
+actor; each call reads its batch's files through the source's pyarrow filesystem (``read_images``;
+a Parquet input already holds the bytes), decodes them and runs ``FasterRCNN.detect``; boxes come
+back in ORIGINAL pixels. Each actor runs two calls at once: one decodes while the other holds the
+model. Reading inside the actor, not in tasks of its own, saves a Ray task per batch, whose
+scheduling on a small machine cost more than the read (and held up the actor's start). An input
+that cannot be read or decoded is a row with ``error`` set (empty string: none), never a dead job.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ PREDICTION_SCHEMA = pa.schema([
 ])
 
 
+_CALLS_PER_ACTOR = 2
+
+
 def read_images(batch: pa.Table, *, source: Location) -> pa.Table:
-    """Ray Data map: (image_id, path, fs_path) -> IMAGES_SCHEMA, the bytes read from ``source``'s
-    filesystem (a file that vanished or cannot be read becomes an error row)."""
+    """(image_id, path, fs_path) -> IMAGES_SCHEMA, the bytes read from ``source``'s filesystem (a
+    file that vanished or cannot be read becomes an error row). Runs inside ``Predictor``."""
     images, errors = [], []
     for fs_path in batch.column("fs_path").to_pylist():
         try:
@@ -70,9 +75,9 @@ def _lists(arrays: list[np.ndarray], dtype, pa_type: pa.DataType) -> pa.Array:
 class Predictor:
     """The Ray Data callable class: IMAGES_SCHEMA batches -> PREDICTION_SCHEMA batches."""
 
-    def __init__(self, checkpoint: bytes | tuple, *, score_threshold: float | None = None, threads: int | None = None,
-                 device: str | None = None) -> None:
-        from frcnn.inference import Detector  # torch: loaded in the actor, not in read/write tasks
+    def __init__(self, checkpoint: bytes | tuple, *, source: Location | None = None,
+                 score_threshold: float | None = None, threads: int | None = None, device: str | None = None) -> None:
+        from frcnn.inference import Detector  # torch: loaded in the actor, not in the write tasks
 
         if isinstance(checkpoint, tuple):  # (ObjectRef,): see predict_dataset
             import ray
@@ -81,8 +86,11 @@ class Predictor:
         self.detector = Detector.from_checkpoint(checkpoint, device, score_threshold=score_threshold,
                                                  threads=threads)
         self.names = pa.array(["?", *self.detector.class_names], pa.string())  # label k -> names[k]
+        self.source = source
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.source is not None:  # rows name files (fs_path): read them here
+            batch = read_images(batch, source=self.source)
         pre = [e or "" for e in batch.column("error").to_pylist()]
         images = batch.column("image").to_pylist()
         todo = [i for i, e in enumerate(pre) if not e]
@@ -118,15 +126,11 @@ class Predictor:
 def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batch_size: int = 8,
                     concurrency: int = 1, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
                     score_threshold: float | None = None) -> Any:
-    """Add the read (when ``source`` is given: rows hold ``fs_path``) and predict stages to ``ds``.
-
-    Without ``source`` the rows already follow IMAGES_SCHEMA (a Parquet input). The actors get
+    """Add the predict stage to ``ds``: rows holding ``fs_path`` on ``source``'s filesystem, or,
+    without ``source``, rows following IMAGES_SCHEMA (a Parquet input). The actors get
     ``cpus_per_actor`` CPUs each and as many torch threads on CPU."""
     import ray
 
-    if source is not None:
-        ds = ds.map_batches(read_images, batch_size=int(batch_size), batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"source": source})
     kwargs: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor:
         kwargs["num_gpus"] = gpus_per_actor
@@ -135,10 +139,14 @@ def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batc
     # argument, which Ray stores in the object store and warns about for every restartable actor.
     ckpt = (ray.put(bytes(checkpoint)),)
     return ds.map_batches(
-        Predictor, fn_constructor_kwargs={"checkpoint": ckpt, "score_threshold": score_threshold,
+        Predictor, fn_constructor_kwargs={"checkpoint": ckpt, "source": source, "score_threshold": score_threshold,
                                           "threads": threads},
-        batch_size=int(batch_size), batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=int(concurrency)),
-        zero_copy_batch=True, **kwargs)
+        batch_size=int(batch_size), batch_format="pyarrow", zero_copy_batch=True,
+        # Two calls at once per actor: while one runs the model (under the Detector's lock), the
+        # other decodes its batch on another core, so the model does not wait for decoding.
+        compute=ray.data.ActorPoolStrategy(size=int(concurrency), max_concurrent_calls_per_actor=_CALLS_PER_ACTOR,
+                                           enable_true_multi_threading=True),
+        **kwargs)
 
 
 def predict_images(items: list[dict[str, str]], checkpoint: bytes, *, source: Location, progress: bool = False,
