@@ -99,20 +99,44 @@ def log_checkpoint(checkpoint, artifact_path: str) -> str:
     return str(dst)
 
 
+def pyfunc_signature():
+    """What the registered model takes and returns (shown in the MLflow UI; inputs are checked):
+    a DataFrame with an ``image`` column of encoded bytes -> one row per image."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec(Array(Array("double")), "boxes"), ColSpec(Array("double"), "scores"),
+                        ColSpec(Array("long"), "labels"), ColSpec(Array("string"), "class_names"),
+                        ColSpec("string", "error", required=False)]))
+
+
 def register_model(checkpoint_file: str, model_name: str) -> str | None:
     """Log the pyfunc (code + checkpoint) in the active run and register it; returns the version."""
-    info = tracking.safe(
+    import warnings
+
+    with warnings.catch_warnings():
+        # An input example would be encoded image bytes, and validating it loads the model in a
+        # subprocess (slow); the explicit signature already describes the input.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        info = _log_pyfunc(checkpoint_file, model_name)
+    if info is None:
+        return None
+    return str(info.registered_model_version) if info.registered_model_version is not None else None
+
+
+def _log_pyfunc(checkpoint_file: str, model_name: str):
+    return tracking.safe(
         mlflow.pyfunc.log_model,
         name="model",
         python_model=PYFUNC_CODE,
         artifacts={"checkpoint": checkpoint_file},
         registered_model_name=model_name,
+        signature=pyfunc_signature(),
         # Listed, not inferred: inference would load the model in a subprocess (slow).
         pip_requirements=["frcnn-jobs", "torch==2.14.1", "torchvision==0.29.1", "mlflow==3.17.2"],
     )
-    if info is None:
-        return None
-    return str(info.registered_model_version) if info.registered_model_version is not None else None
 
 
 def _download(artifact_uri: str) -> Path:

@@ -12,6 +12,7 @@ goes through ``frcnn.inference.Detector``, the same code as ``infer``'s and ``ev
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -23,9 +24,8 @@ class FrcnnPyfunc(PythonModel):
 
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"], "cpu")
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # The pandas hint: MLflow validates that a DataFrame comes in (and warns when predict has no hint).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         images = list(model_input["image"])
         rows = []
         for start in range(0, len(images), self.batch_size):

@@ -188,6 +188,10 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     assert len(pred) == 1 and set(pred.columns) >= {"boxes", "scores", "labels", "class_names"}
     for box in pred.iloc[0]["boxes"]:
         assert 0 <= box[0] <= box[2] <= 150 and 0 <= box[1] <= box[3] <= 100
+    # Its signature says what it takes, and a frame without the image column is refused by name.
+    assert model.metadata.signature.inputs.input_names() == ["image"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"missing inputs \['image'\]"):
+        model.predict(__import__("pandas").DataFrame({"img": [buf.getvalue()]}))
 
     # --resume: continue the finished run for two more epochs, in the same MLflow run.
     res2 = run_training(shards["train"], shards["val"], train_cfg=TrainConfig(**{**tc.to_dict(), "epochs": 42}),
