@@ -28,8 +28,7 @@ demo: $(STAMP)
 	$(BIN)/frcnn-jobs demo --workdir runs/demo
 
 # infra/'s shape on this machine with the real engines and four faults (infra/README.md,
-# "Rehearsed on one machine"); tests/test_cluster_rehearsal.py runs it with FRCNN_CLUSTER_REHEARSAL=1
-# (opt-in: not part of `make test` until it passes end to end within CI's budget).
+# "Rehearsed on one machine"); `make test` runs it too (tests/test_cluster_rehearsal.py).
 cluster-rehearsal: $(STAMP)
 	$(BIN)/python infra/rehearsal/rehearse.py
 

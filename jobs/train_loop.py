@@ -36,6 +36,7 @@ from frcnn.training import (
     lr_factor,
 )
 from pipelines.schema import to_model_inputs
+from pipelines.storage import Location
 
 from . import tracking
 from .models import CHECKPOINT_FILE
@@ -235,11 +236,9 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed)  # identical initial weights (DDP also broadcasts rank 0's)
 
     model = FasterRCNN(mcfg)
-    start_epoch, step, state = 0, 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    start_epoch, step = 0, 0
+    state = _resume_state(ray.train.get_checkpoint(), config["status_folder"])
+    if state is not None:
         model.load_state_dict(state["model"])
         start_epoch, step = state["epoch"] + 1, state["step"]
     model = ray.train.torch.prepare_model(model)
@@ -259,6 +258,10 @@ def train_loop(config: dict[str, Any]) -> None:
     use_difficult = bool(config.get("use_difficult", False))
     callbacks: list[TrainCallback] = list(config.get("callbacks") or [])
     writer = RankZeroMetrics(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    if writer is not None and state is not None:
+        # A group restarted after a lost worker (or a --resume) records where it picked up: one
+        # point per restart in the run's "resumed_from_step" chart.
+        writer.log({"resumed_from_step": float(step)}, step, "resumed_from_step")
     monitor = _start_system_metrics(config) if rank == 0 else None
     data = WorkerData(config, rank, world, tcfg)
     window = _Window()
@@ -333,6 +336,35 @@ def train_loop(config: dict[str, Any]) -> None:
             writer.close()
         if monitor is not None:
             tracking.safe(monitor.finish)
+
+
+def _resume_state(registered, folder: str) -> dict[str, Any] | None:
+    """The checkpoint state a (re)started group continues from, or None to start at step 0.
+
+    Ray Train registers a reported checkpoint when its controller next polls the workers (every
+    2 s): a worker lost in between (seen here: a rank dying 5 steps after a checkpoint) restarts
+    the group from the previously registered one, or from scratch, although the newer checkpoint is
+    complete in storage. So the newest complete ``epoch-NNNN`` folder of the run wins when it is
+    later than Ray's; one that does not load (cut short) falls back to Ray's.
+    """
+    import io
+
+    from .train_state import checkpoint_epoch, latest_checkpoint
+
+    newest = latest_checkpoint(folder, CHECKPOINT_FILE)
+    if newest is not None and registered is not None and \
+            (checkpoint_epoch(newest) or -1) <= (checkpoint_epoch(registered.path) or -1):
+        newest = None
+    if newest is not None:
+        try:
+            data = Location.of(newest).child(CHECKPOINT_FILE).read_bytes()
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a copy cut short: Ray's registered checkpoint instead
+            log.warning("%s: cannot load (%s); using the checkpoint Ray Train registered", newest, exc)
+    if registered is None:
+        return None
+    with registered.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 def _match_priority(niceness: int | None) -> None:

@@ -20,6 +20,12 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
+def checkpoint_epoch(path: str) -> int | None:
+    """The epoch of a checkpoint folder named by :func:`checkpoint_dir_name`, else None."""
+    m = _CHECKPOINT_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
 def checkpoint_step(path: str, steps_per_epoch: int) -> int:
     """The step a checkpoint folder was written at (its epoch's last step)."""
     return (int(_CHECKPOINT_DIR.match(path.rstrip("/").rsplit("/", 1)[-1]).group(1)) + 1) * steps_per_epoch

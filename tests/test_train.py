@@ -146,6 +146,8 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     hist = _history(client, res.run_id, "loss_total")
     steps = [s for s, _ in hist]
     assert steps == list(range(1, 40 * 7 + 1))
+    # The restarted group recorded where it picked up: the checkpoint of step 70, once.
+    assert _history(client, res.run_id, "resumed_from_step") == [(70, 70.0)]
     for key in ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls", "loss_roi_loc", "lr", "images_per_s",
                 "data_wait_frac", "val_map50", "val_loss_total"):
         assert client.get_metric_history(res.run_id, key), key
@@ -199,6 +201,7 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     assert res2.run_id == res.run_id
     steps2 = [s for s, _ in _history(client, res.run_id, "loss_total")]
     assert steps2 == list(range(1, 42 * 7 + 1))
+    assert _history(client, res.run_id, "resumed_from_step") == [(70, 70.0), (280, 280.0)]
     assert res2.metrics["epoch"] == 41
 
 

@@ -755,7 +755,16 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         val_rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'val_map50' "
                           "GROUP BY step", (rid,))
         check(all(c == 1 for _, c in val_rows), f"validation logged twice: {val_rows}")
-        obs["fault_a"]["restarted"] = "Replacing failing" in logs or "restart" in logs.lower()
+        # The restarted group's rank 0 records the step of the checkpoint it loaded (metric
+        # resumed_from_step, jobs/train_loop.py): proof the kill cost the group its ranks and that
+        # it went on from a checkpoint, at least the one in the bucket at the kill, not from scratch.
+        resumed = [int(r[0]) for r in st.sql("SELECT step FROM metrics WHERE run_uuid = %s AND "
+                                             "key = 'resumed_from_step' ORDER BY step", (rid,))]
+        obs["fault_a"]["resumed_from_steps"] = resumed
+        check(resumed, "no restart from a checkpoint was recorded after the node was killed")
+        check(all(s >= (epoch_at_kill + 1) * steps_per_epoch for s in resumed),
+              f"resumed from step(s) {resumed}; the checkpoint at the kill was at step "
+              f"{(epoch_at_kill + 1) * steps_per_epoch}")
         ckpts = checkpoints()
         check(ckpts, "no checkpoint in the bucket")
         art = st.keys("mlflow")
