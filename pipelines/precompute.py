@@ -283,7 +283,7 @@ def precompute(
                 io_error = _first_io_error(exc)
                 if io_error is not None:  # the store: one line naming the output and the store's answer
                     reason = str(io_error).split("; Details:")[0].strip()
-                    raise PrecomputeError(f"{dest.shown}: cannot write the output, nothing published: {reason}",
+                    raise PrecomputeError(f"{dest.shown}: storage error, nothing published: {reason}",
                                           dest.shown, reason) from None
                 raise PrecomputeError(f"precompute of {data_root} split {split!r} failed: {exc}") from exc
         collected = True
