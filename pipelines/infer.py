@@ -42,7 +42,7 @@ from typing import Any
 
 from pipelines.detections import ERRORS, RUN_PREFIX, SUCCESS, published_ids, published_runs, read_published, write_part
 from pipelines.inputs import Inputs, list_inputs, table_images
-from pipelines.predict import predict_dataset
+from pipelines.predict import file_items, predict_dataset
 from pipelines.storage import (
     Location,
     clean_stale_staging,
@@ -262,9 +262,7 @@ def _dataset(inputs: Inputs, todo: list[dict[str, str]], incremental: bool, chec
     import ray
 
     if inputs.kind == "files":
-        n_blocks = max(1, min(200, math.ceil(len(todo) / batch_size)))
-        ds = ray.data.from_items([{k: it[k] for k in ("image_id", "fs_path", "path")} for it in todo],
-                                 override_num_blocks=n_blocks)
+        ds = file_items([{k: it[k] for k in ("image_id", "fs_path", "path")} for it in todo], batch_size)
         source: Location | None = inputs.root
     else:
         keep = frozenset(it["image_id"] for it in todo) if incremental else None
