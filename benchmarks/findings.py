@@ -103,21 +103,46 @@ FINDINGS: dict[str, dict[str, str]] = {
 }
 
 FINDINGS["9"] = {
-    "cause_short": ("the one predictor actor decodes and resizes its own images (10.7 ms an image at one thread in "
-                    "this run) before detect(), so it cannot pass 1 / (1/50 + 0.0107) = 33 img/s (65 %) even "
-                    "with no other cost; actor start, Ray Data scheduling and writing take the rest."),
-    "fix_short": "decode in Ray Data tasks on the other core, so the actor only runs the model.",
+    "cause_short": ("each call starts a new predictor actor, and the actor imports torch and torchvision before its "
+                    "first batch: a 16-image call takes 6.4 s on the quiet machine, 5 s of it those imports "
+                    "(torch 2.5 s, torchvision 2.3 s, of which 2.1 s is torch._dynamo pulled in by "
+                    "torchvision.ops.roi_align). Past that start the actor is model-bound, at 62-69 % of detect()."),
+    "fix_short": ("none inside one Ray Data call: a warm predictor process reused across calls (a long-lived "
+                  "service) would remove the start; larger inputs only amortise it (towards 62-69 %); at 600 "
+                  "images even a free pipeline after the start could not pass about 47 %."),
     "cause": (
-        "From this run's figures (results.json, row 9): detect() alone 27.6-50.0 img/s (batch 8, one thread), "
-        "the decode+canvas floor 10.67 ms an image (one thread), run_inference 13.2 and 15.5 img/s for 600 images "
-        "(its own count, which leaves out listing and publishing, is the same: the fixed costs are small at 600 "
-        "images). `frcnn.inference.Detector.predict` decodes the batch in the actor's thread pool sized by its "
-        "torch threads (one), so decoding and the model run one after the other on one core while the second "
-        "core mostly waits: 1 / (1/50 + 0.0107) = 33 img/s is that design's ceiling here."),
+        "Measured at `94db38a` by timestamps in the actor and the driver and py-spy on the actor. History: at "
+        "`ebe5444` (31 % in the committed run at load 25; 31 % again on the quiet machine, 35.7 vs 114 img/s) "
+        "the files were read by 75 Ray tasks (num_cpus 0.25) beside the actor; under load 6 they held up the "
+        "actor's start (19 reads done before its constructor began at 3.9-6.2 s) and cost the driver's "
+        "executor and the raylet CPU for every 8 images; the actor then ran 131-156 ms a batch. Now "
+        "(`pipelines/predict.py`): the actor reads its batch's files itself (no read tasks: the 600-image call fell "
+        "from 21-28 s at load 4-7 to 13-15 s at load 8-10), runs two calls at once with the model under a lock "
+        "(`frcnn.inference.Detector`), so the next batch decodes while the model runs (py-spy, 6 s of "
+        "steady state at 200 Hz: the model busy in 1,183 of 1,200 samples, decoding 185 samples on the other "
+        "thread), and takes 4 batches per task (19 tasks instead of 75: the driver's CPU per call 2.1-2.3 s "
+        "instead of 2.9-3.0, steady state 45-48 vs 39-41 img/s in an ABBA pair at load 6-9). What is left, "
+        "quiet machine (load 1-2): a 16-image call 6.4-7.1 s = actor creation and `ray.data` import in the "
+        "worker 1.1-1.9 s (0.8 s more when no idle worker is pooled), `import frcnn.inference` in the actor "
+        "5.0-5.2 s (CPU-bound; in a plain process torch 2.14.1+cu130 takes 2.5-2.8 s and torchvision "
+        "2.3-2.7 s, 2.1 s of it torch._dynamo imported by `torchvision.ops.roi_align`), the model load 0.1 s; then "
+        "the 600-image call minus the 16-image call just before it gives 66-74 img/s beyond the start (62-69 % "
+        "of detect() in the same run; a difference of two walls, so noisy: another run gave 52 and 128), and "
+        "the actor's own timestamps 75-82 img/s against detect() 80-117 at load 8-10: the model in the actor "
+        "shares its core with decoding, Ray's daemons and the driver. 600 / (6.4 s + 600 / 106 img/s) = "
+        "50 img/s = 47 % is the ceiling of any pipeline that pays that start. Tried without gain: a Ray "
+        "`worker_process_setup_hook` importing torch in every worker (the actor got a freshly started worker, "
+        "still importing: constructor at 7.8-8.2 s, 7-8 CPU s); one call per actor instead of two (no "
+        "difference beyond the noise at load 5-15; kept two for the overlap py-spy shows, which matters more "
+        "where decoding is a larger share: large images, a GPU)."),
     "fix": (
-        "Decode and put on the canvas in a Ray Data map (num_cpus below 1) before the predictor, passing uint8 "
-        "canvases and scales to the actor, so that the second core decodes while the first runs the model; or "
-        "two actors of one CPU each. Measure with `python -m benchmarks.run --only 9`."),
+        "Within one `run_inference` call nothing more is in reach on 2 cores: the actor is model-bound once "
+        "started. Levers outside it: keep predictor processes warm between calls (a long-running service or a "
+        "persistent actor pool; Ray Data creates and ends its actors per execution); a CPU-only torch wheel "
+        "on CPU machines may import faster (not measured). Larger inputs amortise the start but converge on "
+        "the steady 62-69 % (2,000 images: about 56 % by the figures above). Measure "
+        "with `python -m benchmarks.run --only 9`: its note gives the 16-image and 600-image calls' walls, "
+        "results.json (`runs`) the rate beyond the 16 images."),
 }
 
 OTHER_FINDINGS: list[str] = [
