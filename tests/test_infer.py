@@ -132,6 +132,35 @@ def test_boxes_in_original_pixels_any_mode_and_unreadable_files_reported(ckpt, f
     assert not (out / "_staging").exists() or list((out / "_staging").iterdir()) == []
 
 
+def test_detector_called_from_several_threads_equals_one_call_at_a_time(ckpt):
+    """The predictor actor runs two calls at once (one decodes while the other holds the model):
+    results from concurrent callers must be exactly those of one call at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from frcnn.inference import Detector
+
+    rng = np.random.default_rng(7)
+    data = []
+    for _ in range(24):
+        buf = io.BytesIO()
+        render_image(rng, int(rng.integers(60, 320)), int(rng.integers(60, 320)))[0].save(buf, "JPEG")
+        data.append(buf.getvalue())
+    data[5] = b"garbage"  # a failed input stays in its place
+    batches = [data[i:i + 4] for i in range(0, len(data), 4)]
+    det = Detector.from_checkpoint(ckpt[1], "cpu", threads=1)
+    serial = [det.predict(b) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(det.predict, batches * 3))
+    assert sum(len(d.scores) for b in serial for d in b) > 0  # something to compare
+    assert serial[1][1].error and serial[1][1].height == -1
+    for got, want in zip(concurrent, serial * 3, strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert (g.error, g.height, g.width) == (w.error, w.height, w.width)
+            np.testing.assert_array_equal(g.boxes, w.boxes)
+            np.testing.assert_array_equal(g.scores, w.scores)
+            np.testing.assert_array_equal(g.labels, w.labels)
+
+
 # --------------------------------------------------------------------------- a schedule
 
 
