@@ -1,6 +1,14 @@
 import os
+import signal
 
 import pytest
+
+# A shell that runs the suite in the background (`make test &`, `nohup ... &`) starts it with SIGINT
+# ignored, and an ignored signal stays ignored across fork and exec: the Ctrl-C tests' subprocesses
+# would never see the interrupt they are sent (and would run to the end, exit status 0). With a
+# handler here, the children start with SIGINT at its default, as under a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
