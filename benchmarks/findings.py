@@ -147,7 +147,7 @@ FINDINGS["9"] = {
 
 OTHER_FINDINGS: list[str] = [
     ("**Fixed (0173203): the precompute ledger actor could die under a running precompute (`ActorDiedError`).** "
-     "`pipelines.precompute._get_ledger` finds or creates the named actor `frcnn-precompute-ledger` with "
+     "`pipelines.precompute_job.get_ledger` finds or creates the named actor `frcnn-precompute-ledger` with "
      "`get_if_exists=True`, but nothing keeps a handle between runs: the handles of a finished run sit in "
      "reference cycles, and when Python's cyclic GC frees them Ray kills the actor (`The actor is dead because "
      "all references to the actor were removed`). A `precompute()` that starts around that moment gets a "
@@ -155,7 +155,7 @@ OTHER_FINDINGS: list[str] = [
      "2,000-image run). Reproduced: four back-to-back calls reuse one ledger process, `gc.collect()` kills "
      "it, the next call starts a new one. Fix (pipelines/precompute.py): keep the handle in a module-level "
      "variable for the life of the Ray session (what the `_Ledger` docstring intends: \"one ledger serves "
-     "all the runs of a driver\"), and retry `_get_ledger` once on `ActorDiedError`. The benchmark holds a "
+     "all the runs of a driver\"), and retry `get_ledger` once on `ActorDiedError`. The benchmark holds a "
      "handle itself meanwhile."),
     ("**Two torch threads on two shared cores are many times slower than one.** With other processes on "
      "the machine (load average 4-12 while this was measured), every OpenMP parallel region waits for a "

@@ -88,7 +88,7 @@ def _cpu_delta(before: dict, after: dict) -> dict[str, float]:
 
 def per_image_breakdown(voc: Path, split: str, cfg, n: int) -> dict[str, Any]:
     """Milliseconds per image, in this process at one torch thread, interleaved image by image:
-    the floor's steps, the pipeline's whole per-image work (``_Worker.process``: read, XML,
+    the floor's steps, the pipeline's whole per-image work (``ImageWorker.process``: read, XML,
     decode, canvas, anchor targets, encode, row), and the anchor targets alone."""
     import dataclasses
 
@@ -96,16 +96,17 @@ def per_image_breakdown(voc: Path, split: str, cfg, n: int) -> dict[str, Any]:
     import torch
 
     from frcnn.anchors import assign_anchor_targets
-    from pipelines.precompute import _shown, _Worker
+    from pipelines.precompute_rows import ImageWorker
+    from pipelines.storage import shown
     from pipelines.voc import list_split
 
     spec = {"cfg": cfg.to_dict(), "class_names": list(cfg.class_names), "use_difficult": False,
-            "drop_empty": False, "jpeg_quality": 95, "data_root": str(voc), "root_shown": _shown(str(voc))}
+            "drop_empty": False, "jpeg_quality": 95, "data_root": str(voc), "root_shown": shown(str(voc))}
     items = [dataclasses.asdict(i) for i in list_split(str(voc), split)][:n]
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        worker = _Worker(spec)
+        worker = ImageWorker(spec)
         canvas = cfg.canvas.height
         for it in items[:3]:
             worker.process(it)
@@ -143,7 +144,8 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
     import ray
 
     from frcnn.config import ModelConfig, tiny_config
-    from pipelines.precompute import _get_ledger, precompute
+    from pipelines.precompute import precompute
+    from pipelines.precompute_job import get_ledger
     from pipelines.synth import SYNTH_CLASSES
 
     n = 24 if quick else 200
@@ -167,7 +169,7 @@ def run(quick: bool, ws, train_images: int) -> dict[str, Any]:
         pool.map(floor_image, [(p, canvas) for p in paths[: 2 * cpus]], chunksize=1)  # warm the pool
         say(f"rows 2/3: floor pool of {cpus} processes warm in {time.perf_counter() - t:.1f} s")
         ray_up()
-        _ledger = _get_ledger()  # held for the session: see the module docstring
+        _ledger = get_ledger()  # held for the session: see the module docstring
         me = psutil.Process()
         t = time.perf_counter()
         precompute(str(voc), "bench_warm", str(work / "out_warm"), cfg, overwrite=True, progress=False)

@@ -70,7 +70,7 @@ import pyarrow.parquet as pq
 from frcnn.config import ModelConfig
 from pipelines import storage
 from pipelines.precompute_job import PrecomputeError, Progress, get_ledger, precompute_block
-from pipelines.precompute_rows import ImageWorker, process_item, rows_to_table
+from pipelines.precompute_rows import process_item, rows_to_table
 from pipelines.storage import Location
 from pipelines.voc import list_split, load_class_names
 
@@ -90,10 +90,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _BLOCKS_PER_CPU = 4  # short last blocks: the slowest task sets the wall time
 _MIN_SHARD_ROWS = 8
-# benchmarks/precompute_bench.py reaches these through this module.
-_Worker = ImageWorker
-_get_ledger = get_ledger
-_shown = storage.shown
 
 
 @dataclass
