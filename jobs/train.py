@@ -19,7 +19,6 @@ How it fits together:
 
 from __future__ import annotations
 
-import os
 import shlex
 import threading
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ import click
 from frcnn import ModelConfig
 from frcnn.config import flatten, load_config
 from frcnn.training import TrainConfig
-from pipelines.storage import init_ray
+from pipelines.storage import driver_niceness, init_ray
 
 from . import console, options, tracking
 from .models import CHECKPOINT_FILE
@@ -177,7 +176,7 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
             "use_difficult": bool(manifest.get("use_difficult", False)), "in_memory": prepared.in_memory,
             "torch_threads": max(int(cpus_per_worker), 1) if gpus_per_worker == 0 else None,
             "callbacks": list(callbacks),
-            "driver_niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None,
+            "driver_niceness": driver_niceness(),
         }
         trainer = TorchTrainer(
             train_loop,

@@ -36,7 +36,7 @@ from frcnn.training import (
     lr_factor,
 )
 from pipelines.schema import to_model_inputs
-from pipelines.storage import Location
+from pipelines.storage import Location, match_priority
 
 from . import tracking
 from .models import CHECKPOINT_FILE
@@ -231,7 +231,7 @@ def train_loop(config: dict[str, Any]) -> None:
     tcfg = TrainConfig.from_dict(config["train"])
     if config.get("torch_threads"):
         torch.set_num_threads(int(config["torch_threads"]))
-    _match_priority(config.get("driver_niceness"))
+    match_priority(config.get("driver_niceness"))
     device = ray.train.torch.get_device()
     torch.manual_seed(tcfg.seed)  # identical initial weights (DDP also broadcasts rank 0's)
 
@@ -365,20 +365,6 @@ def _resume_state(registered, folder: str) -> dict[str, Any] | None:
         return None
     with registered.as_directory() as d:
         return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
-
-def _match_priority(niceness: int | None) -> None:
-    """Run at the priority of the command that started the training. Ray starts its workers at
-    niceness 15 (background work); a training worker is the job itself, and at 15 any other process
-    on the node takes the CPU first. Raising priority needs the privilege to: otherwise nothing
-    changes."""
-    if niceness is None or not hasattr(os, "setpriority"):
-        return
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) > niceness:
-            os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    except OSError:
-        log.debug("worker priority left at niceness %s", os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, rank) -> None:

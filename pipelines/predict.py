@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.storage import Location, read_bytes
+from pipelines.storage import Location, driver_niceness, match_priority, read_bytes
 
 __all__ = ["IMAGES_SCHEMA", "PREDICTION_SCHEMA", "Predictor", "file_items", "predict_dataset", "predict_images",
            "read_images"]
@@ -78,7 +78,8 @@ class Predictor:
     """The Ray Data callable class: IMAGES_SCHEMA batches -> PREDICTION_SCHEMA batches."""
 
     def __init__(self, checkpoint: bytes | tuple, *, source: Location | None = None,
-                 score_threshold: float | None = None, threads: int | None = None, device: str | None = None) -> None:
+                 score_threshold: float | None = None, threads: int | None = None, device: str | None = None,
+                 niceness: int | None = None) -> None:
         from frcnn.inference import Detector  # torch: loaded in the actor, not in the write tasks
 
         if isinstance(checkpoint, tuple):  # (ObjectRef,): see predict_dataset
@@ -89,8 +90,12 @@ class Predictor:
                                                  threads=threads)
         self.names = pa.array(["?", *self.detector.class_names], pa.string())  # label k -> names[k]
         self.source = source
+        self.niceness = niceness
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # Calls run on the actor's call threads (two at a time), not the thread __init__ ran on:
+        # each takes the driver's priority, and the decode threads it starts inherit it.
+        match_priority(self.niceness)
         if self.source is not None:  # rows name files (fs_path): read them here
             batch = read_images(batch, source=self.source)
         pre = [e or "" for e in batch.column("error").to_pylist()]
@@ -157,7 +162,7 @@ def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batc
     ckpt = (ray.put(bytes(checkpoint)),)
     return ds.map_batches(
         Predictor, fn_constructor_kwargs={"checkpoint": ckpt, "source": source, "score_threshold": score_threshold,
-                                          "threads": threads},
+                                          "threads": threads, "niceness": driver_niceness()},
         batch_size=int(batch_size), batch_format="pyarrow", zero_copy_batch=True,
         # Two calls at once per actor: while one runs the model (under the Detector's lock), the
         # other decodes its batch on another core, so the model does not wait for decoding.

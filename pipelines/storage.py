@@ -50,9 +50,11 @@ __all__ = [
     "bounded_io_retries",
     "clean_stale_staging",
     "discard",
+    "driver_niceness",
     "init_ray",
     "is_published",
     "is_uri",
+    "match_priority",
     "new_run_name",
     "publish",
     "resolve_filesystem",
@@ -399,6 +401,26 @@ def init_ray(address: str | None = None, reserved_cpus: float = 0, log_to_driver
 
 
 _STARTED_HERE = False
+
+
+def match_priority(niceness: int | None) -> None:
+    """Run the calling thread (and the threads it starts) at ``niceness``, the priority of the
+    command that started the job. Ray starts its workers at niceness 15 (background work); a
+    training worker or a predictor actor is the job itself, and at 15 every other process on the
+    node (the driver, the raylet) takes the CPU first. Raising priority needs the privilege to:
+    without it nothing changes."""
+    if niceness is None or not hasattr(os, "setpriority"):
+        return
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > niceness:
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError:
+        log.debug("priority left at niceness %s", os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def driver_niceness() -> int | None:
+    """This process's niceness, for :func:`match_priority` in its workers."""
+    return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None
 
 
 def stop_local_ray() -> None:
