@@ -120,23 +120,19 @@ def register_model(checkpoint_file: str, model_name: str) -> str | None:
         # An input example would be encoded image bytes, and validating it loads the model in a
         # subprocess (slow); the explicit signature already describes the input.
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
-        info = _log_pyfunc(checkpoint_file, model_name)
+        info = tracking.safe(
+            mlflow.pyfunc.log_model,
+            name="model",
+            python_model=PYFUNC_CODE,
+            artifacts={"checkpoint": checkpoint_file},
+            registered_model_name=model_name,
+            signature=pyfunc_signature(),
+            # Listed, not inferred: inference would load the model in a subprocess (slow).
+            pip_requirements=["frcnn-jobs", "torch==2.14.1", "torchvision==0.29.1", "mlflow==3.17.2"],
+        )
     if info is None:
         return None
     return str(info.registered_model_version) if info.registered_model_version is not None else None
-
-
-def _log_pyfunc(checkpoint_file: str, model_name: str):
-    return tracking.safe(
-        mlflow.pyfunc.log_model,
-        name="model",
-        python_model=PYFUNC_CODE,
-        artifacts={"checkpoint": checkpoint_file},
-        registered_model_name=model_name,
-        signature=pyfunc_signature(),
-        # Listed, not inferred: inference would load the model in a subprocess (slow).
-        pip_requirements=["frcnn-jobs", "torch==2.14.1", "torchvision==0.29.1", "mlflow==3.17.2"],
-    )
 
 
 def _download(artifact_uri: str) -> Path:

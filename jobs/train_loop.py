@@ -32,6 +32,7 @@ from frcnn.training import (
     build_optimizer,
     checkpoint_state,
     hflip_batch,
+    load_checkpoint,
     loss_mode,
     lr_factor,
 )
@@ -357,14 +358,13 @@ def _resume_state(registered, folder: str) -> dict[str, Any] | None:
         newest = None
     if newest is not None:
         try:
-            data = Location.of(newest).child(CHECKPOINT_FILE).read_bytes()
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return load_checkpoint(io.BytesIO(Location.of(newest).child(CHECKPOINT_FILE).read_bytes()))
         except Exception as exc:  # noqa: BLE001 - a copy cut short: Ray's registered checkpoint instead
             log.warning("%s: cannot load (%s); using the checkpoint Ray Train registered", newest, exc)
     if registered is None:
         return None
     with registered.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
 
 
 def _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, rank) -> None:

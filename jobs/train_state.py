@@ -28,7 +28,7 @@ def checkpoint_epoch(path: str) -> int | None:
 
 def checkpoint_step(path: str, steps_per_epoch: int) -> int:
     """The step a checkpoint folder was written at (its epoch's last step)."""
-    return (int(_CHECKPOINT_DIR.match(path.rstrip("/").rsplit("/", 1)[-1]).group(1)) + 1) * steps_per_epoch
+    return (checkpoint_epoch(path) + 1) * steps_per_epoch
 
 
 def run_folder(storage_path: str, ray_name: str) -> Location:
