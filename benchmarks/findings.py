@@ -103,46 +103,42 @@ FINDINGS: dict[str, dict[str, str]] = {
 }
 
 FINDINGS["9"] = {
-    "cause_short": ("each call starts a new predictor actor, and the actor imports torch and torchvision before its "
-                    "first batch: a 16-image call takes 6.4 s on the quiet machine, 5 s of it those imports "
-                    "(torch 2.5 s, torchvision 2.3 s, of which 2.1 s is torch._dynamo pulled in by "
-                    "torchvision.ops.roi_align). Past that start the actor is model-bound, at 62-69 % of detect()."),
-    "fix_short": ("none inside one Ray Data call: a warm predictor process reused across calls (a long-lived "
-                  "service) would remove the start; larger inputs only amortise it (towards 62-69 %); at 600 "
-                  "images even a free pipeline after the start could not pass about 47 %."),
+    "when_met": ("met for a driver's calls after its first; the first call after Ray's start (one `frcnn-jobs "
+                 "infer` run) also imports torch and loads the model in Ray's worker processes, 5-7 s here, "
+                 "which at 600 images is about half the call (its figure is in the note)."),
+    "cause_short": ("the predictor workers' start: importing torch and torchvision (5-7 s here, 2.1 s of it "
+                    "torch._dynamo pulled in by torchvision.ops.roi_align) and loading the model; the note gives "
+                    "the first (cold) call's figure beside the warm calls'."),
+    "fix_short": ("on CPU the predictors are tasks whose worker processes keep torch and the model for the "
+                  "driver's later calls; a single run pays the start once; larger inputs amortise it."),
     "cause": (
-        "Measured at `94db38a` by timestamps in the actor and the driver and py-spy on the actor. History: at "
-        "`ebe5444` (31 % in the committed run at load 25; 31 % again on the quiet machine, 35.7 vs 114 img/s) "
-        "the files were read by 75 Ray tasks (num_cpus 0.25) beside the actor; under load 6 they held up the "
-        "actor's start (19 reads done before its constructor began at 3.9-6.2 s) and cost the driver's "
-        "executor and the raylet CPU for every 8 images; the actor then ran 131-156 ms a batch. Now "
-        "(`pipelines/predict.py`): the actor reads its batch's files itself (no read tasks: the 600-image call fell "
-        "from 21-28 s at load 4-7 to 13-15 s at load 8-10), runs two calls at once with the model under a lock "
-        "(`frcnn.inference.Detector`), so the next batch decodes while the model runs (py-spy, 6 s of "
-        "steady state at 200 Hz: the model busy in 1,183 of 1,200 samples, decoding 185 samples on the other "
-        "thread), and takes 4 batches per task (19 tasks instead of 75: the driver's CPU per call 2.1-2.3 s "
-        "instead of 2.9-3.0, steady state 45-48 vs 39-41 img/s in an ABBA pair at load 6-9). What is left, "
-        "quiet machine (load 1-2): a 16-image call 6.4-7.1 s = actor creation and `ray.data` import in the "
-        "worker 1.1-1.9 s (0.8 s more when no idle worker is pooled), `import frcnn.inference` in the actor "
-        "5.0-5.2 s (CPU-bound; in a plain process torch 2.14.1+cu130 takes 2.5-2.8 s and torchvision "
-        "2.3-2.7 s, 2.1 s of it torch._dynamo imported by `torchvision.ops.roi_align`), the model load 0.1 s; then "
-        "the 600-image call minus the 16-image call just before it gives 66-74 img/s beyond the start (62-69 % "
-        "of detect() in the same run; a difference of two walls, so noisy: another run gave 52 and 128), and "
-        "the actor's own timestamps 75-82 img/s against detect() 80-117 at load 8-10: the model in the actor "
-        "shares its core with decoding, Ray's daemons and the driver. 600 / (6.4 s + 600 / 106 img/s) = "
-        "50 img/s = 47 % is the ceiling of any pipeline that pays that start. Tried without gain: a Ray "
-        "`worker_process_setup_hook` importing torch in every worker (the actor got a freshly started worker, "
-        "still importing: constructor at 7.8-8.2 s, 7-8 CPU s); one call per actor instead of two (no "
-        "difference beyond the noise at load 5-15; kept two for the overlap py-spy shows, which matters more "
-        "where decoding is a larger share: large images, a GPU)."),
+        "History. Until `7e1563a` the predictor was a Ray Data actor pool: Ray Data starts and ends its actors "
+        "per execution, so every call paid a fresh actor importing torch and torchvision (a 16-image call 6.4-7.1 "
+        "s on the quiet machine, 5.0-5.2 s of it `import frcnn.inference` in the actor: torch 2.5-2.8 s, "
+        "torchvision 2.3-2.7 s, 2.1 s of that torch._dynamo imported by `torchvision.ops.roi_align`), and a "
+        "600-image call reached 31-46 % of detect() (47 % was the ceiling of any pipeline paying that start). "
+        "Tried then without gain: a Ray `worker_process_setup_hook` importing torch in every worker (the actor "
+        "got a freshly started worker, still importing); one call per actor instead of two; the driver's "
+        "priority for the actor. Now (`pipelines/predict.py`): on CPU the predictor runs as Ray tasks, and Ray "
+        "reuses its task worker processes across the datasets of a driver (seen here: the same two pooled "
+        "workers served five successive 600-image calls); each keeps the model it loaded last, keyed by the "
+        "checkpoint's sha256 and the settings, so a later call starts at once (a warm 16-image call: 0.2-0.3 s "
+        "instead of 6.4-7.8 s). A task takes 4 model batches and runs them on two threads, one decoding the "
+        "next batch while the other holds the model (the overlap the actors' two concurrent calls gave). "
+        "Measured with `--only 9` on the quiet machine (load 0.4-1.5), three runs: warm 600-image calls 6.8-8.3 "
+        "s, 72-88 img/s, against detect() 97-152 img/s in the same runs: 58 %, 80 %, 67 % (the best rounds). "
+        "A cold worker still costs its 5-7 s: with one predictor at a time Ray alternates tasks between its "
+        "two pooled workers, so a driver's second call can meet the second worker cold (one round in three "
+        "above: 13.9 s instead of 8.3); the first call after Ray's start meets both (15.9 s, then 7.4-7.8 s "
+        "for each later call). A GPU keeps the actor pool: Ray ends a worker after each GPU task "
+        "(`max_calls=1`), so a GPU task could not keep its model."),
     "fix": (
-        "Within one `run_inference` call nothing more is in reach on 2 cores: the actor is model-bound once "
-        "started. Levers outside it: keep predictor processes warm between calls (a long-running service or a "
-        "persistent actor pool; Ray Data creates and ends its actors per execution); a CPU-only torch wheel "
-        "on CPU machines may import faster (not measured). Larger inputs amortise the start but converge on "
-        "the steady 62-69 % (2,000 images: about 56 % by the figures above). Measure "
-        "with `python -m benchmarks.run --only 9`: its note gives the 16-image and 600-image calls' walls, "
-        "results.json (`runs`) the rate beyond the 16 images."),
+        "For a single `frcnn-jobs infer` run the start is paid once per run: amortised by larger inputs (at "
+        "2,000 images 6 s is about a fifth of the call at this model's speed, and nothing at VGG16's). Levers "
+        "not taken: a long-lived predictor service across runs; a CPU-only torch wheel on CPU machines may "
+        "import faster (not measured). Measure with `python -m benchmarks.run --only 9`: the note gives the "
+        "cold call, the 16-image and 600-image warm calls' walls."),
+
 }
 
 OTHER_FINDINGS: list[str] = [

@@ -125,7 +125,8 @@ def render(result: dict[str, Any]) -> str:
             "start-up outside) against the bare training loop in the benchmark's process on the same decoded rows "
             "(`benchmarks/jobs_bench.py`).",
             "- Row 9: `pipelines.infer.run_inference` over a folder of JPEGs, wall time of the whole call with Ray "
-            "already up, against `detect()` alone on pre-decoded canvases in the benchmark's process "
+            "already up and the predictor workers warm (the first, cold call after Ray's start is in the note), "
+            "against `detect()` alone on pre-decoded canvases in the benchmark's process "
             "(`benchmarks/jobs_bench.py`).",
             "- Raw samples, sizes and the environment: `benchmarks/results.json`.", ""]
     return "\n".join(out)

@@ -103,11 +103,11 @@ CLASSES = click.option(
 BATCH_SIZE = click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
                           help="Images per model call.")
 CONCURRENCY = click.option("--concurrency", type=click.IntRange(1), default=1, show_default=True,
-                           help="Predictor actors.")
+                           help="Predictors at once (Ray tasks on CPU, actors on a GPU).")
 GPUS_PER_ACTOR = click.option("--gpus-per-actor", type=click.FloatRange(0), default=0, show_default=True,
-                              help="GPUs per predictor actor; 0 runs on CPU.")
+                              help="GPUs per predictor (an actor); 0 runs on CPU.")
 CPUS_PER_ACTOR = click.option("--cpus-per-actor", type=click.FloatRange(0.1), default=1, show_default=True,
-                              help="CPUs per predictor actor (also its torch threads on CPU).")
+                              help="CPUs per predictor (also its torch threads on CPU).")
 
 
 def ACTOR_RESOURCES(fn: Callable) -> Callable:

@@ -5,17 +5,28 @@
                          concurrency=1, cpus_per_actor=2)
     # rows: PREDICTION_SCHEMA (pyarrow batches all the way: no pickled Python objects)
 
-One stage: ``Predictor``, an actor pool. ``frcnn.inference.Detector`` loads the model once per
-actor; each call reads its batch's files through the source's pyarrow filesystem (``read_images``;
-a Parquet input already holds the bytes), decodes them and runs ``FasterRCNN.detect``; boxes come
-back in ORIGINAL pixels. Each actor runs two calls at once: one decodes while the other holds the
-model. Reading inside the actor, not in tasks of its own, saves a Ray task per batch, whose
-scheduling on a small machine cost more than the read (and held up the actor's start). An input
-that cannot be read or decoded is a row with ``error`` set (empty string: none), never a dead job.
+One stage: ``Predictor``. Each call reads its batch's files through the source's pyarrow
+filesystem (``read_images``; a Parquet input already holds the bytes), decodes them and runs
+``FasterRCNN.detect``; boxes come back in ORIGINAL pixels. Reading inside the predictor, not in
+tasks of its own, saves a Ray task per batch, whose scheduling on a small machine cost more than
+the read. An input that cannot be read or decoded is a row with ``error`` set (empty string: none),
+never a dead job.
+
+Where it runs:
+- On CPU, Ray tasks, and each worker process keeps the last model it loaded (keyed by the
+  checkpoint's digest and the settings, ``_detector``). Ray reuses its worker processes across the
+  datasets of a driver, so the second evaluate or infer of a driver (the demo runs four) starts
+  with torch imported and the model loaded; the first pays for both (about 5 s on the 2-core
+  machine, most of it importing torch and torchvision), as an actor pool pays on every run: Ray
+  Data starts and ends its actors per execution.
+- On a GPU, an actor pool (Ray ends a worker after each GPU task, ``max_calls=1``, so a task could
+  not keep its model). Each actor runs two calls at once: one decodes while the other holds the
+  model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -24,8 +35,8 @@ import pyarrow as pa
 
 from pipelines.storage import Location, driver_niceness, match_priority, read_bytes
 
-__all__ = ["IMAGES_SCHEMA", "PREDICTION_SCHEMA", "Predictor", "file_items", "predict_dataset", "predict_images",
-           "read_images"]
+__all__ = ["IMAGES_SCHEMA", "PREDICTION_SCHEMA", "Predictor", "file_items", "predict_batch", "predict_dataset",
+           "predict_images", "read_images"]
 
 # What the predictor takes: the id, where it came from, the encoded bytes, and why they could not
 # be read ("" when they could).
@@ -74,20 +85,38 @@ def _lists(arrays: list[np.ndarray], dtype, pa_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa_type))
 
 
+# The detector this worker process loaded last: (key, Detector). One at a time, so a process
+# that served several models holds only the newest.
+_LOADED: list[tuple[tuple, Any]] = []
+
+
+def _detector(checkpoint: bytes | tuple, digest: str | None, device: str | None, score_threshold: float | None,
+              threads: int | None) -> Any:
+    """The Detector for ``checkpoint``, loaded in this process once per (digest, settings)."""
+    from frcnn.inference import Detector  # torch: loaded in the predictor, not in the write tasks
+
+    key = (digest, device, score_threshold, threads)
+    if digest is not None and _LOADED and _LOADED[0][0] == key:
+        return _LOADED[0][1]
+    _LOADED.clear()
+    if isinstance(checkpoint, tuple):  # (ObjectRef,): see predict_dataset
+        import ray
+
+        checkpoint = ray.get(checkpoint[0])
+    detector = Detector.from_checkpoint(checkpoint, device, score_threshold=score_threshold, threads=threads)
+    if digest is not None:
+        _LOADED.append((key, detector))
+    return detector
+
+
 class Predictor:
     """The Ray Data callable class: IMAGES_SCHEMA batches -> PREDICTION_SCHEMA batches."""
 
     def __init__(self, checkpoint: bytes | tuple, *, source: Location | None = None,
                  score_threshold: float | None = None, threads: int | None = None, device: str | None = None,
-                 niceness: int | None = None) -> None:
-        from frcnn.inference import Detector  # torch: loaded in the actor, not in the write tasks
-
-        if isinstance(checkpoint, tuple):  # (ObjectRef,): see predict_dataset
-            import ray
-
-            checkpoint = ray.get(checkpoint[0])
-        self.detector = Detector.from_checkpoint(checkpoint, device, score_threshold=score_threshold,
-                                                 threads=threads)
+                 niceness: int | None = None, digest: str | None = None, model_batch: int | None = None) -> None:
+        self.model_batch = model_batch
+        self.detector = _detector(checkpoint, digest, device, score_threshold, threads)
         self.names = pa.array(["?", *self.detector.class_names], pa.string())  # label k -> names[k]
         self.source = source
         self.niceness = niceness
@@ -101,7 +130,7 @@ class Predictor:
         pre = [e or "" for e in batch.column("error").to_pylist()]
         images = batch.column("image").to_pylist()
         todo = [i for i, e in enumerate(pre) if not e]
-        found = dict(zip(todo, self.detector.predict([images[i] for i in todo])))
+        found = dict(zip(todo, self._predict([images[i] for i in todo])))
         boxes, scores, labels, heights, widths, errors = [], [], [], [], [], []
         for i, err in enumerate(pre):
             d = found.get(i)
@@ -130,7 +159,25 @@ class Predictor:
         ], schema=PREDICTION_SCHEMA)
 
 
-# Four batches per actor task: a quarter of the tasks for Ray Data to schedule (the driver's CPU per
+    def _predict(self, images: list[bytes]) -> list:
+        """The detections of ``images`` through the model ``model_batch`` at a time (all at once
+        without it): two threads, so one decodes the next batch while the other holds the model."""
+        n = self.model_batch
+        if not n or len(images) <= n:
+            return self.detector.predict(images)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            parts = pool.map(self.detector.predict, [images[i:i + n] for i in range(0, len(images), n)])
+            return [d for part in parts for d in part]
+
+
+def predict_batch(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    """The CPU task: ``Predictor(**kwargs)(batch)``, the model from this process's cache."""
+    return Predictor(**kwargs)(batch)
+
+
+# Four batches per task: a quarter of the tasks for Ray Data to schedule (the driver's CPU per
 # run fell from about 2.9 to 2.2 s for 600 images on the 2-core machine) and still two tasks in
 # flight per actor from 64 images on.
 BATCHES_PER_BLOCK = 4
@@ -147,22 +194,31 @@ def file_items(items: list[dict[str, str]], batch_size: int) -> Any:
 
 def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batch_size: int = 8,
                     concurrency: int = 1, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
-                    score_threshold: float | None = None) -> Any:
+                    score_threshold: float | None = None, actors: bool | None = None) -> Any:
     """Add the predict stage to ``ds``: rows holding ``fs_path`` on ``source``'s filesystem, or,
-    without ``source``, rows following IMAGES_SCHEMA (a Parquet input). The actors get
-    ``cpus_per_actor`` CPUs each and as many torch threads on CPU."""
+    without ``source``, rows following IMAGES_SCHEMA (a Parquet input). ``concurrency``
+    predictors at once, with ``cpus_per_actor`` CPUs each and as many torch threads on CPU; with
+    ``gpus_per_actor``, an actor pool of ``concurrency`` actors. ``actors``: an actor pool or tasks
+    regardless of the device (default: actors on a GPU only; see the module's docstring)."""
     import ray
 
     kwargs: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor:
         kwargs["num_gpus"] = gpus_per_actor
     threads = None if gpus_per_actor else max(1, round(cpus_per_actor))
-    # The checkpoint travels as a reference the actor fetches, not as a (large) constructor
+    # The checkpoint travels as a reference the predictor fetches, not as a (large) constructor
     # argument, which Ray stores in the object store and warns about for every restartable actor.
     ckpt = (ray.put(bytes(checkpoint)),)
+    settings = {"checkpoint": ckpt, "source": source, "score_threshold": score_threshold, "threads": threads,
+                "niceness": driver_niceness(), "digest": hashlib.sha256(checkpoint).hexdigest()}
+    if not (bool(gpus_per_actor) if actors is None else actors):
+        # A call takes a task's block (BATCHES_PER_BLOCK model batches) and overlaps their decoding
+        # with the model, as the actors' two concurrent calls do.
+        return ds.map_batches(predict_batch, fn_kwargs={**settings, "model_batch": int(batch_size)},
+                              batch_size=int(batch_size) * BATCHES_PER_BLOCK, batch_format="pyarrow",
+                              zero_copy_batch=True, concurrency=int(concurrency), **kwargs)
     return ds.map_batches(
-        Predictor, fn_constructor_kwargs={"checkpoint": ckpt, "source": source, "score_threshold": score_threshold,
-                                          "threads": threads, "niceness": driver_niceness()},
+        Predictor, fn_constructor_kwargs=settings,
         batch_size=int(batch_size), batch_format="pyarrow", zero_copy_batch=True,
         # Two calls at once per actor: while one runs the model (under the Detector's lock), the
         # other decodes its batch on another core, so the model does not wait for decoding.

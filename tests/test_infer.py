@@ -161,6 +161,38 @@ def test_detector_called_from_several_threads_equals_one_call_at_a_time(ckpt):
             np.testing.assert_array_equal(g.labels, w.labels)
 
 
+def test_cpu_predictor_tasks_keep_each_checkpoint_apart_and_match_the_actor_pool(ckpt, tmp_path):
+    """On CPU the predictors are tasks whose worker processes keep the last model they loaded, so
+    the next call in the driver skips torch's import and the model load. Calls alternating between
+    two checkpoints must each get their own model's detections (the in-process Detector's), and the
+    GPU's actor pool, forced on CPU, the same ones."""
+    from frcnn.inference import Detector
+    from pipelines.predict import predict_images
+
+    cfg = tiny_config(num_classes=5, class_names=SYNTH_CLASSES, canvas=128)
+    torch.manual_seed(1)
+    other = io.BytesIO()
+    torch.save(checkpoint_state(FasterRCNN(cfg), None, 0, 0, cfg, TrainConfig()), other)
+    models = {"a": ckpt[1], "b": other.getvalue()}
+    paths = [_image(tmp_path / "in" / f"{i}.jpg", 90 + 23 * i, 200 - 7 * i, seed=i) for i in range(20)]
+    source = Location.of(str(tmp_path / "in"))
+    items = [{"image_id": p.stem, "path": str(p), "fs_path": source.path + "/" + p.name} for p in paths]
+    data = [p.read_bytes() for p in paths]
+    want = {k: {p.stem: d for p, d in zip(paths, Detector.from_checkpoint(v, "cpu", threads=1).predict(data))}
+            for k, v in models.items()}
+    assert any(not np.array_equal(want["a"][k].scores, want["b"][k].scores) for k in want["a"])  # told apart
+
+    for name, actors in [("a", False), ("b", False), ("a", False), ("b", False), ("a", True)]:
+        table = predict_images(items, models[name], source=source, batch_size=3, actors=actors)
+        assert sorted(table.column("image_id").to_pylist()) == sorted(p.stem for p in paths)
+        for row in table.to_pylist():
+            w = want[name][row["image_id"]]
+            assert (row["error"], row["height"], row["width"]) == ("", w.height, w.width)
+            np.testing.assert_allclose(np.asarray(row["scores"], np.float32), w.scores, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(row["boxes"], np.float32).reshape(-1, 4), w.boxes, atol=1e-3)
+            assert row["labels"] == w.labels.tolist()
+
+
 # --------------------------------------------------------------------------- a schedule
 
 
