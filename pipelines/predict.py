@@ -216,7 +216,8 @@ def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batc
         # with the model, as the actors' two concurrent calls do.
         return ds.map_batches(predict_batch, fn_kwargs={**settings, "model_batch": int(batch_size)},
                               batch_size=int(batch_size) * BATCHES_PER_BLOCK, batch_format="pyarrow",
-                              zero_copy_batch=True, concurrency=int(concurrency), **kwargs)
+                              zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(size=int(concurrency)),
+                              **kwargs)
     return ds.map_batches(
         Predictor, fn_constructor_kwargs=settings,
         batch_size=int(batch_size), batch_format="pyarrow", zero_copy_batch=True,
