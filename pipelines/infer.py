@@ -13,7 +13,7 @@ Python (no MLflow, no ``jobs``: this module never imports it)::
     table = read_published("out/detections")        # every published partition, nothing else
 
 One streaming pass: the inputs (``pipelines/inputs.py``) -> the prediction stages shared with
-``evaluate`` (``pipelines/predict.py``: an actor pool reading, decoding and running the model) ->
+``evaluate`` (``pipelines/predict.py``: predictors reading, decoding and running the model) ->
 ``write_part`` tasks writing Parquet into the run's staging folder and returning one row of
 counts (``pipelines/detections.py``, which also holds the layout and its reader). The driver
 consumes only the counts and prints a progress line about every 10 s.

@@ -406,7 +406,7 @@ _STARTED_HERE = False
 def match_priority(niceness: int | None) -> None:
     """Run the calling thread (and the threads it starts) at ``niceness``, the priority of the
     command that started the job. Ray starts its workers at niceness 15 (background work); a
-    training worker or a predictor actor is the job itself, and at 15 every other process on the
+    training worker or a predictor is the job itself, and at 15 every other process on the
     node (the driver, the raylet) takes the CPU first. Raising priority needs the privilege to:
     without it nothing changes."""
     if niceness is None or not hasattr(os, "setpriority"):
