@@ -34,14 +34,27 @@ FINDINGS: dict[str, dict[str, str]] = {
         "fix": "Read the profile of this run; the per-call fixed cost is about 40 numpy calls on small arrays.",
     },
     "2": {
-        "cause_short": ("each image costs the workers more CPU than the floor's steps (anchor targets, row 1, are "
-                        "most of the extra), and Ray adds a fixed cost per run and leaves the cores idle for part "
-                        "of the wall."),
-        "fix_short": ("row 1's fix; cut a small split into several blocks per CPU; one ledger round trip per "
-                      "block, not per 8 images."),
+        "cause_short": ("at 200 images on a quiet machine the floor takes 1.6-1.8 s and precompute pays about 1.5 s "
+                        "per call beyond its work: Ray Data runs the first tasks of its single stage one at a time "
+                        "(its per-operator resource reservation) before it uses both CPUs. At 2,000 images that "
+                        "cost is amortised (96 %). Under load the floor slows ~10x and the fixed cost matters less."),
+        "fix_short": ("none kept: turning Ray Data's reservation off for this stage helped 200 images and hurt "
+                      "2,000 (details below)."),
         "cause": (
-            "Two factors; this run's figures are in the table's note and in results.json "
-            "(`per_image_breakdown_1_thread`, `cpu_s_pipeline_runs`). (1) Work per image: in one process at "
+            "Quiet machine, 2 Dec 2026 (load 1-2; the full run that measured 51 % / 96 %): per image the "
+            "pipeline's `process()` is within 5-12 % of the floor's steps in one process (13.7 vs 13.1 ms, "
+            "10.3 vs 9.0 ms), so the gap at 200 is per call. Timed phases of a 200-image `precompute()` "
+            "(monkeypatched wrappers, warm workers): everything but `write_parquet` (the Ray Data execution) "
+            "takes 0.02 s; the execution 2.6-3.2 s for 1.7 s of floor. Task timestamps in the workers: the "
+            "first task starts 0.1-0.5 s after the call; the first three of the 8 tasks (25 images each) "
+            "ran one at a time on one worker while the second CPU idled (0.6-1.0 s); tasks took 0.5 s "
+            "(20 ms an image against 13-15 ms in one process: the driver, raylet and GCS take 0.9 CPU-s per "
+            "run of the 2 cores). A toy reproduces the serial start: 8 tasks of 0.35 s on 2 CPUs take "
+            "2.56 s (the first three alone), 1.53 s with `DataContext.op_resource_reservation_enabled = "
+            "False`; `op_resource_reservation_ratio = 1.0` or `TaskPoolStrategy(size=2)` alone do not change "
+            "it. Earlier, under load 25 (the floor at 11 img/s instead of 120), the same code gave 82 %. "
+            "History (load 4-12, before row 1's fix), two factors (this run's figures are in the table's note and in "
+            "results.json, `per_image_breakdown_1_thread`, `cpu_s_pipeline_runs`). (1) Work per image: in one process at "
             "one thread, the floor's steps (read, decode, canvas, encode) and the pipeline's whole per-image "
             "`process()` were measured image by image on the same images: the floor is 70-75 % of `process()`, "
             "and the anchor targets on the 800x800 grid are 18 % of it (2-5 ms an image; XML parsing about 1 "
@@ -57,6 +70,14 @@ FINDINGS: dict[str, dict[str, str]] = {
             "the floor's in the full runs (with the memory sampler running): the per-image cost is the larger "
             "factor. The figure itself moves with the load (49 % and 59 % in two full runs of the same code)."),
         "fix": (
+            "Tried on the quiet machine, not kept: the reservation off for precompute's dataset "
+            "(`ds.context`): 200 images 1.7-2.5 s instead of 2.6-3.4 (12 runs), but 2,000 images 20-32 s instead "
+            "of 19.5-20.5, with a `ray::IDLE` worker at 80 % CPU during the run (Ray Data then submits every "
+            "task at once and Ray starts a worker for the backlog); the reservation off plus "
+            "`TaskPoolStrategy(size=cpus)`: 2,000 images back to 19-20 s, but 200-image calls of 6-10 s in two "
+            "of four series (never seen without it); 2 blocks per CPU instead of 4: no difference. What is "
+            "left to try: a Ray Data version whose reservation starts a lone operator at full width, or a "
+            "driver-side path for small splits (one Ray task per CPU, no Dataset). Earlier proposals: "
             "(a) Row 1's fix: it takes 1.5-4 ms off each image at this canvas, most of the per-image gap. "
             "(b) For small splits, cut the input into a few blocks per CPU (e.g. `shard_rows = max(16, "
             "ceil(N / (4 * cpus)))`) so that the last block is short; the shard count then grows on small "

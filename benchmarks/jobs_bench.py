@@ -404,7 +404,7 @@ def run_infer(quick: bool, ws: Workspace, work: Path, checkpoint: bytes | None =
     return {
         "id": "9",
         "what": (f"`frcnn-jobs infer` (run_inference, {n} JPEGs 160-400 px, decode included, batch {batch}, "
-                 f"1 actor x 1 CPU), tiny model, {model.cfg.canvas.height}x{model.cfg.canvas.width} canvas"),
+                 f"1 predictor x 1 CPU), tiny model, {model.cfg.canvas.height}x{model.cfg.canvas.width} canvas"),
         "baseline": (f"model-only detect() on pre-decoded canvases, batch {batch}, 1 torch thread: "
                      f"{best['detect']:.1f} img/s"),
         "figure": f"{frac:.0%} ({best['run_inference']:.1f} img/s, whole call, predictor workers warm)",
