@@ -36,8 +36,9 @@ FINDINGS: dict[str, dict[str, str]] = {
     "2": {
         "cause_short": ("at 200 images on a quiet machine the floor takes 1.6-1.8 s and precompute pays about 1.5 s "
                         "per call beyond its work: Ray Data runs the first tasks of its single stage one at a time "
-                        "(its per-operator resource reservation) before it uses both CPUs. At 2,000 images that "
-                        "cost is amortised (96 %). Under load the floor slows ~10x and the fixed cost matters less."),
+                        "(its per-operator resource reservation) before it uses both CPUs. At 2,000 images "
+                        "most of that cost is amortised (79-96 % in two full runs). Under load the floor slows "
+                        "~10x and it matters less."),
         "fix_short": ("none kept: turning Ray Data's reservation off for this stage helped 200 images and hurt "
                       "2,000 (details below)."),
         "cause": (
@@ -53,8 +54,9 @@ FINDINGS: dict[str, dict[str, str]] = {
             "2.56 s (the first three alone), 1.53 s with `DataContext.op_resource_reservation_enabled = "
             "False`; `op_resource_reservation_ratio = 1.0` or `TaskPoolStrategy(size=2)` alone do not change "
             "it. Earlier, under load 25 (the floor at 11 img/s instead of 120), the same code gave 82 %. "
-            "History (load 4-12, before row 1's fix), two factors (this run's figures are in the table's note and in "
-            "results.json, `per_image_breakdown_1_thread`, `cpu_s_pipeline_runs`). (1) Work per image: in one process at "
+            "History (load 4-12, before row 1's fix), two factors (this run's figures are in the table's "
+            "note and in results.json, `per_image_breakdown_1_thread`, `cpu_s_pipeline_runs`). (1) Work per "
+            "image: in one process at "
             "one thread, the floor's steps (read, decode, canvas, encode) and the pipeline's whole per-image "
             "`process()` were measured image by image on the same images: the floor is 70-75 % of `process()`, "
             "and the anchor targets on the 800x800 grid are 18 % of it (2-5 ms an image; XML parsing about 1 "
@@ -127,11 +129,12 @@ FINDINGS["9"] = {
     "when_met": ("met for a driver's calls after its first; the first call after Ray's start (one `frcnn-jobs "
                  "infer` run) also imports torch and loads the model in Ray's worker processes, 5-7 s here, "
                  "which at 600 images is about half the call (its figure is in the note)."),
-    "cause_short": ("the predictor workers' start: importing torch and torchvision (5-7 s here, 2.1 s of it "
-                    "torch._dynamo pulled in by torchvision.ops.roi_align) and loading the model; the note gives "
-                    "the first (cold) call's figure beside the warm calls'."),
-    "fix_short": ("on CPU the predictors are tasks whose worker processes keep torch and the model for the "
-                  "driver's later calls; a single run pays the start once; larger inputs amortise it."),
+    "cause_short": ("warm calls are model-bound (tasks back to back, ~20 ms between them), but the model in the "
+                    "Ray worker ran 1.3-1.5x slower per image than detect() in the benchmark's process: 2 cores "
+                    "shared with the driver's Ray Data executor, the raylet and the write tasks; the same code gave "
+                    "58-80 % in five runs. The first call after Ray's start also pays 5-7 s of torch import."),
+    "fix_short": ("none found on 2 cores beyond what is in: decode overlapped with the model (no difference "
+                  "measurable against serial), tasks kept warm; a larger model makes the fixed costs smaller."),
     "cause": (
         "History. Until `7e1563a` the predictor was a Ray Data actor pool: Ray Data starts and ends its actors "
         "per execution, so every call paid a fresh actor importing torch and torchvision (a 16-image call 6.4-7.1 "
@@ -152,7 +155,14 @@ FINDINGS["9"] = {
         "two pooled workers, so a driver's second call can meet the second worker cold (one round in three "
         "above: 13.9 s instead of 8.3); the first call after Ray's start meets both (15.9 s, then 7.4-7.8 s "
         "for each later call). A GPU keeps the actor pool: Ray ends a worker after each GPU task "
-        "(`max_calls=1`), so a GPU task could not keep its model."),
+        "(`max_calls=1`), so a GPU task could not keep its model. Where the rest goes (warm calls, task "
+        "timestamps in the worker, 08:30 UTC): 19 tasks of 32 images back to back, 16-57 ms between them "
+        "(0.4 s a call), the first 0.09 s after the call starts; each task 0.27-0.42 s, 8.4-13 ms an image, "
+        "against detect() at 5.8-10 ms in the benchmark's process in the runs of that hour: the model itself "
+        "runs slower in the worker, whose core it shares with the driver, the raylet and the write tasks. "
+        "Decoding on a second thread against decoding in line: warm 600-image calls 5.6-7.4 s against 5.8-8.2 "
+        "s in alternating series (no difference beyond the machine's drift). Two full `make bench` runs of the "
+        "same prediction code: 76 % (74.8 vs 98.7 img/s) and 64 % (110.7 vs 173.4)."),
     "fix": (
         "For a single `frcnn-jobs infer` run the start is paid once per run: amortised by larger inputs (at "
         "2,000 images 6 s is about a fifth of the call at this model's speed, and nothing at VGG16's). Levers "
