@@ -104,6 +104,57 @@ def test_evaluate_checkpoint_logs_a_tagged_run_with_artifacts(ray_session, synth
     assert res.run_id in out and "map50=" in out and "ellipse" in out
 
 
+def test_cli_ctrl_c_while_predicting_kills_the_run_and_says_what_to_rerun(ray_session, store, tmp_path):
+    """Ctrl-C (SIGINT to the real ``frcnn-jobs evaluate`` process) while it predicts (after its
+    first progress line): exit 130, the run KILLED with no metrics or artifacts, and the exact
+    command to rerun. (A Ctrl-C during Ray's own start is ignored: the daemons it spawns must
+    start with SIGINT ignored, see ``pipelines.storage.init_ray``.)"""
+    import os
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "voc"
+    generate(root, n_images=1200, min_size=96, max_size=200)  # trainval: 1,020 images, ~20 s to predict
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": store}
+    exe = Path(sys.executable).with_name("frcnn-jobs")
+    cmd = [str(exe), "evaluate", "--model", ckpt, "--data-root", str(root), "--split", "trainval",
+           "--batch-size", "2", "--experiment", "ctrl-c"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        while not any(line.startswith("predict ") for line in seen):  # "predict 10s: 420/1020 images, ..."
+            assert proc.poll() is None or not lines.empty(), "".join(seen)
+            seen.append(lines.get(timeout=120))
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while not lines.empty():
+        seen.append(lines.get())
+    text = "".join(seen)
+    assert proc.returncode == 130, text
+    assert "interrupted: the evaluation run is KILLED, no metrics or version tags were recorded" in text, text
+    assert f"rerun: frcnn-jobs evaluate --model {ckpt} --data-root {root} --split trainval" in text, text
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
+    assert run.info.status == "KILLED", run.info
+    assert "map50" not in run.data.metrics and not client.list_artifacts(run.info.run_id)
+
+
 def test_evaluate_refuses_a_model_of_other_classes(synth, store, tmp_path):
     from mlflow.tracking import MlflowClient
 
