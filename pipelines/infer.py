@@ -188,7 +188,7 @@ def run_inference(input_uri: str | Location, output_uri: str | Location, checkpo
                 ray.init(include_dashboard=False)
             ds = _dataset(inputs, todo, incremental, checkpoint, batch_size=batch_size, concurrency=concurrency,
                           gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-                          score_threshold=score_threshold)
+                          score_threshold=score_threshold, digest=model.sha256)
             ds = ds.map_batches(write_part, batch_size=int(rows_per_file), batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"staging": staging, "meta": meta})
             _consume(ds, counts, failures, len(todo), progress)
@@ -258,7 +258,7 @@ def _rows(folder: Location, names: list[str]) -> int:
 
 def _dataset(inputs: Inputs, todo: list[dict[str, str]], incremental: bool, checkpoint: bytes, *,
              batch_size: int, concurrency: int, gpus_per_actor: float, cpus_per_actor: float,
-             score_threshold: float | None):
+             score_threshold: float | None, digest: str):
     import ray
 
     if inputs.kind == "files":
@@ -272,4 +272,4 @@ def _dataset(inputs: Inputs, todo: list[dict[str, str]], incremental: bool, chec
         source = None
     return predict_dataset(ds, checkpoint, source=source, batch_size=batch_size, concurrency=concurrency,
                            cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                           score_threshold=score_threshold)
+                           score_threshold=score_threshold, digest=digest)

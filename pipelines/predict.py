@@ -122,8 +122,8 @@ class Predictor:
         self.niceness = niceness
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        # Calls run on the actor's call threads (two at a time), not the thread __init__ ran on:
-        # each takes the driver's priority, and the decode threads it starts inherit it.
+        # Calls run in pooled task workers, or on an actor's call threads (two at a time), not the
+        # thread __init__ ran on: each takes the driver's priority, and the threads it starts inherit it.
         match_priority(self.niceness)
         if self.source is not None:  # rows name files (fs_path): read them here
             batch = read_images(batch, source=self.source)
@@ -194,12 +194,14 @@ def file_items(items: list[dict[str, str]], batch_size: int) -> Any:
 
 def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batch_size: int = 8,
                     concurrency: int = 1, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
-                    score_threshold: float | None = None, actors: bool | None = None) -> Any:
+                    score_threshold: float | None = None, actors: bool | None = None,
+                    digest: str | None = None) -> Any:
     """Add the predict stage to ``ds``: rows holding ``fs_path`` on ``source``'s filesystem, or,
     without ``source``, rows following IMAGES_SCHEMA (a Parquet input). ``concurrency``
     predictors at once, with ``cpus_per_actor`` CPUs each and as many torch threads on CPU; with
     ``gpus_per_actor``, an actor pool of ``concurrency`` actors. ``actors``: an actor pool or tasks
-    regardless of the device (default: actors on a GPU only; see the module's docstring)."""
+    regardless of the device (default: actors on a GPU only; see the module's docstring).
+    ``digest``: the checkpoint's sha256 when the caller has it already (computed otherwise)."""
     import ray
 
     kwargs: dict[str, Any] = {"num_cpus": cpus_per_actor}
@@ -210,7 +212,7 @@ def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batc
     # argument, which Ray stores in the object store and warns about for every restartable actor.
     ckpt = (ray.put(bytes(checkpoint)),)
     settings = {"checkpoint": ckpt, "source": source, "score_threshold": score_threshold, "threads": threads,
-                "niceness": driver_niceness(), "digest": hashlib.sha256(checkpoint).hexdigest()}
+                "niceness": driver_niceness(), "digest": digest or hashlib.sha256(checkpoint).hexdigest()}
     if not (bool(gpus_per_actor) if actors is None else actors):
         # A call takes a task's block (BATCHES_PER_BLOCK model batches) and overlaps their decoding
         # with the model, as the actors' two concurrent calls do.
