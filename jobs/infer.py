@@ -81,7 +81,8 @@ def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: b
     job = InferJob(incremental, concurrency, gpus_per_actor, cpus_per_actor, batch_size, score_threshold, address,
                    experiment, tracking_uri, progress, wait)
     t0 = time.monotonic()
-    wait_free(output_lease(Location.of(output_uri)), job.wait, where=Location.of(output_uri).shown)
+    wait_free(output_lease(Location.of(output_uri)), job.wait, where=Location.of(output_uri).shown,
+              on_wait=lambda line: print(line, flush=True) if progress else None)
     tracking.setup(tracking_uri, experiment)
     ref = resolve_model(model_uri)  # once: an alias is pinned for the whole run
     checkpoint = Path(ref.checkpoint).read_bytes()

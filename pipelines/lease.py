@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -334,23 +335,28 @@ class Lease:
 
     def _beat(self) -> None:
         interval = max(self.ttl / 4, 0.05)
-        while not self._stop.wait(interval):
-            with self._lock:
-                if self._stop.is_set():
-                    return
-                fresh = replace(self.holder, heartbeat=time.time(), job=_owner.get("job") or self.holder.job,
-                                run_id=_owner.get("run_id") or self.holder.run_id)
-                try:
-                    version = self._store.replace(fresh.dumps(), self._version)
-                except OSError as exc:  # a store that does not answer: try again at the next beat
-                    log.warning("%s: heartbeat not renewed (%s)", self.loc.shown, exc)
-                    continue
-                if version is None:
-                    current = self._store.read()
-                    self.lost = (Holder.parse(current[0]) if current else None) or self.holder
-                    log.warning("%s: lease lost to %s", self.loc.shown, self.lost.describe())
-                    return
-                self.holder, self._version = fresh, version
+        while not self._stop.wait(interval) and self._beat_once():
+            pass
+
+    def _beat_once(self) -> bool:
+        """Renew the heartbeat if the lease is still this run's; False once it is lost or released."""
+        with self._lock:
+            if self._stop.is_set() or self.lost is not None:
+                return False
+            fresh = replace(self.holder, heartbeat=time.time(), job=_owner.get("job") or self.holder.job,
+                            run_id=_owner.get("run_id") or self.holder.run_id)
+            try:
+                version = self._store.replace(fresh.dumps(), self._version)
+            except OSError as exc:  # a store that does not answer: try again at the next beat
+                log.warning("%s: heartbeat not renewed (%s)", self.loc.shown, exc)
+                return True
+            if version is None:
+                current = self._store.read()
+                self.lost = (Holder.parse(current[0]) if current else None) or self.holder
+                log.warning("%s: lease lost to %s", self.loc.shown, self.lost.describe())
+                return False
+            self.holder, self._version = fresh, version
+            return True
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` when another run took this lease over."""
@@ -391,12 +397,15 @@ def live_runs(staging_root: Location | str, ttl: float | None = None) -> set[str
     return runs
 
 
-def wait_free(loc: Location, wait: float = 0.0, *, where: str | None = None, ttl: float | None = None) -> None:
+def wait_free(loc: Location, wait: float = 0.0, *, where: str | None = None, ttl: float | None = None,
+              on_wait: Callable[[str], None] | None = None) -> None:
     """Return once the lease at ``loc`` is free or expired, waiting up to ``wait`` seconds, else
     :class:`LeaseHeld`. Only a look (nothing is taken): a command calls it before it starts its
-    MLflow run, so that a refused run leaves none; :func:`claim` is what decides."""
+    MLflow run, so that a refused run leaves none; :func:`claim` is what decides. ``on_wait`` gets
+    one line when the wait begins."""
     ttl = lease_ttl() if ttl is None else ttl
     deadline = time.monotonic() + max(wait, 0.0)
+    told = False
     while True:
         current = _store(loc).read()
         holder = Holder.parse(current[0]) if current else None
@@ -404,6 +413,9 @@ def wait_free(loc: Location, wait: float = 0.0, *, where: str | None = None, ttl
             return
         if time.monotonic() >= deadline:
             raise LeaseHeld(where or loc.shown, holder)
+        if on_wait is not None and not told:
+            told = True
+            on_wait(f"{where or loc.shown}: in use by {holder.describe()}; waiting up to {wait:g} s")
         time.sleep(min(_POLL_S, ttl / 4, max(deadline - time.monotonic(), 0.01)))
 
 
