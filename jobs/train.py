@@ -164,13 +164,15 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
     is refused (``LeaseHeld``) while another attempt of that run is alive."""
     job = TrainJob(workers, gpus_per_worker, cpus_per_worker, experiment, address, storage_path, model_name,
                    tracking_uri, run_name, progress_every, tuple(callbacks))
-    setup = _setup(data, val_data, model_cfg, train_cfg or TrainConfig(), job, resume)
-    held = _hold_run(setup.storage_path, resume) if resume else None  # before the run is reopened
+    uri = tracking.setup(tracking_uri, experiment)
+    storage = _storage_path(uri, job, resume)
+    held = _hold_run(storage, resume) if resume else None  # before anything starts, the run reopened last
     try:
+        setup = _setup(data, val_data, model_cfg, train_cfg or TrainConfig(), job, uri, storage, resume)
         with tracking.job_run("train", run_name=setup.run_name, experiment=experiment, tags=setup.tags,
-                              params=setup.params, run_id=resume, tracking_uri=setup.uri) as active:
+                              params=setup.params, run_id=resume, tracking_uri=uri) as active:
             run_id = active.info.run_id
-            held = held or _hold_run(setup.storage_path, run_id)
+            held = held or _hold_run(storage, run_id)
             res = _finish(*_train(setup, job, run_id, resumed=bool(resume)), setup, job, run_id)
     finally:
         if held is not None:
@@ -179,26 +181,31 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
     return res
 
 
-def _setup(data: str, val_data: str | None, model_cfg: ModelConfig | None, train_cfg: TrainConfig, job: TrainJob,
-           resume: str | None) -> _Setup:
-    """Read the data, start Ray, and work out the run's tags, params and storage."""
+def _storage_path(uri: str, job: TrainJob, resume: str | None) -> str:
+    """Where Ray Train keeps the run's checkpoints: a resumed run's own, else ``--storage-path``."""
     from mlflow.tracking import MlflowClient
 
+    default = job.storage_path or str(Path("ray_results").resolve())
+    if not resume:
+        return default
+    prior = MlflowClient(uri).get_run(resume).data.tags
+    if not prior.get("frcnn.ray_run_name"):
+        raise click.ClickException(f"run {resume} has no frcnn.ray_run_name tag: not a train run")
+    return prior.get("frcnn.storage_path", default)
+
+
+def _setup(data: str, val_data: str | None, model_cfg: ModelConfig | None, train_cfg: TrainConfig, job: TrainJob,
+           uri: str, storage_path: str, resume: str | None) -> _Setup:
+    """Read the data, start Ray, and work out the run's tags and params."""
     from pipelines.schema import read_manifest_at
 
-    uri = tracking.setup(job.tracking_uri, job.experiment)
     model_cfg = model_cfg or ModelConfig.from_dict(read_manifest_at(data)["model_config"])
     init_ray(job.address, job.workers * job.cpus_per_worker, log_to_driver=console.log_to_driver())
     console.quiet_ray()
     prepared = prepare_data(data, val_data, model_cfg, train_cfg)
     batch = job.workers * train_cfg.batch_size
-    storage_path = job.storage_path or str(Path("ray_results").resolve())
     if resume:
-        prior = MlflowClient(uri).get_run(resume).data.tags
-        if not prior.get("frcnn.ray_run_name"):
-            raise click.ClickException(f"run {resume} has no frcnn.ray_run_name tag: not a train run")
-        return _Setup(uri, data, val_data, model_cfg, train_cfg, prepared, batch,
-                      prior.get("frcnn.storage_path", storage_path), None, {}, {})
+        return _Setup(uri, data, val_data, model_cfg, train_cfg, prepared, batch, storage_path, None, {}, {})
     manifest = prepared.manifest
     run_name = job.run_name or tracking.train_run_name(model_cfg.backbone.name, dataset_label(manifest), job.workers)
     tags = {"frcnn.storage_path": storage_path, "frcnn.data": data, "frcnn.val_data": val_data or "",

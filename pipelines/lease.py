@@ -226,7 +226,10 @@ class _LocalStore(_Store):
         os.makedirs(posixpath.dirname(self.loc.path), exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # a filesystem without flock (some NFS mounts): rename only
+                log.debug("%s: no flock (%s)", folder, exc)
             yield
         finally:
             os.close(fd)  # releases the lock
