@@ -27,8 +27,10 @@ _verbose: bool | None = None
 # Loggers whose INFO stream (execution plans, per-operator progress, controller chatter) is detail.
 _RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.util")
 # Single INFO/WARNING lines that only restate what quiet mode did or what the job prints itself:
-# "Started a local Ray instance.", "Progress bars disabled. To enable, set ...".
-_RAY_CHATTER = {"ray._private.worker": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+# "Started a local Ray instance.", "Progress bars disabled. To enable, set ...", boto3's "Found
+# credentials in environment variables." (the S3 leases, pipelines/lease.py).
+_RAY_CHATTER = {"ray._private.worker": logging.WARNING, "ray.data._internal.progress": logging.ERROR,
+                "botocore.credentials": logging.WARNING}
 
 
 def configure(verbose: bool = False) -> None:

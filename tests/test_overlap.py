@@ -158,7 +158,9 @@ def _refused(result: subprocess.CompletedProcess, out: str, code: int) -> str:
     """One clean line naming the output and its holder, no traceback."""
     assert result.returncode == code, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
-    [line] = [x for x in result.stderr.splitlines() if x.strip()]
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
     assert line.startswith(f"Error: {out}: in use by "), line
     return line
 
