@@ -284,14 +284,14 @@ def publish(staging: Location, dest: Location, marker_name: str, marker_obj: Any
 def _publish_by_rename(staging: Location, dest: Location, marker_name: str, marker_obj: Any) -> None:
     staging.child(marker_name).write_json(marker_obj)
     old = None
-    if dest.exists():
-        match = _STAGED_RE.match(staging.name)
-        old = _aside(dest, match.group("run") if match else new_run_name())
-        dest.fs.move(dest.path, old.path)
-    try:
+    try:  # a stop request (Ctrl-C, SIGTERM) between the two moves puts the old output back too
+        if dest.exists():
+            match = _STAGED_RE.match(staging.name)
+            old = _aside(dest, match.group("run") if match else new_run_name())
+            dest.fs.move(dest.path, old.path)
         dest.fs.move(staging.path, dest.path)
     except BaseException:
-        if old is not None:
+        if old is not None and old.exists() and not dest.exists():
             dest.fs.move(old.path, dest.path)
         raise
     if old is not None:
