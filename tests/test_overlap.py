@@ -244,9 +244,9 @@ def s3(tmp_path, env):
         client = boto3.client("s3")
         client.create_bucket(Bucket="frcnn")
         env.update(keys)
-        # The tests' Ray workers were started without these keys: the runs start their own Ray,
-        # whose workers inherit them (as a cluster's nodes are configured with the store's keys).
-        env.pop("RAY_ADDRESS")
+        # The tests' Ray workers started without these keys: each run hands them to its tasks as
+        # its job's runtime environment (what `ray job submit --runtime-env-json` does).
+        env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps({"runtime_env": {"env_vars": keys}})
         yield client
     finally:
         for k, v in saved.items():
@@ -255,8 +255,6 @@ def s3(tmp_path, env):
 
 
 def test_overlapping_infers_on_s3_a_sigterm_stops_the_holder(model_and_images, env, tmp_path, s3):
-    """On S3 (conditional writes), each run with its own local Ray: SIGTERM meets a driver that
-    started Ray's daemons itself."""
     out = "s3://frcnn/det"
 
     def keys(prefix: str) -> list[str]:
