@@ -48,7 +48,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(autouse=True)
 def short_ttl(monkeypatch):
-    monkeypatch.setenv(lease.TTL_ENV, "1")
+    monkeypatch.setenv(lease.TTL_ENV, "2")
 
 
 def test_one_holder_refused_while_alive_free_after_release(tmp_path):
@@ -56,7 +56,7 @@ def test_one_holder_refused_while_alive_free_after_release(tmp_path):
     first = lease.claim(dest, storage.new_run_name())
     lease.set_owner("infer", "abc123")
     try:
-        time.sleep(1.5)  # longer than the time-to-live: the heartbeat keeps it live
+        time.sleep(2.5)  # longer than the time-to-live: the heartbeat keeps it live
         with pytest.raises(lease.LeaseHeld) as refused:
             lease.claim(dest, storage.new_run_name())
         text = str(refused.value)
@@ -121,7 +121,7 @@ def test_stalled_holder_loses_its_lease_and_publishes_nothing(tmp_path):
     first.staging.create_dir()
     first.lease._stop.set()  # the holder stalls: no heartbeat
     first.lease._thread.join()
-    time.sleep(1.3)
+    time.sleep(2.3)
     second = lease.claim(dest, storage.new_run_name())  # expired: taken over, the stalled staging cleaned
     try:
         assert not first.staging.exists()
