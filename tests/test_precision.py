@@ -245,8 +245,9 @@ def test_gpu_check_runs_in_tiny_mode(tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--tiny", "--json", str(out)]) == 0
     table = capsys.readouterr().out
+    # Inference as Detector runs it: float32 on the CPU (bf16 on CUDA)
     for row in ("losses fall, bf16", "losses fall, fp32", "bf16 vs fp32 loss curves", "train images/s, bf16",
-                "infer images/s, bf16"):
+                "infer images/s, float32"):
         assert row in table
     assert "| NO " not in table
     import json
@@ -254,3 +255,17 @@ def test_gpu_check_runs_in_tiny_mode(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [len(result["curves"][k]) for k in ("bf16", "fp32")] == [12, 12]
     assert set(result["speed"]["train_ips"]) == {"ours", "torchvision"}
+    assert result["speed"]["infer_dtype"] == {"ours": "torch.float32", "torchvision": "torch.float32"}
+
+
+def test_gpu_check_multi_gpu_mode_trains_the_recipe_without_downloads(tmp_path):
+    """``--gpus N`` trains the recipe's config with random weights (no network on the device
+    machines) on the generated dataset's classes."""
+    from benchmarks.gpu_check import recipe_file
+    from frcnn.config import load_config
+    from pipelines.synth import SYNTH_CLASSES
+
+    model, train = load_config(recipe_file(tmp_path))
+    recipe, recipe_train = load_config("vgg16_voc")
+    assert model.backbone.weights is None and model.class_names == tuple(SYNTH_CLASSES)
+    assert (model.canvas, model.backbone.name, model.roi.head, train) == (recipe.canvas, "vgg16", "vgg", recipe_train)
