@@ -38,7 +38,7 @@ from pipelines.runtime import driver_niceness, init_ray
 from . import console, options, tracking
 from .models import CHECKPOINT_FILE
 from .progress import Progress
-from .train_data import prepare_data, steps_per_epoch
+from .train_data import WorkerShape, prepare_data, steps_per_epoch
 from .train_loop import StepContext, TrainCallback, train_loop
 from .train_state import checkpoint_step, clear_status, latest_checkpoint, read_status, run_folder
 
@@ -202,7 +202,8 @@ def _setup(data: str, val_data: str | None, model_cfg: ModelConfig | None, train
     model_cfg = model_cfg or ModelConfig.from_dict(read_manifest_at(data)["model_config"])
     init_ray(job.address, job.workers * job.cpus_per_worker, log_to_driver=console.log_to_driver())
     console.quiet_ray()
-    prepared = prepare_data(data, val_data, model_cfg, train_cfg)
+    prepared = prepare_data(data, val_data, model_cfg, train_cfg,
+                            shape=WorkerShape(job.workers, job.cpus_per_worker, job.gpus_per_worker))
     batch = job.workers * train_cfg.batch_size
     if resume:
         return _Setup(uri, data, val_data, model_cfg, train_cfg, prepared, batch, storage_path, None, {}, {})

@@ -51,7 +51,7 @@ from typing import Any
 from pipelines.detections import ERRORS, RUN_PREFIX, SUCCESS, published_ids, published_runs, read_published, write_part
 from pipelines.inputs import Inputs, list_inputs, table_images
 from pipelines.lease import LEASE_SUFFIX, Claim, claim, live_runs
-from pipelines.predict import file_items, predict_dataset
+from pipelines.predict import PredictorResources, file_items, predict_dataset
 from pipelines.storage import (
     STAGING_DIR,
     Location,
@@ -158,6 +158,11 @@ class InferOptions:
     rows_per_file: int = 256
     wait: float = 0.0
     progress: bool = True
+
+    @property
+    def resources(self) -> PredictorResources:
+        return PredictorResources(batch_size=self.batch_size, concurrency=self.concurrency,
+                                  cpus_per_actor=self.cpus_per_actor, gpus_per_actor=self.gpus_per_actor)
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,5 @@ def _dataset(inputs: Inputs, todo: list[dict[str, str]], checkpoint: bytes, opts
         ds = ds.map_batches(table_images, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"id_column": inputs.id_column, "keep": keep})
         source = None
-    return predict_dataset(ds, checkpoint, source=source, batch_size=opts.batch_size, concurrency=opts.concurrency,
-                           cpus_per_actor=opts.cpus_per_actor, gpus_per_actor=opts.gpus_per_actor,
+    return predict_dataset(ds, checkpoint, source=source, resources=opts.resources,
                            score_threshold=opts.score_threshold, digest=digest)
