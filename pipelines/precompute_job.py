@@ -70,18 +70,18 @@ def precompute_block(batch: pa.Table, *, spec: dict[str, Any], ledger: Any, run_
     last_tick = time.monotonic()
     items = batch.to_pylist()
     for n, item in enumerate(items, 1):
-        row, sk, wa, fatal, npos, left = worker.process(item)
-        if fatal and fail_fast:
-            rec = fatal[0]
+        result = worker.process(item)
+        if result.fatal and fail_fast:
+            rec = result.fatal[0]
             ray.get(ledger.fatal.remote(run_id, rec))
             raise PrecomputeError(f"{rec['source']}: {rec['reason']}", rec["source"], rec["reason"])
-        skipped += sk
-        warnings += wa
-        left_out.update(left)
-        if row is not None:
-            rows.append(row)
+        skipped += result.skipped
+        warnings += result.warnings
+        left_out.update(result.left_out)
+        if result.row is not None:
+            rows.append(result.row)
             written += 1
-            positives += npos
+            positives += result.positives
         if time.monotonic() - last_tick >= _TICK_S:
             ledger.tick.remote(run_id, n - ticked)
             ticked, last_tick = n, time.monotonic()
