@@ -60,7 +60,10 @@ def precompute_block(batch: pa.Table, *, spec: dict[str, Any], ledger: Any, run_
     ``ROWS_PER_TABLE`` images), problems and counts to the ledger once, at the end."""
     import ray
 
+    from frcnn.anchor_coverage import CoverageStats
+
     worker = get_worker(spec)
+    coverage = CoverageStats.empty(worker.cfg.rpn.neg_iou, worker.cfg.rpn.pos_iou)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     warnings: list[dict[str, str]] = []
@@ -82,6 +85,7 @@ def precompute_block(batch: pa.Table, *, spec: dict[str, Any], ledger: Any, run_
             rows.append(result.row)
             written += 1
             positives += result.positives
+            coverage.add(result.fit.best_iou, result.fit.areas, result.fit.canvas_boxes)
         if time.monotonic() - last_tick >= _TICK_S:
             ledger.tick.remote(run_id, n - ticked)
             ticked, last_tick = n, time.monotonic()
@@ -89,7 +93,7 @@ def precompute_block(batch: pa.Table, *, spec: dict[str, Any], ledger: Any, run_
             yield rows_to_table(rows)
             rows, yielded = [], True
     ray.get(ledger.report.remote(run_id, len(items), written, positives, skipped, warnings,
-                                 dict(left_out), len(items) - ticked))
+                                 dict(left_out), len(items) - ticked, coverage.to_dict()))
     if rows or not yielded:
         yield rows_to_table(rows)
 
@@ -117,8 +121,10 @@ class _Ledger:
         return self.runs[run_id]["ticked"] if run_id in self.runs else 0
 
     def report(self, run_id: str, processed: int, written: int, positives: int, skipped: list,
-               warnings: list, left_out: dict[str, int], ticks: int) -> None:
+               warnings: list, left_out: dict[str, int], ticks: int, coverage: dict | None = None) -> None:
         run = self._run(run_id)
+        if coverage is not None:  # the block's anchor-coverage counts; the driver merges them
+            run["coverage"].append(coverage)
         run["processed"] += processed
         run["written"] += written
         run["positives"] += positives
@@ -146,7 +152,7 @@ class _Ledger:
 
 def _new_run() -> dict[str, Any]:
     return {"processed": 0, "written": 0, "positives": 0, "ticked": 0, "skipped": {}, "warnings": {},
-            "left_out": {}, "first_fatal": None}
+            "left_out": {}, "first_fatal": None, "coverage": []}
 
 
 _LEDGER: dict[tuple[str, str], Any] = {}

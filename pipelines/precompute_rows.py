@@ -26,7 +26,7 @@ from frcnn.config import ModelConfig
 from pipelines.storage import read_bytes, resolve_filesystem
 from pipelines.voc_xml import AnnotationError, parse_annotation
 
-__all__ = ["ImageResult", "ImageWorker", "get_worker", "process_item", "record", "rows_to_table"]
+__all__ = ["BoxFit", "ImageResult", "ImageWorker", "get_worker", "process_item", "record", "rows_to_table"]
 
 # ``pipelines.schema`` and torch are imported inside the functions that use them: the ledger
 # actor unpickles the job module, which imports this one, and needs none of it.
@@ -50,7 +50,8 @@ class ImageResult:
     ``row``: the ``SCHEMA`` row, or None when the entry was skipped; ``skipped``: the record of
     why (one, or none); ``warnings``: problems that did not stop the image; ``fatal``: the
     records that stop an ``on_error="fail"`` run (the problems and the skip); ``positives``: the
-    row's positive anchors; ``left_out``: objects of classes the model does not have, per class.
+    row's positive anchors; ``left_out``: objects of classes the model does not have, per class;
+    ``fit``: the row's target boxes against the anchors (``frcnn.anchor_coverage``).
     """
 
     row: dict[str, Any] | None
@@ -59,6 +60,17 @@ class ImageResult:
     fatal: tuple[Record, ...] = ()
     positives: int = 0
     left_out: Mapping[str, int] = field(default_factory=dict)
+    fit: BoxFit | None = None
+
+
+@dataclass(frozen=True)
+class BoxFit:
+    """The target boxes of a row: ``best_iou`` (M,) with any inside anchor, ``areas`` (M,) in the
+    original image's pixels, ``canvas_boxes`` (M, 4)."""
+
+    best_iou: np.ndarray
+    areas: np.ndarray
+    canvas_boxes: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,7 @@ class ImageWorker:
     """Everything one image needs that does not change between images (built once per process)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
+        from frcnn.anchor_coverage import CoverageMeter
         from frcnn.anchors import AnchorTargetCreator, grid_anchors
         from frcnn.boxes import BoxCoder
         from frcnn.canvas import CanvasTransform
@@ -113,11 +126,12 @@ class ImageWorker:
         self.transform = CanvasTransform.from_config(cfg.canvas)  # the scale rule, when the config sets one
         self.coder = BoxCoder(cfg.rpn.box_weights)
         # Built once per canvas (bucket): everything that does not depend on the boxes (frcnn.anchors).
-        self.grids, self.targets = {}, {}
+        self.grids, self.targets, self.meters = {}, {}, {}
         for hw in cfg.canvas.sizes:
             fh, fw = cfg.feature_size_for(hw)
             grid = self.grids[hw] = grid_anchors(fh, fw, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
             self.targets[hw] = AnchorTargetCreator(grid, hw, cfg.rpn.pos_iou, cfg.rpn.neg_iou, self.coder)
+            self.meters[hw] = CoverageMeter(grid, hw)
         self.anchors = self.grids[(cfg.canvas.height, cfg.canvas.width)]  # the default canvas's grid
         # Paths from list_split keep the data root's form: map them onto one filesystem handle
         # instead of building a filesystem (S3 credentials...) per file.
@@ -141,9 +155,9 @@ class ImageWorker:
         except _Skip as skip:
             rec = record(notes.image_id, skip.source, skip.reason)
             return ImageResult(None, (rec,), tuple(notes.warnings), (*notes.fatal, rec), 0, notes.left_out)
-        row = self._row(notes.image_id, image, objects)
+        row, fit = self._row(notes.image_id, image, objects)
         return ImageResult(row, (), tuple(notes.warnings), tuple(notes.fatal), len(row["pos_anchor_index"]),
-                           notes.left_out)
+                           notes.left_out, fit)
 
     def _annotation(self, item: dict[str, Any], notes: _Notes):
         """Read and parse the entry's annotation (its problems noted, its left-out objects counted)."""
@@ -217,8 +231,9 @@ class ImageWorker:
             raise _Skip(ann_path, f"{what}: dropped (drop_empty)")
         notes.problem(ann_path, f"{what}: kept as an all-negative example", fatal=False)
 
-    def _row(self, image_id: str, image, objects: _Objects) -> dict[str, Any]:
-        """The image on its canvas, boxes scaled, anchors labelled: one ``SCHEMA`` row."""
+    def _row(self, image_id: str, image, objects: _Objects) -> tuple[dict[str, Any], BoxFit]:
+        """The image on its canvas, boxes scaled, anchors labelled: one ``SCHEMA`` row, and how
+        its target boxes fit the anchors."""
         import torch
 
         from pipelines import schema
@@ -229,8 +244,12 @@ class ImageWorker:
         cboxes[:, 0::2] = np.clip(cboxes[:, 0::2], 0.0, W)
         cboxes[:, 1::2] = np.clip(cboxes[:, 1::2], 0.0, H)
         cboxes = cboxes.astype(np.float32)
-        target_boxes = cboxes if self.use_difficult else cboxes[~objects.difficult]
-        t = self.targets[(H, W)](torch.from_numpy(np.ascontiguousarray(target_boxes)))
+        targets = slice(None) if self.use_difficult else ~objects.difficult
+        target_boxes = np.ascontiguousarray(cboxes[targets])
+        t = self.targets[(H, W)](torch.from_numpy(target_boxes))
+        orig = objects.boxes[targets]
+        fit = BoxFit(self.meters[(H, W)].best_iou(target_boxes),
+                     (orig[:, 2] - orig[:, 0]) * (orig[:, 3] - orig[:, 1]), target_boxes)
         return {
             "image_id": image_id,
             "image": schema.encode_canvas(canvas, self.jpeg_quality),
@@ -245,7 +264,7 @@ class ImageWorker:
             "pos_anchor_deltas": t.pos_deltas.numpy().astype(np.float32).reshape(-1),
             "canvas_height": H,
             "canvas_width": W,
-        }
+        }, fit
 
 
 def _list_column(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
