@@ -11,24 +11,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_anchor_coverage import _loop_best  # the plain-loop oracle
 
 from frcnn.anchors import grid_anchors
 from frcnn.config import AnchorConfig
 from pipelines.synth import SYNTH_CLASSES, generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
-
-
-def _loop_best(anchors: list, box: list, h: int, w: int) -> float:
-    best = 0.0
-    for a in anchors:
-        if a[0] < 0 or a[1] < 0 or a[2] > w or a[3] > h:
-            continue
-        iw = max(0.0, min(box[2], a[2]) - max(box[0], a[0]))
-        ih = max(0.0, min(box[3], a[3]) - max(box[1], a[1]))
-        inter = iw * ih
-        best = max(best, inter / ((box[2] - box[0]) * (box[3] - box[1]) + (a[2] - a[0]) * (a[3] - a[1]) - inter))
-    return best
 
 
 def test_precompute_logs_coverage_equal_to_a_plain_loop(tmp_path, monkeypatch, caplog):
@@ -51,15 +40,15 @@ def test_precompute_logs_coverage_equal_to_a_plain_loop(tmp_path, monkeypatch, c
                              tracking_uri=uri, rows_per_shard=8, progress=False)
 
     # The oracle: every published row's target boxes against every anchor, one at a time.
-    anchors = grid_anchors(8, 8, 16, (4.0, 8.0), (0.5, 1.0, 2.0)).double().tolist()
+    anchors = grid_anchors(8, 8, 16, (4.0, 8.0), (0.5, 1.0, 2.0)).double().numpy()
     per_size = {0: [], 1: [], 2: []}
     for f in sorted(out.glob("*.parquet")):
         for row in pq.read_table(f).to_pylist():
             boxes = np.asarray(row["boxes"], np.float64).reshape(-1, 4)[~np.asarray(row["difficult"], bool)]
-            for b in boxes.tolist():
+            best = _loop_best(anchors, boxes, row["canvas_height"], row["canvas_width"])
+            for b, iou in zip(boxes.tolist(), best, strict=True):
                 area = (b[2] - b[0]) * (b[3] - b[1]) / row["scale"] ** 2  # in the original image's pixels
-                size = int(area >= 32**2) + int(area >= 96**2)
-                per_size[size].append(_loop_best(anchors, b, row["canvas_height"], row["canvas_width"]))
+                per_size[int(area >= 32**2) + int(area >= 96**2)].append(iou)
     every = [x for v in per_size.values() for x in v]
     assert len(every) > 20
 
