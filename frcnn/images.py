@@ -105,10 +105,11 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.rint((values.astype(np.float64) - lo) * (255.0 / span)).astype(np.uint8)
 
 
-def decode_error_reason(exc: BaseException) -> str:
-    """The one-line reason for a failed :func:`decode_image`: the refusal itself, or the
-    decoder's error with its type (PIL's name for an in-memory file removed: noise in a report)."""
+def decode_error_reason(exc: BaseException, prefix: str = "image does not decode") -> str:
+    """The one-line reason for a failed :func:`decode_image`: a refusal's own reason, or
+    ``"<prefix>: <error type>: <message>"`` for the decoder's error (PIL's name for an in-memory
+    file removed: noise in a report)."""
     if isinstance(exc, ImageRejected):
         return str(exc)
     text = _BYTESIO.sub("", str(exc)).strip()
-    return f"image does not decode: {type(exc).__name__}: {text}".rstrip(": ")
+    return f"{prefix}: {type(exc).__name__}: {text}".rstrip(": ")

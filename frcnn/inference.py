@@ -94,7 +94,7 @@ class Detector:
         try:
             image = decode_image(data)
         except Exception as exc:  # noqa: BLE001 - any decoder error is this input's reported reason
-            return decode_error_reason(exc)
+            return decode_error_reason(exc, "unreadable image")
         canvas, scale = self.model.canvas.apply_image(image)
         return to_tensor(canvas), scale, (image.height, image.width)
 

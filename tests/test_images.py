@@ -163,6 +163,7 @@ def test_bad_inputs_raise_with_one_line_reasons():
     with pytest.raises(Exception) as exc:
         decode_image(b"not an image" * 10)
     assert decode_error_reason(exc.value) == "image does not decode: UnidentifiedImageError: cannot identify image file"
+    assert decode_error_reason(exc.value, "unreadable image").startswith("unreadable image: UnidentifiedImageError")
     jpeg = _encode(Image.fromarray(RGB), "JPEG")
     with pytest.raises(OSError) as exc:
         decode_image(jpeg[: len(jpeg) // 2])  # truncated: an error, never a half-grey picture

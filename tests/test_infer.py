@@ -120,7 +120,7 @@ def test_boxes_in_original_pixels_any_mode_and_unreadable_files_reported(ckpt, f
     reasons = {e["image_id"]: e for e in errors}
     assert set(reasons) == {"garbage.jpg", "sub/empty.png"}
     assert reasons["garbage.jpg"]["path"] == str(inp / "garbage.jpg")
-    assert "does not decode" in reasons["garbage.jpg"]["reason"]
+    assert "unreadable image" in reasons["garbage.jpg"]["reason"]
     assert reasons["sub/empty.png"]["reason"] == "empty file (0 bytes)"
     assert {f["image_id"] for f in s.failures} == set(reasons)
 
