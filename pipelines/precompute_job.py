@@ -14,12 +14,13 @@ How problems travel
 The map emits *only good rows*; every problem (skipped image, per-object warning, objects of
 classes the model does not have) and the block's anchor-coverage counts
 (``frcnn.anchor_coverage.CoverageStats``, merged by the driver) go to a small ``_Ledger`` actor,
-in one awaited call per block (so nothing is in flight when the write returns). A column would have to be filtered out before
-the write and aggregated after it: Ray Data cannot tee a stream, so that is a second pass over the
-rows. The ledger de-duplicates records, so a retried task does not report a file twice. It carries
-the stop signal for ``on_error="fail"`` (the task that meets the first problem records it there
-before raising; the driver re-raises it as ``"<file>: <reason>"``) and a progress counter that the
-tasks bump without waiting (about once a second) and the driver polls for its progress lines.
+in one awaited call per block (so nothing is in flight when the write returns). A column would
+have to be filtered out before the write and aggregated after it: Ray Data cannot tee a stream, so
+that is a second pass over the rows. The ledger de-duplicates records, so a retried task does not
+report a file twice. It carries the stop signal for ``on_error="fail"`` (the task that meets the
+first problem records it there before raising; the driver re-raises it as ``"<file>: <reason>"``)
+and a progress counter that the tasks bump without waiting (about once a second) and the driver
+polls for its progress lines.
 One ledger serves all the runs of a driver (a named actor): an actor start is a process start.
 """
 
