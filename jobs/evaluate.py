@@ -220,7 +220,7 @@ def write_detections(dets: Mapping[str, Mapping[str, Any]], errors: set[str], im
 
 def draw_grid(gt, dets: Mapping[str, Mapping[str, Any]], errors: set[str], path: str, n: int = GRID_IMAGES) -> bool:
     """``detections_grid.png``: predictions (class colours) and ground truth (dashed green)."""
-    from frcnn.inference import decode_image
+    from frcnn.images import decode_image
     from frcnn.visualize import draw_detections, image_grid, select_grid_images
     from pipelines.storage import Location
 
