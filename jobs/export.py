@@ -164,14 +164,16 @@ def write_graphs(model, ref, fmt: str, staging: Path, say=print) -> dict[str, An
     with torch.no_grad():
         for h, w in model.cfg.canvas.sizes:
             say(f"exporting the {h}x{w} canvas as {fmt}", flush=True)
-            writer(ExportableDetector(model, (h, w)).eval(), example_inputs((h, w)), staging / f"{h}x{w}",
+            # Parameters without grad: a loaded graph's outputs must not require it either.
+            module = ExportableDetector(model, (h, w)).eval().requires_grad_(False)
+            writer(module, example_inputs((h, w)), staging / f"{h}x{w}",
                    {**meta, "canvas": f"{h}x{w}"})
     (staging / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def _publish(staging: Path, out: str) -> None:
-    """Copy the staged files to ``out`` (a folder or a URI pyarrow writes), which must be empty."""
+def _destination(out: str):
+    """``out``'s (filesystem, path), refused when something is already there."""
     import pyarrow.fs as pafs
 
     from pipelines.storage import resolve_filesystem
@@ -181,6 +183,14 @@ def _publish(staging: Path, out: str) -> None:
     if info.type == pafs.FileType.File or (
             info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path))):
         raise ExportError(f"{out}: exists and is not empty; give a new --out")
+    return fs, path
+
+
+def _publish(staging: Path, out: str) -> None:
+    """Copy the staged files to ``out`` (a folder or a URI pyarrow writes), which must be empty."""
+    import pyarrow.fs as pafs
+
+    fs, path = _destination(out)
     fs.create_dir(path)
     pafs.copy_files(str(staging), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
@@ -212,6 +222,7 @@ def export_model(model_uri: str, fmt: str, out: str, *, tracking_uri: str | None
     import mlflow
 
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
+    _destination(out)  # refused before any work
     ref = resolve_model(model_uri)
     model, _ = load_model(ref, "cpu")
     with tempfile.TemporaryDirectory(prefix="frcnn-export-") as tmp:

@@ -34,7 +34,8 @@ CLASSES = ("ellipse", "rectangle", "triangle", "cross", "diamond")
 VENV_BIN = str(Path(sys.executable).parent)
 
 
-def _jpeg(w: int, h: int, seed: int) -> bytes:
+def jpeg_image(w: int, h: int, seed: int) -> bytes:
+    """A noisy JPEG (no two places alike: no exactly tied scores) with one flat red block."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     pixels[h // 4: h // 2, w // 5: w // 2] = (220, 40, 40)
@@ -43,7 +44,7 @@ def _jpeg(w: int, h: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-IMAGES = [_jpeg(150, 100, 1), b"\x89PNG\r\n\x1a\n not really a png", _jpeg(90, 160, 2)]
+IMAGES = [jpeg_image(150, 100, 1), b"\x89PNG\r\n\x1a\n not really a png", jpeg_image(90, 160, 2)]
 
 
 @pytest.fixture(scope="module")
