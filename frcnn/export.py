@@ -16,9 +16,11 @@ to it), ``scores`` ``(N,)`` float32, ``labels`` ``(N,)`` int64 (1..C), best firs
 
 Inside the graph: normalisation, backbone, RPN, proposal selection, RoI head, per-class decoding,
 score threshold, NMS and the mapping back to the image's pixels; the same modules and thresholds
-as ``FasterRCNN.detect``. The proposal and detection steps are written without Python branches on
-data (a sort instead of ``topk`` with a count-dependent ``k``; class-offset NMS that also holds
-for zero boxes), so one trace holds for every image, including one with no detection.
+as ``FasterRCNN.detect``. The proposals are ``ProposalLayer``'s (its branches depend only on the
+canvas, fixed per graph). The detection step is ``RoIHeads.postprocess_detections`` for one image
+with one change: torchvision's ``batched_nms`` returns early, a Python branch, when no box passes
+the score threshold, which a trace would freeze; here one NMS over boxes offset by class holds
+for every image, including one without any detection.
 """
 
 from __future__ import annotations
@@ -47,19 +49,6 @@ class ExportableDetector(nn.Module):
         self.canvas_hw = hw
         self.register_buffer("anchors", model.anchors_for(hw).clone(), persistent=False)
 
-    def proposals(self, logits: Tensor, deltas: Tensor) -> Tensor:
-        """One image's RPN output -> its proposals (canvas boxes): decode, clip, drop small, the
-        ``pre_nms_top_n_test`` best, NMS, the ``post_nms_top_n_test`` best (``ProposalLayer``)."""
-        cfg = self.model.cfg.rpn
-        scores = logits[0, :, 1] - logits[0, :, 0]  # log-odds of "object", as ProposalLayer
-        boxes = clip_boxes(self.model.rpn_coder.decode(deltas[0], self.anchors), *self.canvas_hw)
-        wh = boxes[:, 2:] - boxes[:, :2]
-        keep = torch.nonzero((wh >= cfg.min_size).all(dim=1)).flatten()
-        boxes, scores = boxes[keep], scores[keep]
-        top = scores.argsort(descending=True)[: cfg.pre_nms_top_n_test]  # topk(min(k, n))
-        boxes, scores = boxes[top], scores[top]
-        return boxes[nms(boxes, scores, cfg.nms_thresh)[: cfg.post_nms_top_n_test]]
-
     def detections(self, cls_logits: Tensor, box_deltas: Tensor, rois: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One image's head output -> canvas boxes, scores, labels (``RoIHeads.postprocess_detections``):
         per-class decode, clip, score threshold, per-class NMS, the ``detections_per_img`` best."""
@@ -81,7 +70,7 @@ class ExportableDetector(nn.Module):
     def forward(self, canvas: Tensor, scale: Tensor, image_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         images = canvas.permute(2, 0, 1).unsqueeze(0)  # (Hc, Wc, 3) -> (1, 3, Hc, Wc)
         features, logits, deltas = self.model._rpn(images)
-        rois = self.proposals(logits, deltas)
+        rois = self.model.proposal_layer(self.anchors, logits, deltas, self.canvas_hw, False)[0]
         cls_logits, box_deltas = self.model.roi_heads.predict(features, [rois])
         boxes, scores, labels = self.detections(cls_logits, box_deltas, rois)
         # Canvas -> original pixels (CanvasTransform.invert_boxes), with the size as a tensor.
