@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_registered_model import jpeg_image as _jpeg
 
 from frcnn import FasterRCNN, tiny_config
 from frcnn.config import CanvasConfig
 from frcnn.inference import Detector
 from frcnn.training import TrainConfig, checkpoint_state
 from jobs.export import ExportError, export_model
+from tests.test_registered_model import jpeg_image as _jpeg
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +154,7 @@ def test_torchscript_graphs_in_a_fresh_process_match_the_detector(exported, expe
         _assert_same([np.asarray(boxes, np.float32).reshape(-1, 4), scores, labels], d)
 
 
-def test_cli_export_logs_the_onnx_flavour_to_the_training_run(checkpoint, expected, tmp_path, monkeypatch):
+def test_cli_export_logs_the_onnx_flavour_to_the_training_run(checkpoint, expected, tmp_path, tracking_uri):
     """MODEL as a training run id: the export lands at --out and in the run's artifacts as one
     MLflow ONNX model per bucket; a second export to the same --out is refused in one line."""
     import mlflow
@@ -162,9 +162,6 @@ def test_cli_export_logs_the_onnx_flavour_to_the_training_run(checkpoint, expect
 
     from jobs.cli import main
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("export")
     with mlflow.start_run() as run:
         mlflow.log_artifact(checkpoint, "checkpoints/best")

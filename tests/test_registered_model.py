@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,7 +49,7 @@ IMAGES = [jpeg_image(150, 100, 1), b"\x89PNG\r\n\x1a\n not really a png", jpeg_i
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
+def registered(tmp_path_factory, _empty_tracking_db):
     """(tracking URI, checkpoint path): version 1 of ``frcnn-test``, alias ``champion``."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -56,6 +57,7 @@ def registered(tmp_path_factory):
     from jobs.models import register_model
 
     root = tmp_path_factory.mktemp("registry")
+    shutil.copyfile(_empty_tracking_db, root / "mlflow.db")
     uri = f"sqlite:///{root}/mlflow.db"
     cfg = tiny_config(num_classes=5, class_names=CLASSES, canvas=128)
     torch.manual_seed(0)
