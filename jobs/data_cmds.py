@@ -215,7 +215,7 @@ def precompute_cmd(dataset, data_root, split, out, years, config_path, class_nam
     except KeyboardInterrupt:
         click.echo("Interrupted: the MLflow run is marked KILLED and its staging folder deleted. "
                    f"Rerun with: frcnn-jobs {shlex.join(sys.argv[1:])}", err=True)
-        sys.exit(130)
+        sys.exit(console.exit_status())
 
 
 synth = synth_cmd

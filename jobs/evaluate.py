@@ -387,7 +387,7 @@ def evaluate_cmd(ctx, model_uri, detections, dataset, data_root, split, years, c
                    + shlex.join(["frcnn-jobs", "evaluate", *(["--model", model_uri] if model_uri else
                                                             ["--detections", detections]),
                                  "--data-root", data_root, "--split", split]), err=True)
-        ctx.exit(130)
+        ctx.exit(console.exit_status())
     except (EvaluationError, VocLayoutError, FileNotFoundError, MlflowException) as exc:
         raise click.ClickException(str(getattr(exc, "message", None) or exc)) from exc
 

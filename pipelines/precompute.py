@@ -68,7 +68,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from frcnn.config import ModelConfig
-from pipelines import runtime, storage
+from pipelines import lease, runtime, storage
 from pipelines.precompute_job import PrecomputeError, Progress, get_ledger, precompute_block
 from pipelines.precompute_rows import process_item, rows_to_table
 from pipelines.storage import Location
@@ -237,7 +237,6 @@ def precompute(
     if not items:
         raise ValueError(f"{data_root}: split {split!r} is empty")
     run = storage.new_run_name()
-    storage.clean_stale_staging(dest, run)
     staging = storage.staging_location(dest, run)
 
     runtime.init_ray()
@@ -255,6 +254,7 @@ def precompute(
     t0 = time.perf_counter()
     collected = False
     try:
+        lease.claim(dest, run)  # refused while a live run writes dest; cleans what dead runs left
         staging.create_dir()
         # One input block per shard: the map fuses with the write, so one task reads, processes
         # and writes one shard. A few blocks per CPU, so that no CPU idles behind a long last one.
