@@ -301,7 +301,7 @@ def test_two_precomputes_to_one_out_and_sigterm(voc, env, tmp_path):
     _published_output(out)
     args = ["precompute", "--data-root", voc, "--split", "trainval", "--out", str(out), "--rows-per-shard", "2",
             "--overwrite", "--experiment", "pre-overlap"]
-    first = _start(_SLOW_PRECOMPUTE, args, {**env, "SLOW_BLOCK_S": "2"}, tmp_path)
+    first = _start(_SLOW_PRECOMPUTE, args, {**env, "SLOW_BLOCK_S": "600"}, tmp_path)  # never ends by itself
     try:
         shards = _wait_for("a staged shard", lambda: sorted(tmp_path.glob("_staging/pre.*/*.parquet")), first)
         second = subprocess.run([str(Path(sys.executable).with_name("frcnn-jobs")), *args], cwd=tmp_path, env=env,
