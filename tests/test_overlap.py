@@ -63,10 +63,11 @@ import sys, time
 from pipelines import precompute as pc, storage
 
 real_block = pc.precompute_block
+SLOW_S = float(__import__("os").environ.get("SLOW_BLOCK_S", "0"))  # read here: workers lack the variable
 
-def slow_block(batch, **kwargs):  # defined in __main__: Ray ships it to the workers by value
+def slow_block(batch, **kwargs):  # defined in __main__: Ray ships it (and SLOW_S) to the workers by value
     for table in real_block(batch, **kwargs):
-        time.sleep(float(__import__("os").environ.get("SLOW_BLOCK_S", "0")))
+        time.sleep(SLOW_S)
         yield table
 
 def paused_replace(staging, dest, marker_name, marker_obj):
