@@ -64,11 +64,15 @@ from pipelines import precompute as pc, storage
 
 real_block = pc.precompute_block
 SLOW_S = float(__import__("os").environ.get("SLOW_BLOCK_S", "0"))  # read here: workers lack the variable
+FIRST = __import__("os").environ.get("SLOW_FIRST_MARK", "")
 
-def slow_block(batch, **kwargs):  # defined in __main__: Ray ships it (and SLOW_S) to the workers by value
-    for table in real_block(batch, **kwargs):
+def slow_block(batch, **kwargs):  # defined in __main__: Ray ships it (and the constants) to the workers
+    import os
+    try:  # the first block to run goes at full speed (a shard is staged), every other one waits
+        os.close(os.open(FIRST, os.O_CREAT | os.O_EXCL)) if FIRST else None
+    except FileExistsError:
         time.sleep(SLOW_S)
-        yield table
+    yield from real_block(batch, **kwargs)
 
 def paused_replace(staging, dest, marker_name, marker_obj):
     # the local replace's first step (the old output moved aside), then a pause before the rename
@@ -302,7 +306,8 @@ def test_two_precomputes_to_one_out_and_sigterm(voc, env, tmp_path):
     _published_output(out)
     args = ["precompute", "--data-root", voc, "--split", "trainval", "--out", str(out), "--rows-per-shard", "2",
             "--overwrite", "--experiment", "pre-overlap"]
-    first = _start(_SLOW_PRECOMPUTE, args, {**env, "SLOW_BLOCK_S": "600"}, tmp_path)  # never ends by itself
+    first = _start(_SLOW_PRECOMPUTE, args, {**env, "SLOW_BLOCK_S": "600", "SLOW_FIRST_MARK": str(tmp_path / "first")},
+                   tmp_path)  # never ends by itself
     try:
         shards = _wait_for("a staged shard", lambda: sorted(tmp_path.glob("_staging/pre.*/*.parquet")), first)
         second = subprocess.run([str(Path(sys.executable).with_name("frcnn-jobs")), *args], cwd=tmp_path, env=env,
