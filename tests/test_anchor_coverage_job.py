@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_anchor_coverage import _loop_best  # the plain-loop oracle
 
 from frcnn.anchors import grid_anchors
 from frcnn.config import AnchorConfig
 from pipelines.synth import SYNTH_CLASSES, generate
+from tests.test_anchor_coverage import _loop_best  # the plain-loop oracle
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
