@@ -1,6 +1,6 @@
 """Typed configuration: one frozen dataclass per stage, loadable from YAML.
 
-Defaults are the walkthrough's numbers (``shared/seed/NOTES.md``): VGG16 at stride 16, an
+Defaults are the numbers of the Faster R-CNN walkthrough the detector follows: VGG16 at stride 16, an
 800x800 canvas, 9 anchors (ratios 0.5/1/2 x scales 8/16/32), 256 anchors sampled per image,
 12000/2000 (train) and 6000/300 (test) proposals, 128 RoIs at most 25 % foreground, 7x7 pooling.
 
