@@ -29,7 +29,7 @@ from typing import Any
 import click
 
 from frcnn import ModelConfig
-from frcnn.config import flatten, load_config
+from frcnn.config import ConfigError, Overrides, flatten, load_config
 from frcnn.training import TrainConfig
 from pipelines.storage import driver_niceness, init_ray
 
@@ -226,6 +226,18 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
     return res
 
 
+def resolve_configs(data: str, config_path: str | None, overrides: Overrides) -> tuple[ModelConfig | None, dict]:
+    """``--config`` with ``--set`` applied: the model config (None: the shards' own, unchanged) and
+    the ``train:`` section. ``model.*`` settings without a model section in ``--config`` change
+    the model the shards were made for."""
+    from pipelines.schema import read_manifest_at
+
+    model_cfg, train_over = load_config(config_path, overrides) if config_path else (None, overrides.train())
+    if model_cfg is None and overrides.section("model"):
+        model_cfg = overrides.model(ModelConfig.from_dict(read_manifest_at(data)["model_config"]))
+    return model_cfg, train_over
+
+
 def resume_command(ctx: click.Context, run_id: str) -> str:
     """The command line that continues this run: the options given, with ``--resume RUN_ID``."""
     args = ["frcnn-jobs", ctx.info_name or "train"]
@@ -236,7 +248,9 @@ def resume_command(ctx: click.Context, run_id: str) -> str:
         if source not in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT):
             continue
         value = ctx.params[p.name]
-        if p.is_flag:
+        if isinstance(value, Overrides):
+            args += [a for item in value.args() for a in ("--set", item)]
+        elif p.is_flag:
             args.append(p.opts[0] if value else (p.secondary_opts or [p.opts[0]])[0])
         else:
             args += [p.opts[0], str(int(value) if isinstance(value, float) and value.is_integer() else value)]
@@ -252,6 +266,7 @@ def resume_command(ctx: click.Context, run_id: str) -> str:
               help="GPUs per worker; 0 trains on CPU with gloo.")
 @click.option("--cpus-per-worker", type=click.FloatRange(0.1), default=1, show_default=True)
 @options.CONFIG
+@options.SET
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Overrides train.epochs.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Per-worker batch; overrides train.batch_size.")
@@ -266,11 +281,14 @@ def resume_command(ctx: click.Context, run_id: str) -> str:
 @click.option("--progress-every", metavar="SECONDS", type=click.FloatRange(0), default=30, show_default=True,
               help="Seconds between progress lines (step, epoch, loss, speed, time left); 0: none.")
 @click.pass_context
-def train_cmd(ctx, data, val_data, workers, gpus_per_worker, cpus_per_worker, config_path, epochs, batch_size, lr,
-              experiment, resume, address, storage_path, model_name, progress_every):
+def train_cmd(ctx, data, val_data, workers, gpus_per_worker, cpus_per_worker, config_path, overrides, epochs,
+              batch_size, lr, experiment, resume, address, storage_path, model_name, progress_every):
     """Train the detector with Ray Train DDP; prints the MLflow run id, checkpoint and metrics.
     Ctrl-C stops it cleanly and prints the --resume command (exit status 130)."""
-    model_cfg, train_over = load_config(config_path) if config_path else (None, {})
+    try:
+        model_cfg, train_over = resolve_configs(data, config_path, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("base_lr", lr)):
         if value is not None:
             train_over[key] = value
