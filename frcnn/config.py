@@ -337,7 +337,8 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
             return value
     else:
         return value
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    quote = " (quote it: YAML reads on/off/yes/no as true/false)" if isinstance(value, bool) and hint is str else ""
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}{quote}")
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -441,7 +442,10 @@ class Overrides:
                 value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as exc:
                 raise ConfigError(f"--set {key}: {raw!r} is not a YAML scalar or list ({type(exc).__name__})") from None
-            items[key] = _typed(value, _hint_of(key), f"--set {key}")
+            hint = _hint_of(key)
+            if isinstance(value, (bool, int, float)) and hint in (str, str | None):
+                value = raw.strip()  # a word field takes the text as written (amp=off, not False)
+            items[key] = _typed(value, hint, f"--set {key}")
         return cls(tuple(items.items()))
 
     def __bool__(self) -> bool:

@@ -45,6 +45,8 @@ class TrainConfig:
     val_every: int = 1  # epochs between validations (the last epoch always validates)
     keep_checkpoints: int = 2  # best k by the validation metric (latest k without validation)
     max_failures: int = 2  # worker-group restarts before the job fails
+    # Validations in a row without a gain in val mAP@0.5 before the run stops (0: never stops early).
+    early_stop_patience: int = 0
     seed: int = 0
     prefetch_batches: int = 2
 

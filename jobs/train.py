@@ -37,7 +37,7 @@ from . import console, options, tracking
 from .models import CHECKPOINT_FILE
 from .progress import Progress
 from .train_data import prepare_data, steps_per_epoch
-from .train_loop import StepContext, TrainCallback, train_loop
+from .train_loop import TRAIN, StepContext, TrainCallback, train_loop
 from .train_state import checkpoint_step, clear_status, latest_checkpoint, read_status, run_folder
 
 __all__ = ["NonFiniteLoss", "StepContext", "TrainCallback", "TrainResult", "TrainingInterrupted", "run_training"]
@@ -79,7 +79,7 @@ def dataset_label(manifest: dict[str, Any]) -> str:
 def _last_logged_step(uri: str, run_id: str) -> int | None:
     from mlflow.tracking import MlflowClient
 
-    history = tracking.safe(MlflowClient(uri).get_metric_history, run_id, "loss_total") or []
+    history = tracking.safe(MlflowClient(uri).get_metric_history, run_id, TRAIN + "loss_total") or []
     return max((m.step for m in history), default=None)
 
 
@@ -207,15 +207,18 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
             tracking.safe(mlflow.set_tag, "frcnn.nan_step", status["nan_step"])
             raise NonFiniteLoss(f"loss became NaN/Inf at step {status['nan_step']}; the last good checkpoint "
                                 f"is {result.checkpoint.path if result.checkpoint else 'none (no epoch finished)'}")
+        stopped = status.get("early_stop")
+        tracking.safe(mlflow.set_tag, "frcnn.stop_reason", "early_stop" if stopped else "completed")
+        if stopped:
+            print(f"stopped at epoch {stopped['epoch'] + 1}/{train_cfg.epochs}, {stopped['reason']}", flush=True)
         final = best = result.checkpoint
         if val_data and result.best_checkpoints:
-            best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_map50", float("-inf")))[0]
+            best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_map50", float("-inf")))
+            tracking.safe(mlflow.set_tags, {"frcnn.best_val_map50": f"{best_metrics['val_map50']:.4f}",
+                                            "frcnn.best_epoch": int(best_metrics["epoch"]) + 1})
         if final:
             log_checkpoint(final, "checkpoints/final")
         best_path = log_checkpoint(best, "checkpoints/best") if best else None
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                tracking.safe(mlflow.log_metric, f"final_{k}", float(v))
         version = register_model(best_path, model_name) if model_name and best_path else None
     res = TrainResult(run_id, final.path if final else None, best.path if best else None, metrics, version)
     print(f"checkpoint: {res.checkpoint_path}\nbest checkpoint: {res.best_checkpoint_path}", flush=True)
