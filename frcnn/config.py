@@ -489,6 +489,12 @@ class Overrides:
         return [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in self.items]
 
 
+def config_value(key: str, value: Any) -> Any:
+    """``value`` checked (and converted) for the dotted config key ``key``, as ``--set`` does;
+    ConfigError naming the key otherwise."""
+    return _typed(value, _hint_of(key), key)
+
+
 def _hint_of(key: str) -> Any:
     """The declared type of a dotted config key; ConfigError naming the key if there is none."""
     from .training import TrainConfig  # training imports this module
