@@ -27,15 +27,17 @@ import numpy as np
 import torch
 
 from frcnn import LOSS_KEYS, FasterRCNN, ModelConfig, total_loss
+from frcnn.precision import autocast, autocast_dtype
 from frcnn.training import (
+    DDP_OPTIONS,
     TrainConfig,
-    autocast_dtype,
     build_optimizer,
     checkpoint_state,
     hflip_batch,
     load_checkpoint,
     loss_mode,
     lr_factor,
+    training_model,
 )
 from pipelines.runtime import match_priority
 from pipelines.schema import to_model_inputs
@@ -147,8 +149,10 @@ def rank_weight_diff(core: torch.nn.Module, world: int) -> float:
     return float(max((a - prints[0]).abs().max() for a in prints))
 
 
-def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.device, world: int) -> dict[str, float]:
-    """Validation loss and VOC mAP@0.5 (all-point) over this worker's rows, combined across ranks."""
+def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.device, world: int,
+             amp: torch.dtype | None = None) -> dict[str, float]:
+    """Validation loss and VOC mAP@0.5 (all-point) over this worker's rows, combined across ranks,
+    under the training step's autocast ``amp`` (detections stay float32)."""
     from frcnn.evaluation import evaluate_voc
 
     cfg = core.cfg
@@ -158,13 +162,15 @@ def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.devic
     gts: dict[str, dict] = {}
     for batch in batches:
         images, targets = _to_device(*to_model_inputs(batch, use_difficult), device)
-        with torch.no_grad(), loss_mode(core):
+        with torch.no_grad(), loss_mode(core), autocast(device, amp):
             losses = core(images, targets)
         loss_sum += torch.stack([losses[k].float() for k in LOSS_KEYS] + [total_loss(losses).float()])
         n_batches += 1
         scales = [float(s) for s in batch["scale"]]
         sizes = list(zip(batch["orig_height"].tolist(), batch["orig_width"].tolist(), strict=True))
-        for i, d in enumerate(core.detect(images, scales, sizes)):
+        with autocast(device, amp):
+            found = core.detect(images, scales, sizes)
+        for i, d in enumerate(found):
             iid = str(batch["image_id"][i])
             dets[iid] = {k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
             gts[iid] = {
@@ -348,14 +354,14 @@ def _set_up(cfg: LoopConfig, config: dict[str, Any]) -> _Worker:
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
     match_priority(cfg.driver_niceness)
-    torch.manual_seed(tcfg.seed)  # identical initial weights (DDP also broadcasts rank 0's)
-    model = FasterRCNN(cfg.model)
-    state = _resume_state(ray.train.get_checkpoint(), cfg.status_folder)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    model = ray.train.torch.prepare_model(model)
-    core: FasterRCNN = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
+    torch.manual_seed(tcfg.seed)  # identical initial weights (DDP also broadcasts rank 0's)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a few canvas shapes: each tuned once
+    state = _resume_state(ray.train.get_checkpoint(), cfg.status_folder)
+    model = training_model(cfg.model, state, rank)  # backbone weights: rank 0 reads them, DDP broadcasts
+    model = _wrap_ddp(model, tcfg)
+    core: FasterRCNN = model.module if hasattr(model, "module") else model
     base_lr = tcfg.lr_for(tcfg.batch_size * world)
     optimizer = build_optimizer(core, tcfg, base_lr)
     if state is not None and state.get("optimizer"):
@@ -440,7 +446,8 @@ def _end_epoch(w: _Worker, epoch: int) -> bool:
     # A checkpoint always carries val_map50: the best-k policy ranks checkpoints by it.
     if w.data.val is not None and ((epoch + 1) % tcfg.val_every == 0 or checkpoint_now):
         w.model.eval()
-        metrics.update(validate(w.core, w.data.validation(), w.cfg.use_difficult, w.device, w.world))
+        amp = autocast_dtype(tcfg.amp, w.device)
+        metrics.update(validate(w.core, w.data.validation(), w.cfg.use_difficult, w.device, w.world, amp))
         stop = w.early.update(metrics["val_map50"], epoch)
         checkpoint_now = checkpoint_now or stop
         if w.writer is not None:
@@ -481,6 +488,19 @@ def train_metrics(window: dict[str, float], lr: float, epoch: int) -> dict[str, 
 def val_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """A validation's values under their MLflow names: ``val_map50`` -> ``val/map50``, ..."""
     return {VAL + k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_")}
+
+
+def _wrap_ddp(model: FasterRCNN, tcfg: TrainConfig) -> torch.nn.Module:
+    """DDP for more than one rank (``frcnn.training.DDP_OPTIONS``; the bare model for one);
+    ``train.grad_compression: bf16`` all-reduces the gradients in bfloat16."""
+    import ray.train.torch
+
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(DDP_OPTIONS))
+    if tcfg.grad_compression == "bf16" and hasattr(model, "register_comm_hook"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return model
 
 
 def _resume_state(registered, folder: str) -> dict[str, Any] | None:
