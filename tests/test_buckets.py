@@ -56,7 +56,7 @@ def rows(cfg, data_root):
             "root_shown": data_root}
     out = []
     for item in list_split(data_root, "trainval"):
-        row = process_item(dataclasses.asdict(item), spec)[0]
+        row = process_item(dataclasses.asdict(item), spec).row
         assert row is not None
         out.append(row)
     return out

@@ -551,8 +551,8 @@ def test_a_store_that_fails_to_read_stops_the_run_a_missing_file_is_skipped(synt
             "use_difficult": False, "drop_empty": False, "jpeg_quality": 95, "data_root": synth_root,
             "root_shown": synth_root}
     worker = ImageWorker(spec)
-    row, skipped, *_ = worker.process(dict(vars(item)))
-    assert row is not None and skipped == []  # the stage itself works on this item
+    result = worker.process(dict(vars(item)))
+    assert result.row is not None and result.skipped == ()  # the stage itself works on this item
 
     def failing(error):
         def read(path):
@@ -565,8 +565,9 @@ def test_a_store_that_fails_to_read_stops_the_run_a_missing_file_is_skipped(synt
     with pytest.raises(StorageReadError, match=f"{item.image_path}: cannot read: Connection reset"):
         worker.process(dict(vars(item)))
     worker.read = failing(FileNotFoundError(item.image_path))
-    row, skipped, *_ = worker.process(dict(vars(item)))
-    assert row is None and [(s["source"], s["reason"]) for s in skipped] == [(item.image_path, "image file not found")]
+    result = worker.process(dict(vars(item)))
+    assert result.row is None
+    assert [(s["source"], s["reason"]) for s in result.skipped] == [(item.image_path, "image file not found")]
 
 
 # --------------------------------------------------------------------------- an object store that goes away
