@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class CanvasConfig:
@@ -407,10 +409,6 @@ def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "").replace("NoneType", "null")
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the key."""
 
 
 # Shipped inside the package (frcnn/configs/<name>.yaml): `--config NAME` works from a wheel.
