@@ -208,8 +208,8 @@ def run_train(quick: bool, ws: Workspace, work: Path) -> dict[str, Any]:
         wall = time.perf_counter() - t
         best_ckpt = res.best_checkpoint_path or res.checkpoint_path
         client = MlflowClient(uri)
-        hist = sorted(client.get_metric_history(res.run_id, "loss_total"), key=lambda m: m.step)
-        logged = [m.value for m in sorted(client.get_metric_history(res.run_id, "images_per_s"),
+        hist = sorted(client.get_metric_history(res.run_id, "train/loss_total"), key=lambda m: m.step)
+        logged = [m.value for m in sorted(client.get_metric_history(res.run_id, "system/perf/images_per_s"),
                                           key=lambda m: m.step)]
         if len(hist) < 2 or hist[-1].step - hist[0].step < steps_per_epoch:
             raise RuntimeError(f"run {res.run_id} logged loss_total at steps {[m.step for m in hist]}: too few "

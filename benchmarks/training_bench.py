@@ -40,8 +40,8 @@ def _one_run(shards: str, work: Path, workers: int, train_cfg, uri: str) -> dict
     if ray.is_initialized():
         ray.shutdown()
     client = MlflowClient(uri)
-    wait = _history(client, res.run_id, "data_wait_frac")
-    ips = _history(client, res.run_id, "images_per_s")
+    wait = _history(client, res.run_id, "system/perf/data_wait_frac")
+    ips = _history(client, res.run_id, "system/perf/images_per_s")
     def after(h: list) -> list:  # the windows after the first (the first holds the start-up)
         return [v for _, v in h[1:]] or [v for _, v in h]
 
