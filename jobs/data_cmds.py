@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from frcnn.config import ModelConfig, tiny_config
+from frcnn.config import ModelConfig, Overrides, tiny_config
 from pipelines.runtime import init_ray
 
 from . import console, options, tracking
@@ -35,7 +35,13 @@ class PrecomputeRun:
 
 
 def resolve_config(data_root: str, config_path: str | None = None,
-                   class_names: Sequence[str] | None = None) -> ModelConfig:
+                   class_names: Sequence[str] | None = None, overrides: Overrides | None = None) -> ModelConfig:
+    """``_resolve_config`` with the ``model.*`` settings of ``--set`` applied."""
+    return (overrides or Overrides()).model(_resolve_config(data_root, config_path, class_names))
+
+
+def _resolve_config(data_root: str, config_path: str | None = None,
+                    class_names: Sequence[str] | None = None) -> ModelConfig:
     """The model config the targets are computed for.
 
     ``class_names`` (``--classes``) are the dataset's classes (default: ``classes.txt`` in the VOC
@@ -68,6 +74,7 @@ def run_precompute(
     dataset: str = "voc",
     years: Sequence[str] | None = None,
     config_path: str | None = None,
+    overrides: Overrides | None = None,
     class_names: Sequence[str] | None = None,
     on_error: str = "skip",
     overwrite: bool = False,
@@ -97,7 +104,7 @@ def run_precompute(
     if dataset != "voc":
         raise ValueError(f"unknown dataset {dataset!r}; supported: voc")
     pc.check_output(out, overwrite)
-    cfg = resolve_config(data_root, config_path, class_names)
+    cfg = resolve_config(data_root, config_path, class_names, overrides)
     pc.model_classes(cfg, tuple(class_names) if class_names else load_class_names(data_root), data_root)
     init_ray(address, log_to_driver=console.log_to_driver())
 
@@ -106,7 +113,8 @@ def run_precompute(
         "precompute.dataset": dataset, "precompute.data_root": data_root, "precompute.split": split,
         "precompute.out": out, "precompute.years": ",".join(years) if years else "all",
         "precompute.classes": ",".join(class_names) if class_names else "dataset",
-        "precompute.config": config_path or "tiny (default)", "precompute.on_error": on_error,
+        "precompute.config": config_path or "tiny (default)",
+        "precompute.set": " ".join(overrides.args() if overrides else ()), "precompute.on_error": on_error,
         "precompute.overwrite": overwrite, "precompute.use_difficult": use_difficult,
         "precompute.drop_empty": drop_empty, "precompute.rows_per_shard": rows_per_shard,
         "precompute.jpeg_quality": jpeg_quality, "precompute.config_hash": cfg.target_hash(),
@@ -185,6 +193,7 @@ def synth_cmd(out: str, images: int, seed: int, min_size: int, max_size: int) ->
 @click.option("--out", required=True, metavar="PATH_OR_URI", help="Output folder (published atomically).")
 @options.YEAR
 @options.CONFIG
+@options.SET
 @options.CLASSES
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: report bad files in the manifest and go on; fail: stop at the first one.")
@@ -197,7 +206,7 @@ def synth_cmd(out: str, images: int, seed: int, min_size: int, max_size: int) ->
               help="JPEG quality of the stored canvases.")
 @options.EXPERIMENT
 @options.ADDRESS
-def precompute_cmd(dataset, data_root, split, out, years, config_path, class_names, on_error, overwrite,
+def precompute_cmd(dataset, data_root, split, out, years, config_path, overrides, class_names, on_error, overwrite,
                    use_difficult, drop_empty, rows_per_shard, jpeg_quality, experiment, address) -> None:
     """Decode, resize and label anchors once, with Ray Data: Parquet shards + manifest for training."""
     from pipelines.precompute import PrecomputeError
@@ -205,7 +214,7 @@ def precompute_cmd(dataset, data_root, split, out, years, config_path, class_nam
 
     try:
         run_precompute(data_root, split, out, dataset=dataset, years=years, config_path=config_path,
-                       class_names=class_names, on_error=on_error, overwrite=overwrite,
+                       overrides=overrides, class_names=class_names, on_error=on_error, overwrite=overwrite,
                        use_difficult=use_difficult, drop_empty=drop_empty, rows_per_shard=rows_per_shard,
                        jpeg_quality=jpeg_quality, experiment=experiment, address=address)
     except (PrecomputeError, FileExistsError, FileNotFoundError, VocLayoutError, ValueError) as exc:

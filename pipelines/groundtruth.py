@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from frcnn.errors import DatasetError
 from pipelines.storage import Location
 
 __all__ = ["ClassMismatch", "DATASETS", "GroundTruth", "load_ground_truth", "map_classes"]
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 DATASETS = ("voc",)
 
 
-class ClassMismatch(ValueError):
+class ClassMismatch(DatasetError):
     """The model's classes cannot be scored on this dataset (names the missing ones)."""
 
 
