@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -85,27 +86,6 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def free_range(width: int) -> int:
-    """A base port whose next ``width`` ports are free now (Ray's per-node worker port range)."""
-    import random
-
-    for _ in range(200):
-        base = random.randrange(20000, 30000)
-        socks = []
-        try:
-            for p in range(base, base + width):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RehearsalError("no free port range")
-
-
 # Every wait below is sized for an idle 2-core machine, times this: a shared machine can be many
 # times slower (seen here: load average 45 on 2 cores), and a wait that gives up early fails the
 # rehearsal for nothing. The test's own time limit bounds the whole.
@@ -130,12 +110,27 @@ def wait_for(what: str, fn, timeout: float, every: float = 0.5) -> Any:
 
 
 class Relay:
+    """A TCP relay to ``127.0.0.1:target`` on ``127.0.0.1:port`` that can be cut, or held.
+
+    ``hold_after(is_trigger)``: once a request whose first line ``is_trigger`` accepts has had its
+    2xx answer passed back, the relay forwards nothing more from any client (requests and bodies
+    wait in it) and sets ``held``. A job behind it is then provably stopped just past that request,
+    however fast or slow the machine: ``cut()`` afterwards makes the endpoint go away there."""
+
+    _REQUEST = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]\r\n")
+    _SUCCESS = re.compile(rb"HTTP/1\.[01] 2\d\d ")
+
     def __init__(self, port: int, target: int) -> None:
         self.port, self.target = port, target
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self.bytes_up = 0
+        self._trigger = None
+        self._holding = False
+        self.held = threading.Event()  # set once the relay holds every client (hold_after)
+        self.trigger_line = b""  # the request line after whose answer it holds
+        self._gone = threading.Event()  # set by cut(): held pumps give up
         self.open()
 
     def open(self) -> None:
@@ -144,13 +139,19 @@ class Relay:
         s.bind(("127.0.0.1", self.port))
         s.listen(64)
         self._listener = s
+        self._gone.clear()
         threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def hold_after(self, is_trigger) -> None:
+        """Hold all traffic once a request line accepted by ``is_trigger(method, path)`` succeeded."""
+        self._trigger = is_trigger
 
     def cut(self) -> None:
         """Refuse new connections and reset the open ones: the endpoint is gone."""
         with self._lock:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
+        self._gone.set()
         if listener is not None:
             listener.close()
         for c in conns:
@@ -175,18 +176,37 @@ class Relay:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            pending: list[bytes] = []  # this connection's trigger request awaiting its answer
+            threading.Thread(target=self._pump, args=(client, upstream, True, pending), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, pending), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+    def _watch(self, data: bytes, up: bool, pending: list[bytes]) -> None:
+        if self._trigger is None or self._holding:
+            return
+        if up:
+            m = self._REQUEST.match(data)
+            if m and self._trigger(m.group(1).decode(), m.group(2).decode("latin-1")):
+                pending.append(data.split(b"\r\n", 1)[0])
+        elif pending and self._SUCCESS.search(data):
+            self.trigger_line = pending[0]
+            self._holding = True
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool, pending: list[bytes]) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if up and self._holding:
+                    self.held.set()
+                    self._gone.wait()
+                    break
+                self._watch(data, up, pending)
                 if up:
                     self.bytes_up += len(data)
                 dst.sendall(data)
+                if not up and self._holding:
+                    self.held.set()
         except OSError:
             pass
         finally:
@@ -211,8 +231,9 @@ class Stack:
         self.logs.mkdir()
         self.groups: dict[str, subprocess.Popen] = {}
         self.root = os.geteuid() == 0
-        (self.pg_port, self.moto_port, self.s3_port, self.s3_fault_port, self.mlflow_port, self.gcs_port,
-         self.dash_port, self.client_port) = free_ports(8)
+        self.pg_port, self.moto_port, self.s3_port, self.s3_fault_port, self.mlflow_port = free_ports(5)
+        self.gcs_port = self.dash_port = self.client_port = 0  # the head's, chosen by ray_start
+        self.ray_temp = self.tmp / "ray"  # every node's --temp-dir (the address file lies there)
         self.access_key = "AKIA" + secrets.token_hex(8).upper()
         self.secret_key = secrets.token_urlsafe(30)
         self.ray_token = secrets.token_hex(32)
@@ -447,26 +468,35 @@ class Stack:
     # -- Ray -----------------------------------------------------------------------------------
 
     def ray_start(self, name: str, head: bool, cpus: int) -> None:
-        ports = free_ports(6)
-        base = free_range(40)
-        argv = [str(VENV_BIN / "ray"), "start", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
-                "--object-store-memory", str(150 * 2**20),
-                "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
-                "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
-                "--metrics-export-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5]),
-                "--min-worker-port", str(base), "--max-worker-port", str(base + 39)]
-        if head:
-            argv += ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                     "--dashboard-port", str(self.dash_port), "--ray-client-server-port", str(self.client_port),
-                     "--temp-dir", str(self.tmp / "ray"), "--disable-usage-stats"]
-        else:
-            argv += ["--address", f"127.0.0.1:{self.gcs_port}"]
+        """``ray start`` for one node, retried on a fresh set of ports each time.
+
+        The node's own daemons (raylet, object manager, dashboard agent, runtime-env agent, metrics
+        exporter, workers) get port 0: each binds a port the kernel picks and reports it, so no port
+        is probed here and then taken by another process before the bind. The head's three
+        well-known ports (GCS, dashboard, Ray client) must be known to the clients: they are probed,
+        and probed again for every retry, so a collision costs one attempt, not all of them. Every
+        node's ``--temp-dir`` is this run's folder: the cluster's address file lies there, not in
+        /tmp/ray, so a plain ``ray.init()`` elsewhere on the machine never finds this cluster."""
         for attempt in range(6):
+            argv = [str(VENV_BIN / "ray"), "start", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                    "--object-store-memory", str(150 * 2**20), "--temp-dir", str(self.ray_temp),
+                    "--node-manager-port", "0", "--object-manager-port", "0",
+                    "--dashboard-agent-listen-port", "0", "--dashboard-agent-grpc-port", "0",
+                    "--metrics-export-port", "0", "--runtime-env-agent-port", "0",
+                    "--min-worker-port", "0", "--max-worker-port", "0"]
+            if head:
+                self.gcs_port, self.dash_port, self.client_port = free_ports(3)
+                argv += ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                         "--dashboard-port", str(self.dash_port), "--ray-client-server-port", str(self.client_port),
+                         "--disable-usage-stats"]
+            else:
+                argv += ["--address", f"127.0.0.1:{self.gcs_port}"]
             proc = self.spawn(f"ray-{name}", argv, self.node_env())
             rc = proc.wait(timeout=240)
             if rc == 0:
                 break
-            # Ray gives a starting raylet 30 s (hard-coded) to register; a loaded machine can miss it.
+            # Ray gives a starting raylet 30 s (hard-coded) to register; a loaded machine can miss
+            # it, and a probed head port can be taken before Ray binds it.
             log(f"ray start for {name} exited {rc} (attempt {attempt + 1}); retrying")
             self.kill_group(f"ray-{name}")
         check(rc == 0, f"ray start for {name} exited {rc}; see {self.logs}/ray-{name}.log")
@@ -558,6 +588,27 @@ def published(st: Stack, prefix: str) -> list[str]:
     return sorted({k.rsplit("/", 2)[-2] for k in st.keys("frcnn", prefix + "/") if k.endswith("/_SUCCESS")})
 
 
+def check_isolated(st: Stack) -> dict[str, str | None]:
+    """The cluster's address file is in this run's temp dir, not in the default one that a plain
+    ``ray.init()`` on this machine reads: no other process attaches to this cluster by accident."""
+    from ray._private.utils import read_ray_address
+
+    ours, default = read_ray_address(str(st.ray_temp)), read_ray_address(None)
+    check(ours and ours.endswith(f":{st.gcs_port}"), f"no address file for this cluster in {st.ray_temp}: {ours}")
+    check(default is None or not default.endswith(f":{st.gcs_port}"),
+          f"the default Ray address file points at this run's cluster: {default}")
+    return {"address_file": ours, "default_address_file": default}
+
+
+def is_staged_shard_upload(method: str, path: str) -> bool:
+    """A request that stores a whole staged Parquet shard: a PUT (not a multipart part) or the POST
+    completing a multipart upload, under ``_staging/``."""
+    key, _, query = path.partition("?")
+    if "/_staging/" not in key or not key.endswith(".parquet"):
+        return False
+    return (method == "PUT" and "partNumber=" not in query) or (method == "POST" and "uploadId=" in query)
+
+
 def rehearse(st: Stack, summary: dict[str, Any]) -> None:
     timings: dict[str, float] = summary.setdefault("seconds", {})
     obs: dict[str, Any] = summary.setdefault("observed", {})
@@ -591,6 +642,7 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         st.ray_start("w2", head=False, cpus=3)
         wait_for("2 worker nodes", lambda: st.alive_worker_nodes() == 2, 60)
         log("ray workers up")
+        obs["isolation"] = check_isolated(st)
 
     # The head requires the token: a client without it is refused.
     res = st.run([str(VENV_BIN / "ray"), "job", "list", "--address", st.ray_address], env=st.base_env(),
@@ -623,6 +675,7 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         # endpoint (its own relay, passed in the job's runtime env) goes away once it has staged a
         # shard. Two jobs at once, not four: each precompute job holds ~3 GB (driver, ledger, tasks).
         chain = " && ".join(precompute(s, pre[s]) for s in ("train", "val", "test"))
+        st.fault_relay.hold_after(is_staged_shard_upload)
         submits = [threading.Thread(target=st.submit, args=("precompute", f"bash -c {shlex.quote(chain)}")),
                    threading.Thread(target=st.submit,
                                     args=("precompute-s3-down", precompute("trainval", cut_out, on_error="skip")),
@@ -632,16 +685,21 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         for t in submits:
             t.join()
         staged = "precomputed/_staging/synth-trainval."
+        # The relay holds the job's S3 traffic from the moment its first staged shard is stored:
+        # the job cannot publish (that takes more requests through it), whatever the machine's speed.
         wait_for("fault c's precompute to stage a shard",
-                 lambda: any(k.endswith(".parquet") for k in st.keys("frcnn", staged))
-                 or st.job_status("precompute-s3-down") in ("SUCCEEDED", "FAILED"), 400, every=0.1)
+                 lambda: st.fault_relay.held.is_set()
+                 or st.job_status("precompute-s3-down") in ("SUCCEEDED", "FAILED", "STOPPED"), 400, every=0.1)
+        check(st.fault_relay.held.is_set(),
+              f"fault c's precompute ended {st.job_status('precompute-s3-down')} before staging a shard")
         st.fault_relay.cut()
         staged_at_cut = [k for k in st.keys("frcnn", staged) if k.endswith(".parquet")]
-        log(f"S3 cut for precompute-s3-down after {len(staged_at_cut)} staged shard(s)")
+        log(f"S3 cut for precompute-s3-down after {len(staged_at_cut)} staged shard(s) "
+            f"({st.fault_relay.trigger_line.decode('latin-1')})")
         status, logs = st.wait_job("precompute-s3-down", 300)
         tail = [ln for ln in logs.splitlines() if ln.strip()][-3:]
         obs["fault_c"] = {"status": status, "staged_shards_at_cut": len(staged_at_cut), "last_lines": tail}
-        check(staged_at_cut, "fault c's precompute finished before the S3 endpoint could be cut")
+        check(staged_at_cut, "no staged shard in the bucket although the relay saw one stored")
         check(status == "FAILED", f"precompute with S3 unreachable ended {status}")
         status_p, logs_p = st.wait_job("precompute", 600)
         check(status_p == "SUCCEEDED", f"precompute {status_p}:\n{logs_p[-4000:]}")
