@@ -28,9 +28,9 @@ demo: $(STAMP)
 	$(BIN)/frcnn-jobs demo --workdir runs/demo
 
 # infra/'s shape on this machine with the real engines and four faults (infra/README.md,
-# "Rehearsed on one machine"); `make test` runs it too (tests/test_cluster_rehearsal.py).
+# "Rehearsed on one machine"); `make test` runs it too (tests/cluster/, marker `cluster`).
 cluster-rehearsal: $(STAMP)
-	$(BIN)/python infra/rehearsal/rehearse.py
+	$(BIN)/python -m pytest tests/cluster -m cluster -v
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --device $(DEVICE)
