@@ -373,11 +373,17 @@ def test_services_select_existing_pods():
             assert w["spec"]["selector"]["matchLabels"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
 
 
+def _mlflow_server_argv(node) -> list[str]:
+    """``mlflow server ...`` as the container or compose service runs it (from its script)."""
+    (args,) = [inv for inv in invocations_in_node(node, "mlflow") if inv[:1] == ["server"]]
+    return ["mlflow", *args]
+
+
 def test_mlflow_k8s_server_uses_postgres_and_proxied_s3():
     (deploy,) = [d for d in docs_of_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
     (container,) = pod_containers(deploy)
-    argv = container["command"] + container["args"]
-    assert argv[:2] == ["mlflow", "server"]
+    argv = _mlflow_server_argv(container)
+    assert _option(argv, "--app-name") == "basic-auth"
     assert _option(argv, "--backend-store-uri").startswith(PG_URI_PREFIX)
     assert _option(argv, "--artifacts-destination") == "s3://mlflow"
     assert "--serve-artifacts" in argv
@@ -408,8 +414,9 @@ def test_mlflow_image_installs_the_driver_its_store_uris_name():
     assert "import psycopg" in runs  # the build fails, not the first server start
     (deploy,) = [d for d in docs_of_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
     (container,) = pod_containers(deploy)
-    uris = [_option(container["command"] + container["args"], "--backend-store-uri"),
-            _option(_compose_argv(_compose()["services"]["mlflow"]), "--backend-store-uri")]
+    uris = [_option(_mlflow_server_argv(container), "--backend-store-uri"),
+            _option(_mlflow_server_argv({"command": _compose()["services"]["mlflow"]["command"]}),
+                    "--backend-store-uri")]
     for uri in uris:
         assert uri.split("://")[0] == "postgresql+psycopg", uri
     # The package itself carries the same driver (the rehearsal's server runs from it).
@@ -430,24 +437,14 @@ def _compose() -> dict:
     return doc
 
 
-def _compose_argv(service: dict) -> list[str]:
-    argv = []
-    for key in ("entrypoint", "command"):
-        value = service.get(key)
-        if isinstance(value, list):
-            argv += [str(v) for v in value]
-        elif isinstance(value, str):
-            argv += shlex.split(value)
-    return argv
-
-
 def test_compose_has_postgres_minio_and_mlflow_on_postgres():
     services = _compose()["services"]
     assert "postgres" in services
     assert "minio" in services or "s3" in services
     assert "mlflow" in services
     mlflow = services["mlflow"]
-    argv = _compose_argv(mlflow)
+    argv = _mlflow_server_argv({"command": mlflow["command"]})
+    assert _option(argv, "--app-name") == "basic-auth"
     env = mlflow.get("environment", {})
     uri = _option(argv, "--backend-store-uri") or env.get("MLFLOW_BACKEND_STORE_URI")
     assert uri and uri.startswith(PG_URI_PREFIX), uri
