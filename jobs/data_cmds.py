@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from frcnn.config import ModelConfig, tiny_config
-from pipelines.storage import init_ray
+from pipelines.runtime import init_ray
 
 from . import console, options, tracking
 

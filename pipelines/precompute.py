@@ -68,7 +68,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from frcnn.config import ModelConfig
-from pipelines import storage
+from pipelines import runtime, storage
 from pipelines.precompute_job import PrecomputeError, Progress, get_ledger, precompute_block
 from pipelines.precompute_rows import process_item, rows_to_table
 from pipelines.storage import Location
@@ -239,7 +239,7 @@ def precompute(
     storage.clean_stale_staging(dest, run)
     staging = storage.staging_location(dest, run)
 
-    storage.init_ray()
+    runtime.init_ray()
     spec = {
         "cfg": cfg.to_dict(),
         "class_names": list(names),
@@ -266,7 +266,7 @@ def precompute(
                             fn_kwargs={"spec": spec, "ledger": ledger, "run_id": run,
                                        "fail_fast": on_error == "fail"})
         lines = Progress(ledger, run, len(items)) if progress else contextlib.nullcontext()
-        with _ray_data_output(log.isEnabledFor(logging.DEBUG)), storage.bounded_io_retries(), lines:
+        with _ray_data_output(log.isEnabledFor(logging.DEBUG)), runtime.bounded_io_retries(), lines:
             try:
                 ds.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=shard_rows,
                                  max_rows_per_file=shard_rows, schema=schema.SCHEMA)
@@ -292,7 +292,7 @@ def precompute(
         if not collected:
             ledger.finish.remote(run)  # drop whatever the run reported
         if isinstance(exc, KeyboardInterrupt):
-            storage.stop_local_ray()  # no write task may outlive the staging folder it writes into
+            runtime.stop_local_ray()  # no write task may outlive the staging folder it writes into
         storage.discard(staging)
         if progress and isinstance(exc, KeyboardInterrupt):
             print(f"precompute interrupted: nothing published to {dest.shown}"
