@@ -344,19 +344,21 @@ class Stack:
     def ray_start(self, name: str, head: bool, cpus: int) -> None:
         """``ray start`` for one node, retried on a fresh set of ports each time.
 
-        The node's own daemons (raylet, object manager, dashboard agent, runtime-env agent, metrics
-        exporter, workers) get port 0: each binds a port the kernel picks and reports it, so no port
-        is probed here and then taken by another process before the bind. The head's three
-        well-known ports (GCS, dashboard, Ray client) must be known to the clients: they are probed,
-        and probed again for every retry, so a collision costs one attempt, not all of them. Every
-        node's ``--temp-dir`` is this run's folder: the cluster's address file lies there, not in
+        The raylet's own servers and the workers get port 0 (the kernel picks, the raylet knows).
+        The Python agents' ports (dashboard agent HTTP and gRPC, runtime-env agent, metrics export)
+        are probed here: with port 0 the raylet waits a fixed few seconds for each agent to report
+        its port, which a loaded machine misses. A probed port can be taken by another process
+        before the agent binds it, so every attempt probes a fresh set (the head's GCS, dashboard
+        and Ray client ports too): a collision costs one attempt, not all of them. Every node's
+        ``--temp-dir`` is this run's folder: the cluster's address file lies there, not in
         /tmp/ray, so a plain ``ray.init()`` elsewhere on the machine never finds this cluster."""
         for attempt in range(6):
+            agent_http, agent_grpc, metrics, runtime_env = free_ports(4)
             argv = [str(VENV_BIN / "ray"), "start", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
                     "--object-store-memory", str(150 * 2**20), "--temp-dir", str(self.ray_temp),
                     "--node-manager-port", "0", "--object-manager-port", "0",
-                    "--dashboard-agent-listen-port", "0", "--dashboard-agent-grpc-port", "0",
-                    "--metrics-export-port", "0", "--runtime-env-agent-port", "0",
+                    "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+                    "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
                     "--min-worker-port", "0", "--max-worker-port", "0"]
             if head:
                 self.gcs_port, self.dash_port, self.client_port = free_ports(3)
