@@ -1,6 +1,6 @@
 """One way to load a trained detector and run it on encoded images (JPEG/PNG bytes).
 
-    detector = Detector.from_checkpoint("checkpoint.pt")            # or the file's bytes
+    detector = Detector.from_checkpoint("checkpoint.pt", "cpu")     # or the file's bytes; or "cuda"
     results = detector.predict([jpeg_bytes, png_bytes, b"garbage"])   # one Detections per input
     results[0].boxes   # (N, 4) float32, xyxy in the ORIGINAL image's pixels
 
@@ -27,6 +27,7 @@ from PIL import Image
 
 from .canvas import to_tensor
 from .model import FasterRCNN
+from .precision import autocast, autocast_dtype
 from .training import load_checkpoint, model_from_checkpoint
 
 __all__ = ["Detections", "Detector", "decode_image", "load_model"]
@@ -72,19 +73,22 @@ class Detector:
 
     ``threads``: torch's intra-op threads, also the threads decoding a batch (PIL releases the GIL
     while decoding and resizing, so a batch decodes in parallel). ``score_threshold``: drop
-    detections below it (the model's own ``roi.score_thresh`` always applies).
+    detections below it (the model's own ``roi.score_thresh`` always applies). ``amp``: the
+    model's autocast as ``train.amp`` names it (``auto``: bfloat16 on CUDA, float32 on CPU); boxes
+    and scores stay float32 either way. The device is the model's: the caller chooses it.
 
     ``predict`` may be called from several threads at once: the model runs one batch at a time
     (a lock), while the other callers decode theirs. Two callers on a one-thread detector keep
     the model busy while the next batch decodes on another core (``pipelines/predict.py``).
     """
 
-    def __init__(self, model: FasterRCNN, *, score_threshold: float | None = None, threads: int | None = None
-                 ) -> None:
+    def __init__(self, model: FasterRCNN, *, score_threshold: float | None = None, threads: int | None = None,
+                 amp: str = "auto") -> None:
         if threads:
             torch.set_num_threads(int(threads))
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.amp = autocast_dtype(amp, self.device)
         self.score_threshold = score_threshold
         self.class_names = tuple(model.cfg.class_names)
         workers = max(1, int(threads or torch.get_num_threads()))
@@ -93,8 +97,10 @@ class Detector:
         self._model_lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | bytes | BinaryIO, device: str | None = None, **kwargs) -> Detector:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    def from_checkpoint(cls, checkpoint: str | bytes | BinaryIO, device: str | torch.device = "cpu",
+                        **kwargs) -> Detector:
+        """The detector of a checkpoint on ``device`` (never chosen for the caller: a CPU
+        predictor on a GPU node stays on the CPU)."""
         return cls(load_model(checkpoint, device), **kwargs)
 
     def class_name(self, label: int) -> str:
@@ -124,7 +130,7 @@ class Detector:
         found: dict[int, dict] = {}
         for idx in groups.values():
             batch = torch.stack([prepared[i][0] for i in idx])
-            with self._model_lock:
+            with self._model_lock, autocast(self.device, self.amp):
                 dets = self.model.detect(batch.to(self.device), [prepared[i][1] for i in idx],
                                          [prepared[i][2] for i in idx])
             found.update(zip(idx, dets, strict=True))

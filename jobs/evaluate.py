@@ -166,7 +166,7 @@ def predict_split(gt, checkpoint: bytes, data_root: str, *, address: str | None 
     """Run the model over the split through the prediction stages ``infer`` uses (joining or
     starting Ray): ``(detections per image, ids that could not be read, {"images_per_s",
     "inference_s"})``. ``resources``: batch_size, concurrency, cpus_per_actor, gpus_per_actor."""
-    from pipelines.predict import predict_images
+    from pipelines.predict import PredictorResources, predict_images
     from pipelines.runtime import init_ray
     from pipelines.storage import Location
 
@@ -185,7 +185,8 @@ def predict_split(gt, checkpoint: bytes, data_root: str, *, address: str | None 
         fs_path = source.path + path[len(source.shown):] if path.startswith(source.shown) else Location.of(path).path
         items.append({"image_id": image_id, "path": path, "fs_path": fs_path})
     t0 = time.perf_counter()
-    table = predict_images(items, checkpoint, source=source, progress=progress, **resources)
+    table = predict_images(items, checkpoint, source=source, progress=progress,
+                           resources=PredictorResources(**resources))
     elapsed = time.perf_counter() - t0
     import pyarrow.compute as pc
 

@@ -167,7 +167,7 @@ def test_cpu_predictor_tasks_keep_each_checkpoint_apart_and_match_the_actor_pool
     two checkpoints must each get their own model's detections (the in-process Detector's), and the
     GPU's actor pool, forced on CPU, the same ones."""
     from frcnn.inference import Detector
-    from pipelines.predict import predict_images
+    from pipelines.predict import PredictorResources, predict_images
 
     cfg = tiny_config(num_classes=5, class_names=SYNTH_CLASSES, canvas=128)
     torch.manual_seed(1)
@@ -183,7 +183,8 @@ def test_cpu_predictor_tasks_keep_each_checkpoint_apart_and_match_the_actor_pool
     assert any(not np.array_equal(want["a"][k].scores, want["b"][k].scores) for k in want["a"])  # told apart
 
     for name, actors in [("a", False), ("b", False), ("a", False), ("b", False), ("a", True)]:
-        table = predict_images(items, models[name], source=source, batch_size=3, actors=actors)
+        table = predict_images(items, models[name], source=source, resources=PredictorResources(batch_size=3),
+                               actors=actors)
         assert sorted(table.column("image_id").to_pylist()) == sorted(p.stem for p in paths)
         for row in table.to_pylist():
             w = want[name][row["image_id"]]
