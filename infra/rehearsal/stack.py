@@ -106,10 +106,11 @@ class Stack:
     # -- environment ---------------------------------------------------------------------------
 
     def base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("RAY_", "MLFLOW_", "AWS_")) and k not in ("PYTHONPATH",)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
         env.update({
             MARKER: self.id,
+            # This checkout's code, whatever checkout the venv's editable install points at.
+            "PYTHONPATH": str(REPO),
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
