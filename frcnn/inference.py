@@ -5,16 +5,15 @@
     results[0].boxes   # (N, 4) float32, xyxy in the ORIGINAL image's pixels
 
 Used by the registered MLflow pyfunc (``jobs/pyfunc_model.py``) and by the Ray Data predictor
-that ``infer`` and ``evaluate`` share (``pipelines/predict.py``): decode (greyscale, palette and
-RGBA become RGB) -> the model's canvas transform -> ``FasterRCNN.detect`` in batches -> boxes
-mapped back to each image. An input that does not decode gives a result with ``error`` set,
+that ``infer`` and ``evaluate`` share (``pipelines/predict.py``): decode (``frcnn.images``: upright,
+8-bit RGB, bombs refused) -> the model's canvas transform -> ``FasterRCNN.detect`` in batches ->
+boxes mapped back to each image. An input that does not decode gives a result with ``error`` set,
 never an exception: one bad file must not cost the batch.
 """
 
 from __future__ import annotations
 
 import io
-import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,31 +22,20 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .canvas import to_tensor
+from .images import decode_error_reason, decode_image
 from .model import FasterRCNN
 from .precision import autocast, autocast_dtype
 from .training import load_checkpoint, model_from_checkpoint
 
-__all__ = ["Detections", "Detector", "decode_image", "load_model"]
-
-_BYTESIO = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+__all__ = ["Detections", "Detector", "load_model"]
 
 
 def load_model(checkpoint: str | bytes | BinaryIO, device: str | torch.device = "cpu") -> FasterRCNN:
     """A checkpoint (path, bytes or file object; ``weights_only=True``) -> the model in eval mode."""
     src = io.BytesIO(checkpoint) if isinstance(checkpoint, (bytes, bytearray, memoryview)) else checkpoint
     return model_from_checkpoint(load_checkpoint(src)).to(device).eval()
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode any PIL-readable image fully (greyscale, palette and RGBA become RGB)."""
-    if not data:
-        raise ValueError("empty image (0 bytes)")
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
 
 
 @dataclass
@@ -112,8 +100,7 @@ class Detector:
         try:
             image = decode_image(data)
         except Exception as exc:  # noqa: BLE001 - any decoder error is this input's reported reason
-            # PIL names its in-memory file ("<_io.BytesIO object at 0x...>"): noise in a report.
-            return f"unreadable image: {type(exc).__name__}: {_BYTESIO.sub('', str(exc))}".rstrip(": ")
+            return decode_error_reason(exc, "unreadable image")
         canvas, scale = self.model.canvas.apply_image(image)
         return to_tensor(canvas), scale, (image.height, image.width)
 

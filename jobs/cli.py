@@ -16,7 +16,7 @@ from . import console
 
 # Modules that contribute commands, each exposing COMMANDS: a list of click commands.
 _COMMAND_MODULES = ("jobs.data_cmds", "jobs.train", "jobs.evaluate", "jobs.models", "jobs.infer", "jobs.ui",
-                    "jobs.demo")
+                    "jobs.demo", "jobs.export")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -24,7 +24,7 @@ _COMMAND_MODULES = ("jobs.data_cmds", "jobs.train", "jobs.evaluate", "jobs.model
 @click.option("-v", "--verbose", is_flag=True,
               help="Debug logging, plus Ray's own output: worker logs, Ray Data's execution plans and progress bars.")
 def main(verbose: bool) -> None:
-    """Faster R-CNN jobs: synth, precompute, train, evaluate, promote, infer, ui, demo."""
+    """Faster R-CNN jobs: synth, precompute, train, evaluate, promote, infer, ui, demo, export."""
     console.configure(verbose)
 
 

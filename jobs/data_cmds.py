@@ -132,9 +132,27 @@ def run_precompute(
             "shards": len(summary.shards),
         })
         tracking.safe(mlflow.log_dict, summary.manifest, MANIFEST_NAME)
+        _log_coverage(summary, f"{Location.of(data_root).name} {split}")
     if progress:
         print(f"MLflow run {run_id}: {summary.rows} images written to {summary.out}", flush=True)
     return PrecomputeRun(run_id, summary)
+
+
+def _log_coverage(summary: Any, title: str) -> None:
+    """The anchor-coverage metrics and plot (``anchor_coverage.png``) of a precompute, into the active run."""
+    import tempfile
+
+    import mlflow
+
+    from frcnn.anchor_coverage import plot_coverage
+
+    if summary.coverage is None:
+        return
+    tracking.safe(mlflow.log_metrics, summary.coverage.metrics())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/anchor_coverage.png"
+        plot_coverage(summary.coverage, path, title=f"anchor coverage: {title}")
+        tracking.safe(mlflow.log_artifact, path)
 
 
 # --------------------------------------------------------------------------- command line
@@ -197,7 +215,7 @@ def precompute_cmd(dataset, data_root, split, out, years, config_path, class_nam
     except KeyboardInterrupt:
         click.echo("Interrupted: the MLflow run is marked KILLED and its staging folder deleted. "
                    f"Rerun with: frcnn-jobs {shlex.join(sys.argv[1:])}", err=True)
-        sys.exit(130)
+        sys.exit(console.exit_status())
 
 
 synth = synth_cmd

@@ -220,7 +220,7 @@ def write_detections(dets: Mapping[str, Mapping[str, Any]], errors: set[str], im
 
 def draw_grid(gt, dets: Mapping[str, Mapping[str, Any]], errors: set[str], path: str, n: int = GRID_IMAGES) -> bool:
     """``detections_grid.png``: predictions (class colours) and ground truth (dashed green)."""
-    from frcnn.inference import decode_image
+    from frcnn.images import decode_image
     from frcnn.visualize import draw_detections, image_grid, select_grid_images
     from pipelines.storage import Location
 
@@ -387,7 +387,7 @@ def evaluate_cmd(ctx, model_uri, detections, dataset, data_root, split, years, c
                    + shlex.join(["frcnn-jobs", "evaluate", *(["--model", model_uri] if model_uri else
                                                             ["--detections", detections]),
                                  "--data-root", data_root, "--split", split]), err=True)
-        ctx.exit(130)
+        ctx.exit(console.exit_status())
     except (EvaluationError, VocLayoutError, FileNotFoundError, MlflowException) as exc:
         raise click.ClickException(str(getattr(exc, "message", None) or exc)) from exc
 

@@ -68,7 +68,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from frcnn.config import ModelConfig
-from pipelines import runtime, storage
+from pipelines import lease, runtime, storage
 from pipelines.precompute_job import PrecomputeError, Progress, get_ledger, precompute_block
 from pipelines.precompute_rows import process_item, rows_to_table
 from pipelines.storage import Location
@@ -104,6 +104,7 @@ class PrecomputeSummary:
     images_per_s: float
     manifest: dict[str, Any] = field(repr=False)
     left_out: dict[str, int] = field(default_factory=dict)
+    coverage: Any = field(default=None, repr=False)  # frcnn.anchor_coverage.CoverageStats of the written rows
 
     def __str__(self) -> str:
         left = sum(self.left_out.values())
@@ -236,7 +237,6 @@ def precompute(
     if not items:
         raise ValueError(f"{data_root}: split {split!r} is empty")
     run = storage.new_run_name()
-    storage.clean_stale_staging(dest, run)
     staging = storage.staging_location(dest, run)
 
     runtime.init_ray()
@@ -254,6 +254,7 @@ def precompute(
     t0 = time.perf_counter()
     collected = False
     try:
+        lease.claim(dest, run)  # refused while a live run writes dest; cleans what dead runs left
         staging.create_dir()
         # One input block per shard: the map fuses with the write, so one task reads, processes
         # and writes one shard. A few blocks per CPU, so that no CPU idles behind a long last one.
@@ -287,6 +288,8 @@ def precompute(
         manifest = _manifest(staging, result, data_root, split, years, dataset_classes, names, cfg, items,
                              use_difficult=use_difficult, drop_empty=drop_empty, jpeg_quality=jpeg_quality,
                              rows_per_shard=rows_per_shard, seconds=time.perf_counter() - t0)
+        coverage, coverage_warning = anchor_coverage(result["coverage"], cfg)
+        manifest["anchor_coverage"] = {**coverage.metrics(), "warning": coverage_warning}
         storage.publish(staging, dest, schema.MANIFEST_NAME, manifest, replace=overwrite)
     except BaseException as exc:
         if not collected:
@@ -303,7 +306,9 @@ def precompute(
     summary = PrecomputeSummary(
         out=dest.shown, rows=manifest["rows"], shards=manifest["shards"], skipped=manifest["skipped"],
         warnings=manifest["warnings"], positives_per_image=manifest["positives_per_image"], seconds=seconds,
-        images_per_s=len(items) / seconds, manifest=manifest, left_out=manifest["left_out"])
+        images_per_s=len(items) / seconds, manifest=manifest, left_out=manifest["left_out"], coverage=coverage)
+    if coverage_warning:
+        log.warning("%s", coverage_warning)
     if progress:
         print(summary, flush=True)
         for r in summary.skipped[:20]:
@@ -311,6 +316,14 @@ def precompute(
         if len(summary.skipped) > 20:
             print(f"  ... {len(summary.skipped) - 20} more in {schema.MANIFEST_NAME}")
     return summary
+
+
+def anchor_coverage(parts: Sequence[dict[str, Any]], cfg: ModelConfig):
+    """The workers' anchor-coverage counts merged, and the one-line warning (None when covered)."""
+    from frcnn.anchor_coverage import CoverageStats, warning_line
+
+    stats = CoverageStats.merged(parts, cfg.rpn.neg_iou, cfg.rpn.pos_iou)
+    return stats, warning_line(stats, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
 
 
 def _first_io_error(exc: BaseException) -> OSError | None:

@@ -23,12 +23,14 @@ import io
 import pytest
 import torch
 from PIL import Image
-from test_model import _one_thread, make_images, make_model  # noqa: F401 (_one_thread: autouse fixture)
 from torchvision.ops import roi_align
 
-from frcnn import LOSS_KEYS, FasterRCNN, roi_heads, total_loss
+from frcnn import LOSS_KEYS, FasterRCNN, roi_heads
 from frcnn.config import AnchorConfig, CanvasConfig, ModelConfig, RoIHeadConfig, RPNConfig
 from frcnn.inference import Detector
+from tests.shapes import make_images, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 U_BF16 = 2.0**-8
 RTOL = 4 * U_BF16
@@ -36,20 +38,10 @@ LOW = (torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(tiny_trained_model):
     """A tiny detector overfitted on two generated canvases (80 SGD steps, float32)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    images, boxes, labels = make_images(2)
-    model = make_model(seed=0).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-    for _ in range(80):
-        loss = total_loss(model(images, {"boxes": boxes, "labels": labels}))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(before)
-    return model, images, boxes, labels
+    t = tiny_trained_model(n_images=2, steps=80)
+    return t.model.train(), t.images, t.boxes, t.labels
 
 
 def _step_losses(model: FasterRCNN, images, boxes, labels, dtype, seed: int = 0) -> dict[str, float]:

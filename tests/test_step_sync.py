@@ -5,9 +5,9 @@ version gives (the references below), exactly or within float rounding."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from test_model import _one_thread, make_images, make_model  # noqa: F401 (_one_thread: autouse fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_iou, nms
 
@@ -17,6 +17,9 @@ from frcnn.boxes import BoxCoder, clip_boxes
 from frcnn.config import RoIHeadConfig, RPNConfig
 from frcnn.roi_heads import ProposalTargetCreator, RoIHeads
 from frcnn.rpn import ProposalLayer, rpn_loss
+from tests.shapes import make_images, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Ops that read a device value back to the host (or whose output size depends on the data).
 SYNC_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::masked_select", "aten::is_nonzero",

@@ -43,10 +43,6 @@ NEEDS = ("initdb", "pg_ctl", "pg_dump", "createdb") + (("runuser",) if os.geteui
 MISSING = [tool for tool in NEEDS if shutil.which(tool) is None]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cluster: the cluster rehearsal (PostgreSQL, S3, MLflow, a Ray cluster)")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/cluster/" in item.nodeid and MISSING:
