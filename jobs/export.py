@@ -51,7 +51,8 @@ OUTPUTS = {
     "labels": "(N,) int64, 1..C (class_names[label - 1])",
 }
 CALLER_STEPS = (
-    "decode the image to RGB (h x w)",
+    "decode the image as frcnn.images.decode_image does (EXIF orientation applied, 8-bit RGB, transparency "
+    "over white): h x w",
     "for each canvas Hc x Wc: scale = min(Hc / h, Wc / w), and with short_side and max_long_side set "
     "scale = min(scale, short_side / min(h, w), max_long_side / max(h, w)); "
     "rh = min(Hc, max(1, round(h * scale))), rw = min(Wc, max(1, round(w * scale))) (Python's round: "
