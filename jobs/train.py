@@ -167,6 +167,9 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
         ray_name = f"train-{run_id}"
         if not resume:
             tracking.safe(mlflow.set_tag, "frcnn.ray_run_name", ray_name)
+            tracking.log_manifest_input(manifest, data, "train")
+            if val_data:
+                tracking.log_manifest_input(read_manifest_at(val_data), val_data, "validation")
         print(f"MLflow run {run_id} (tracking {uri})", flush=True)
         folder = run_folder(storage_path, ray_name).shown
         clear_status(folder)

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from frcnn.config import ModelConfig
+from pipelines.datasets import parse_item
 from pipelines.storage import read_bytes, resolve_filesystem
-from pipelines.voc_xml import AnnotationError, parse_annotation
+from pipelines.voc_xml import AnnotationError
 
 __all__ = ["ImageWorker", "get_worker", "process_item", "record", "rows_to_table"]
 
@@ -54,7 +54,8 @@ class ImageWorker:
         self.cfg = cfg
         self.class_names = tuple(spec["class_names"])
         # Dataset classes the model does not have: their objects are left out and counted.
-        self.left_out = frozenset(spec.get("dataset_classes") or ()) - set(self.class_names)
+        self.dataset_classes = tuple(spec.get("dataset_classes") or ())
+        self.left_out = frozenset(self.dataset_classes) - set(self.class_names)
         self.use_difficult = bool(spec["use_difficult"])
         self.drop_empty = bool(spec["drop_empty"])
         self.jpeg_quality = int(spec["jpeg_quality"])
@@ -97,23 +98,14 @@ class ImageWorker:
             rec = record(image_id, source, reason)
             return None, [rec], warnings, fatal + [rec], 0, left
 
-        stem = posixpath.splitext(posixpath.basename(ann_path))[0]
         try:
-            xml = self.read(ann_path)
-        except FileNotFoundError:
-            if img_path is None:
-                return skip(ann_path, f"split entry {stem!r} has no annotation file and no image file")
-            return skip(ann_path, "annotation file not found")
-        except OSError as exc:  # the store failing is not bad input: skipping would publish a short dataset
-            raise StorageReadError(f"{ann_path}: cannot read: {exc}") from exc
-        if img_path is None:
-            expected = posixpath.join(item["year_dir"], "JPEGImages", f"{stem}.jpg")
-            return skip(expected, "no image file for this split entry (looked for .jpg, .jpeg, .png)")
-
-        try:
-            ann, problems = parse_annotation(xml, ann_path, self.class_names, image_id, self.left_out)
+            ann, problems = parse_item(item, self.read, self.class_names, self.left_out, self.dataset_classes)
         except AnnotationError as exc:
             return skip(exc.source, exc.reason)
+        except FileNotFoundError as exc:
+            return skip(ann_path, f"file not found: {exc}")
+        except OSError as exc:  # the store failing is not bad input: skipping would publish a short dataset
+            raise StorageReadError(f"{ann_path}: cannot read: {exc}") from exc
         left.update(ann.left_out)
         for p in problems:
             rec = record(image_id, p.source, p.reason)
