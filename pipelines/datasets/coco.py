@@ -24,6 +24,7 @@ own image's objects (``SplitItem.records``), so no task receives the whole file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Collection, Sequence
@@ -78,21 +79,35 @@ def split_paths(source: DatasetSource, split: str) -> tuple[Location, Location]:
 def open(source: DatasetSource, split: str) -> CocoReader:
     ann, images = split_paths(source, split)
     try:
-        data = ann.read_bytes()
+        doc = read_json(ann)
     except FileNotFoundError:
         raise LayoutError(f"{ann.shown}: COCO annotation file not found") from None
     reader = CocoReader(source)
     reader.annotation_file = ann.shown
-    ingest(data, ann.shown, images, reader)
-    return reader
+    return ingest(doc, ann.shown, images, reader)
+
+
+def read_json(loc: Location) -> dict[str, Any]:
+    """The instances document at ``loc`` (streamed: the file's bytes are not held beside the parsed
+    document), or ``LayoutError`` when the file is not COCO."""
+    try:
+        with loc.fs.open_input_stream(loc.path) as raw:
+            doc = json.load(io.TextIOWrapper(raw, encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LayoutError(f"{loc.shown}: not a JSON file ({exc})") from None
+    return check_document(doc, loc.shown)
 
 
 def load_json(data: bytes, source: str) -> dict[str, Any]:
-    """The instances document, or ``LayoutError`` when the file is not COCO."""
+    """The instances document in ``data``, or ``LayoutError`` when it is not COCO."""
     try:
         doc = json.loads(data)
     except ValueError as exc:
         raise LayoutError(f"{source}: not a JSON file ({exc})") from None
+    return check_document(doc, source)
+
+
+def check_document(doc: Any, source: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in
                                             ("images", "annotations", "categories")):
         raise LayoutError(f"{source}: not a COCO instances file (needs the lists 'images', 'annotations' "
@@ -141,7 +156,8 @@ def _group_objects(anns: list, images: dict, dupes: set, cats: dict, source: str
     """Image id -> its objects ``[x, y, w, h, class name or None, crowd, annotation id, category id]``."""
     grouped: dict[Any, list] = {}
     unknown = 0
-    for a in anns:
+    for k, a in enumerate(anns):
+        anns[k] = None  # drop each record (and its segmentation) once grouped
         image_id = a.get("image_id") if isinstance(a, dict) else None
         if image_id in dupes:
             continue  # reported with its image
@@ -163,10 +179,10 @@ def _group_objects(anns: list, images: dict, dupes: set, cats: dict, source: str
     return grouped
 
 
-def ingest(data: bytes, source: str, image_dir: Location, reader: CocoReader) -> CocoReader:
-    """Fill ``reader`` from the JSON bytes: classes, category ids, one item per good image."""
-    doc = load_json(data, source)
-    del data
+def ingest(doc: dict[str, Any], source: str, image_dir: Location, reader: CocoReader) -> CocoReader:
+    """Fill ``reader`` from the instances document (which it empties as it goes, so the driver
+    never holds the document and its grouped copy in full at once): classes, category ids, one
+    item per good image carrying only that image's objects."""
     cats = _categories(doc["categories"], source)
     images, dupes = _images(doc["images"], source, reader.problems)
     grouped = _group_objects(doc.pop("annotations"), images, dupes, cats, source, reader.problems)
@@ -179,6 +195,7 @@ def ingest(data: bytes, source: str, image_dir: Location, reader: CocoReader) ->
         records = json.dumps({"w": img["width"], "h": img["height"], "o": grouped.pop(image_id, [])},
                              separators=(",", ":"))
         items.append(SplitItem(key, image_dir.child(*str(img["file_name"]).split("/")).shown, source, FORMAT, records))
+    doc.clear()
     reader.original_ids, reader.split_items = ids, items
     return reader
 
