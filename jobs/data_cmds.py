@@ -28,7 +28,8 @@ import click
 
 from frcnn.config import ModelConfig, tiny_config
 from pipelines.datasets import DatasetSource
-from pipelines.storage import Location, init_ray
+from pipelines.runtime import init_ray
+from pipelines.storage import Location
 
 from . import console, options, tracking
 

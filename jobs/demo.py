@@ -19,7 +19,7 @@ import mlflow
 
 from frcnn.config import load_config
 from frcnn.training import TrainConfig
-from pipelines.storage import init_ray
+from pipelines.runtime import init_ray
 
 from . import console, tracking
 

@@ -194,7 +194,8 @@ def predict_split(gt, checkpoint: bytes, data_root: str, *, address: str | None 
     starting Ray): ``(detections per image, ids that could not be read, {"images_per_s",
     "inference_s"})``. ``resources``: batch_size, concurrency, cpus_per_actor, gpus_per_actor."""
     from pipelines.predict import predict_images
-    from pipelines.storage import Location, init_ray
+    from pipelines.runtime import init_ray
+    from pipelines.storage import Location
 
     init_ray(address, resources.get("concurrency", 1) * resources.get("cpus_per_actor", 1),
              log_to_driver=console.log_to_driver())

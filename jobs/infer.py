@@ -45,7 +45,8 @@ def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: b
     import mlflow
 
     from pipelines.infer import ModelIdentity, run_inference
-    from pipelines.storage import init_ray, new_run_name
+    from pipelines.runtime import init_ray
+    from pipelines.storage import new_run_name
 
     from .models import resolve_model
 

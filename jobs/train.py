@@ -31,7 +31,7 @@ import click
 from frcnn import ModelConfig
 from frcnn.config import flatten, load_config
 from frcnn.training import TrainConfig
-from pipelines.storage import driver_niceness, init_ray
+from pipelines.runtime import driver_niceness, init_ray
 
 from . import console, options, tracking
 from .models import CHECKPOINT_FILE

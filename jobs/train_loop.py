@@ -36,8 +36,9 @@ from frcnn.training import (
     loss_mode,
     lr_factor,
 )
+from pipelines.runtime import match_priority
 from pipelines.schema import to_model_inputs
-from pipelines.storage import Location, match_priority
+from pipelines.storage import Location
 
 from . import tracking
 from .models import CHECKPOINT_FILE

@@ -68,7 +68,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from frcnn.config import ModelConfig
-from pipelines import schema, storage
+from pipelines import runtime, schema, storage
 from pipelines.datasets import DatasetSource, items_digest, open_split
 from pipelines.precompute_job import PrecomputeError, Progress, get_ledger, precompute_block
 from pipelines.precompute_rows import process_item, rows_to_table
@@ -257,7 +257,7 @@ def precompute(data: str | DatasetSource, split: str, out: str, cfg: ModelConfig
     run = storage.new_run_name()
     storage.clean_stale_staging(dest, run)
     staging = storage.staging_location(dest, run)
-    storage.init_ray()
+    runtime.init_ray()
     t0 = time.perf_counter()
     manifest = _run_and_publish(plan, cfg, opts, dest, staging, run, t0)
     seconds = time.perf_counter() - t0
@@ -327,7 +327,7 @@ def _run_and_publish(plan: _Plan, cfg: ModelConfig, opts: PrecomputeOptions, des
         if not collected:
             ledger.finish.remote(run)  # drop whatever the run reported
         if isinstance(exc, KeyboardInterrupt):
-            storage.stop_local_ray()  # no write task may outlive the staging folder it writes into
+            runtime.stop_local_ray()  # no write task may outlive the staging folder it writes into
         storage.discard(staging)
         if opts.progress and isinstance(exc, KeyboardInterrupt):
             print(f"precompute interrupted: nothing published to {dest.shown}"
@@ -353,7 +353,7 @@ def _write_shards(plan: _Plan, staging: Location, shard_rows: int, ledger, run: 
                         fn_kwargs={"spec": plan.spec, "ledger": ledger, "run_id": run,
                                    "fail_fast": opts.on_error == "fail"})
     lines = Progress(ledger, run, len(plan.items)) if opts.progress else contextlib.nullcontext()
-    with _ray_data_output(log.isEnabledFor(logging.DEBUG)), storage.bounded_io_retries(), lines:
+    with _ray_data_output(log.isEnabledFor(logging.DEBUG)), runtime.bounded_io_retries(), lines:
         ds.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=shard_rows,
                          max_rows_per_file=shard_rows, schema=schema.SCHEMA)
 

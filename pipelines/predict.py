@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.storage import Location, driver_niceness, match_priority, read_bytes
+from pipelines.runtime import driver_niceness, match_priority
+from pipelines.storage import Location, read_bytes
 
 __all__ = ["IMAGES_SCHEMA", "PREDICTION_SCHEMA", "Predictor", "file_items", "predict_batch", "predict_dataset",
            "predict_images", "read_images"]

@@ -1,4 +1,4 @@
-"""Where data lives: local paths and object-store URIs, JSON files, the staged publish, Ray start.
+"""Where data lives: local paths and object-store URIs, JSON files, the staged publish.
 
 Locations
 ---------
@@ -30,11 +30,9 @@ earlier one would then fail to publish: it never publishes half an output).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import posixpath
 import re
@@ -47,21 +45,16 @@ import pyarrow.fs as pafs
 __all__ = [
     "STAGING_DIR",
     "Location",
-    "bounded_io_retries",
     "clean_stale_staging",
     "discard",
-    "driver_niceness",
-    "init_ray",
     "is_published",
     "is_uri",
-    "match_priority",
     "new_run_name",
     "publish",
     "resolve_filesystem",
     "run_time",
     "shown",
     "staging_location",
-    "stop_local_ray",
 ]
 
 log = logging.getLogger(__name__)
@@ -339,100 +332,3 @@ def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = Fals
         log.warning("%s: staging left by an interrupted run; deleted", loc.shown)
     _drop_if_empty(root)
     return removed
-
-
-# --------------------------------------------------------------------------- Ray
-
-
-# Ray Data retries a file write whose error message holds one of ``DataContext.retried_io_errors``
-# up to 10 times with backoff up to 32 s, through a filesystem wrapper that retries each call 10
-# more times: an S3 endpoint that stops answering kept a precompute job busy for over 15 minutes in
-# the cluster rehearsal. Answers that ask to slow down or try again (throttling, 5xx) stay retried
-# by Ray Data; a connection that cannot be made is left to the S3 client's own bounded retries
-# (pyarrow's standard strategy, 3 attempts), after which the job fails and names the URI.
-_UNREACHABLE = ("AWS Error NETWORK_CONNECTION",)
-
-
-@contextlib.contextmanager
-def bounded_io_retries():
-    """Within the block, Ray Data gives up on a store it cannot connect to instead of retrying for
-    minutes (the datasets and sinks created here keep that setting when they run)."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.retried_io_errors
-    ctx.retried_io_errors = [e for e in saved if not any(u in e for u in _UNREACHABLE)]
-    try:
-        yield
-    finally:
-        ctx.retried_io_errors = saved
-
-
-def init_ray(address: str | None = None, reserved_cpus: float = 0, log_to_driver: bool = True) -> None:
-    """Join the cluster at ``address`` (the commands' ``--address``/``RAY_ADDRESS``), or start a
-    local Ray instance. Locally, ``reserved_cpus`` are what long-lived training workers or predictor
-    actors take; Ray is started with one more logical CPU than that, so that Ray Data's read,
-    decode and write tasks still get a slot beside them (with none left they would wait forever).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-        return
-    # A terminal's Ctrl-C goes to the whole process group, and the local Ray daemons (GCS, raylet,
-    # the workers they spawn) are in it: started with SIGINT ignored (inherited across exec) they
-    # leave the interrupt to the driver, which stops its job and says what to rerun. Dying of it
-    # first, they would end the driver with exit status 1 before it could.
-    import signal
-    import threading
-
-    global _STARTED_HERE
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 1), include_dashboard=False,
-                 log_to_driver=log_to_driver)
-        _STARTED_HERE = True
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-
-
-_STARTED_HERE = False
-
-
-def match_priority(niceness: int | None) -> None:
-    """Run the calling thread (and the threads it starts) at ``niceness``, the priority of the
-    command that started the job. Ray starts its workers at niceness 15 (background work); a
-    training worker or a predictor is the job itself, and at 15 every other process on the
-    node (the driver, the raylet) takes the CPU first. Raising priority needs the privilege to:
-    without it nothing changes."""
-    if niceness is None or not hasattr(os, "setpriority"):
-        return
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) > niceness:
-            os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    except OSError:
-        log.debug("priority left at niceness %s", os.getpriority(os.PRIO_PROCESS, 0))
-
-
-def driver_niceness() -> int | None:
-    """This process's niceness, for :func:`match_priority` in its workers."""
-    return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None
-
-
-def stop_local_ray() -> None:
-    """Stop the local Ray instance :func:`init_ray` started in this process (its workers with it).
-
-    An interrupted job calls it before deleting its staging: Ray Data does not wait for the tasks
-    it cancels, and a write task still running would recreate the staging folder it writes into.
-    A joined cluster is left alone (its tasks end on their own; the next run cleans their staging).
-    """
-    global _STARTED_HERE
-    import ray
-
-    if _STARTED_HERE and ray.is_initialized():
-        ray.shutdown()
-    _STARTED_HERE = False

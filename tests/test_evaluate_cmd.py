@@ -108,7 +108,7 @@ def test_cli_ctrl_c_while_predicting_kills_the_run_and_says_what_to_rerun(ray_se
     """Ctrl-C (SIGINT to the real ``frcnn-jobs evaluate`` process) while it predicts (after its
     first progress line): exit 130, the run KILLED with no metrics or artifacts, and the exact
     command to rerun. (A Ctrl-C during Ray's own start is ignored: the daemons it spawns must
-    start with SIGINT ignored, see ``pipelines.storage.init_ray``.)"""
+    start with SIGINT ignored, see ``pipelines.runtime.init_ray``.)"""
     import os
     import queue
     import signal
