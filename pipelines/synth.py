@@ -386,16 +386,20 @@ def generate(
         writer.add(image_id, buf.getvalue(), width, height, objects)
         ids.append(image_id)
         stats.update(o["name"] for o in objects)
-        stats.update({"_truncated": sum(o["truncated"] for o in objects),
+        stats.update({"_images": 1, "_truncated": sum(o["truncated"] for o in objects),
                       "_difficult": sum(o["difficult"] for o in objects), "_empty": int(not objects)})
     splits = _split_ids(ids, np.random.default_rng(split_seed))
     writer.finish(splits)
+    return _summary(out, writer.root, format, splits, stats)
+
+
+def _summary(out, root: Path, fmt: str, splits: dict[str, list[str]], stats: Counter[str]) -> dict[str, Any]:
     return {
         "root": str(out),
-        "voc_dir": str(writer.root),
-        "format": format,
+        "voc_dir": str(root),
+        "format": fmt,
         "classes": SYNTH_CLASSES,
-        "images": n_images,
+        "images": stats["_images"],
         "splits": {s: len(splits[s]) for s in SPLITS},
         "objects": sum(stats[c] for c in SYNTH_CLASSES),
         "objects_per_class": {c: stats[c] for c in SYNTH_CLASSES},
