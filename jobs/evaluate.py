@@ -311,17 +311,20 @@ def _score(gt, dets: dict, errors: set[str], counts: dict, extra: dict[str, floa
     return scores, metrics
 
 
-def coco_scores(gt, dets: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """A COCO dataset's detections as a results list (original image and category ids) and
+def coco_scores(gt, dets: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, float]]:
+    """A COCO dataset's detections as a results JSON (original image and category ids) and
     COCOeval's numbers for it against the original annotation file (all its images: one left out
     of the split, or unreadable, counts as an image without detections)."""
+    import json
+
     from frcnn.coco import coco_results, evaluate_coco_results
     from pipelines.datasets.coco import load_json
     from pipelines.storage import Location
 
     instances = load_json(Location.of(gt.source).read_bytes(), gt.source)
     results = coco_results(dets, gt.original_ids, gt.category_ids)
-    return results, evaluate_coco_results(instances, results, gt.category_ids)
+    text = json.dumps(results)  # before scoring: pycocotools' loadRes adds fields to the records
+    return text, evaluate_coco_results(instances, results, gt.category_ids)
 
 
 def _log_run(req: EvalRequest, opts: EvalOptions, gt, dets: dict, errors: set[str], scores,
@@ -340,7 +343,7 @@ def _log_run(req: EvalRequest, opts: EvalOptions, gt, dets: dict, errors: set[st
         if gt.category_ids:
             results, coco = coco_scores(gt, dets)
             metrics.update({f"coco_{k}": float(v) for k, v in coco.items()})
-            Path(tmp, "coco_results.json").write_text(json.dumps(results), encoding="utf-8")
+            Path(tmp, "coco_results.json").write_text(results, encoding="utf-8")
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
         tracking.log_dataset(f"{req.source.format}-{req.split}", gt.source, gt.digest, "evaluation")
         if gt.skipped:
