@@ -7,7 +7,8 @@ Rows (see ``RESULTS.md`` for the table and ``benchmarks/__init__.py`` for the mo
 1 anchor targets vs the walkthrough loop; 2 precompute vs the decode+resize+encode floor; 3 its
 peak memory at N and 10N; 4 / 5 training / inference images/s vs torchvision's FasterRCNN; 6 data
 wait during training; 7 one to two training workers; 8 `frcnn-jobs train` vs the bare training
-loop; 9 `frcnn-jobs infer` vs the model-only detect(). ``--device cuda`` adds rows 4 and 5 on the
+loop; 9 `frcnn-jobs infer` vs the model-only detect(); 10 COCO instances ingest (train2017-sized)
+vs json.load. ``--device cuda`` adds rows 4 and 5 on the
 GPU with bf16 autocast. Every figure is a ratio measured in this run (interleaved rounds, best
 of each): the shared 2-core machine makes absolute timings meaningless.
 
@@ -36,7 +37,7 @@ from .common import environment, load_average, say
 from .workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10")
 NO_GPU = "not measured (no GPU lent to this session)"
 
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_partial() -> None:
         """What is measured so far (a killed run leaves it; the full results replace it at the end)."""
-        order = ["1", "2", "3", "4", "5", "4g", "5g", "6", "7", "8", "9"]
+        order = ["1", "2", "3", "4", "5", "4g", "5g", "6", "7", "8", "9", "10"]
         out_dir.mkdir(parents=True, exist_ok=True)
         env.update(load_average_before=load_before, load_average_after=load_average())
         partial_path.write_text(json.dumps({
@@ -128,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             rows["1"] = anchor_targets.run(args.quick)
         except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
             rows["1"] = _failed("1", "anchor targets per image", exc)
+        save_partial()
+
+    if "10" in wanted:
+        from . import coco_ingest_bench
+
+        try:
+            rows["10"] = coco_ingest_bench.run(args.quick)
+        except Exception as exc:  # noqa: BLE001
+            rows["10"] = _failed("10", "COCO instances ingest vs json.load", exc)
         save_partial()
 
     if wanted & {"4", "5"}:
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     load_after = load_average()
     env.update(load_average_before=load_before, load_average_after=load_after)
-    order = ["1", "2", "3", "4", "5", "4g", "5g", "6", "7", "8", "9"]
+    order = ["1", "2", "3", "4", "5", "4g", "5g", "6", "7", "8", "9", "10"]
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     for r in rows.values():
         r.setdefault("run", {"started_at": started, "command": command.strip(), "load_average_before": load_before,

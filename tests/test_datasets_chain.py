@@ -35,7 +35,7 @@ def data(tmp_path_factory, ray_session):
 
     root = tmp_path_factory.mktemp("chain")
     for fmt in ("voc", "coco", "yolo"):
-        generate(root / fmt, n_images=30, seed=5, min_size=96, max_size=160, format=fmt)
+        generate(root / fmt, n_images=24, seed=5, min_size=96, max_size=160, format=fmt)
     cfg = tiny_config(5, SYNTH_CLASSES, canvas=CANVAS)
     roots = {"voc": str(root / "voc"), "coco": str(root / "coco"), "yolo": str(root / "yolo" / "data.yaml")}
     shards = {}
@@ -55,8 +55,7 @@ def test_three_layouts_give_the_same_shards(data):
     assert len(voc) == len(coco) == len(yolo) > 0
     manifest = json.loads((Path(data["shards"]["coco"]) / "_frcnn_manifest.json").read_text())
     assert manifest["dataset"] == "coco" and manifest["category_ids"] == [1, 3, 5, 7, 9]
-    assert manifest["skipped"] == [] and manifest["warnings"] == [] or all(
-        "all-negative" in w["reason"] for w in manifest["warnings"])
+    assert manifest["skipped"] == [] and all("all-negative" in w["reason"] for w in manifest["warnings"])
     for image_id, v in voc.items():
         c, y = coco[str(int(image_id) + 1)], yolo[image_id]
         assert {k: c[k] for k in c if k != "image_id"} == {k: v[k] for k in v if k != "image_id"}
