@@ -94,7 +94,10 @@ def run_precompute(data: str | DatasetSource, split: str, out: str, *, config_pa
     pc.check_output(out, opts.overwrite)
     reader = open_split(source, split)  # a layout error, before any MLflow run
     cfg = resolve_config(source.root, config_path, class_names, dataset_classes=reader.classes)
-    pc.model_classes(cfg, reader.classes, source.shown)
+    names = pc.model_classes(cfg, reader.classes, source.shown)
+    if reader.category_ids:  # kept in the model: detections can go back out with the dataset's ids
+        ids = dict(zip(reader.classes, reader.category_ids))
+        cfg = cfg.replace(class_names=names, category_ids=tuple(ids[n] for n in names))
     init_ray(address, log_to_driver=console.log_to_driver())
     name = tracking.precompute_run_name(Location.of(source.root or source.annotations).name, split)
     with tracking.job_run("precompute", run_name=name, experiment=experiment, tracking_uri=tracking_uri,

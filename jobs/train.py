@@ -138,6 +138,9 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
     uri = tracking.setup(tracking_uri, experiment)
     manifest = read_manifest_at(data)
     model_cfg = model_cfg or ModelConfig.from_dict(manifest["model_config"])
+    if (manifest.get("category_ids") and not model_cfg.category_ids
+            and list(model_cfg.class_names) == list(manifest["class_names"])):  # the dataset's ids, kept in the model
+        model_cfg = model_cfg.replace(category_ids=tuple(manifest["category_ids"]))
     init_ray(address, workers * cpus_per_worker, log_to_driver=console.log_to_driver())
     console.quiet_ray()
     prepared = prepare_data(data, val_data, model_cfg, train_cfg)

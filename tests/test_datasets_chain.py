@@ -95,6 +95,9 @@ def test_coco_chain_train_evaluate_promote_infer(data, store, tmp_path):
     inputs = client.get_run(trained.run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [("coco-trainval", "train")]
     model = f"models:/frcnn-chain/{trained.model_version}"
+    from frcnn.inference import load_model
+
+    assert load_model(Path(trained.checkpoint_path).read_bytes()).cfg.category_ids == (1, 3, 5, 7, 9)
 
     coco_root = str(data["root"] / "coco")
     res = run_evaluation(model, source=DatasetSource("coco", root=coco_root), split="test", experiment="chain",
