@@ -153,27 +153,31 @@ def _images(entries: list, source: str, problems: list) -> tuple[dict[Any, dict]
 
 def _group_objects(anns: list, images: dict, dupes: set, cats: dict, source: str,
                    problems: list) -> dict[Any, list]:
-    """Image id -> its objects ``[x, y, w, h, class name or None, crowd, annotation id, category id]``."""
+    """Image id -> its objects ``[bbox, class name or None, crowd, annotation id, category id]``
+    (the bbox as the file has it: the worker checks it)."""
     grouped: dict[Any, list] = {}
     unknown = 0
-    for k, a in enumerate(anns):
+    name_of = cats.get
+    for k in range(len(anns)):
+        a = anns[k]
         anns[k] = None  # drop each record (and its segmentation) once grouped
-        image_id = a.get("image_id") if isinstance(a, dict) else None
-        if image_id in dupes:
-            continue  # reported with its image
-        if image_id not in images:
-            unknown += 1
-            if unknown <= 1000:
-                ann_id = a.get("id") if isinstance(a, dict) else "?"
-                problems.append(record(str(image_id), source,
-                                       f"annotation id {ann_id}: unknown image id {image_id!r}, left out"))
-            continue
-        bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            bbox = [math.nan] * 4
-        cat = a.get("category_id")
-        grouped.setdefault(image_id, []).append([*bbox, cats.get(cat), int(bool(a.get("iscrowd", 0))),
-                                                 a.get("id"), cat])
+        try:
+            image_id, cat = a.get("image_id"), a.get("category_id")
+        except AttributeError:
+            image_id = cat = None
+        objects = grouped.get(image_id)
+        if objects is None:
+            if image_id in dupes:
+                continue  # reported with its image
+            if image_id not in images:
+                unknown += 1
+                if unknown <= 1000:
+                    ann_id = a.get("id") if isinstance(a, dict) else "?"
+                    problems.append(record(str(image_id), source,
+                                           f"annotation id {ann_id}: unknown image id {image_id!r}, left out"))
+                continue
+            objects = grouped[image_id] = []
+        objects.append([a.get("bbox"), name_of(cat), a.get("iscrowd", 0), a.get("id"), cat])
     if unknown > 1000:
         problems.append(record("", source, f"{unknown - 1000} more annotation(s) with an unknown image id"))
     return grouped
@@ -189,35 +193,36 @@ def ingest(doc: dict[str, Any], source: str, image_dir: Location, reader: CocoRe
     reader.classes = tuple(cats.values())
     reader.category_ids = tuple(cats)
     items, ids = [], {}
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
     for image_id, img in images.items():
         key = str(image_id)
         ids[key] = image_id
-        records = json.dumps({"w": img["width"], "h": img["height"], "o": grouped.pop(image_id, [])},
-                             separators=(",", ":"))
+        records = dumps([img["width"], img["height"], grouped.pop(image_id, ())])
         items.append(SplitItem(key, image_dir.child(*str(img["file_name"]).split("/")).shown, source, FORMAT, records))
     doc.clear()
     reader.original_ids, reader.split_items = ids, items
     return reader
 
 
-def parse(item: dict, read: Read, class_names: Sequence[str],
-          left_out: Collection[str] = (), dataset_classes: Sequence[str] = ()) -> tuple[Annotation, list[Problem]]:
+def parse(item: dict, read: Read, class_names: Sequence[str], left_out: Collection[str] = (),
+          dataset_classes: Sequence[str] = ()) -> tuple[Annotation, list[Problem]]:
     """The item's inline objects -> its annotation; problems name the image file."""
-    try:
-        rec = json.loads(item["records"])
-        width, height = int(rec["w"]), int(rec["h"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AnnotationError(item["image_path"], f"image {item['image_id']}: bad width/height ({exc})") from None
     source = item["image_path"]
+    try:
+        w, h, objs = json.loads(item["records"])
+        width, height = int(w), int(h)
+    except (ValueError, TypeError) as exc:
+        raise AnnotationError(source, f"image {item['image_id']}: bad width/height ({exc})") from None
     objects, problems = [], []
-    for x, y, w, h, name, crowd, ann_id, cat in rec["o"]:
+    for bbox, name, crowd, ann_id, cat in objs:
         what = f"image {item['image_id']} annotation id {ann_id}"
         if name is None:
             problems.append(Problem(source, f"{what}: unknown category id {cat!r}, dropped"))
-            continue
-        if any(v is None or not math.isfinite(v) for v in (x, y, w, h)):
-            problems.append(Problem(source, f"{what}: bbox is not four numbers, dropped"))
-            continue
-        objects.append((float(x), float(y), float(x) + float(w), float(y) + float(h), name, crowd, what))
+        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                    for v in bbox)):
+            problems.append(Problem(source, f"{what}: bbox {bbox!r} is not four numbers, dropped"))
+        else:
+            x, y, bw, bh = (float(v) for v in bbox)
+            objects.append((x, y, x + bw, y + bh, name, bool(crowd), what))
     ann, more = build_annotation(item["image_id"], width, height, objects, source, class_names, left_out)
     return ann, problems + more
