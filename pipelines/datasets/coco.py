@@ -30,8 +30,9 @@ import math
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import numpy as np
+
 from pipelines.datasets.base import (
-    AnnotationError,
     DatasetSource,
     LayoutError,
     Read,
@@ -141,6 +142,11 @@ def _images(entries: list, source: str, problems: list) -> tuple[dict[Any, dict]
             shown = img.get("id", "?") if isinstance(img, dict) else "?"
             problems.append(record(str(shown), source, "image entry without id, file_name, width or height"))
             continue
+        w, h = img["width"], img["height"]
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            problems.append(record(str(img["id"]), source, f"image {img['id']}: width/height {w!r}x{h!r} are not "
+                                                           "positive integers, left out"))
+            continue
         if img["id"] in seen:
             dupes.add(img["id"])
         seen.setdefault(img["id"], img)
@@ -151,36 +157,62 @@ def _images(entries: list, source: str, problems: list) -> tuple[dict[Any, dict]
     return seen, dupes
 
 
-def _group_objects(anns: list, images: dict, dupes: set, cats: dict, source: str,
-                   problems: list) -> dict[Any, list]:
-    """Image id -> its objects ``[bbox, class name or None, crowd, annotation id, category id]``
-    (the bbox as the file has it: the worker checks it)."""
-    grouped: dict[Any, list] = {}
+# One image's objects travel as bytes: a header (width, height) and one record per object.
+HEADER = np.dtype([("width", "<i8"), ("height", "<i8")])
+OBJECT = np.dtype([("x", "<f8"), ("y", "<f8"), ("w", "<f8"), ("h", "<f8"), ("cls", "<i4"), ("crowd", "u1"),
+                   ("ann", "<i8"), ("cat", "<i8")])
+
+
+def _int_or(value: Any, default: int = -1) -> int:
+    return value if isinstance(value, int) else default
+
+
+def _columns(anns: list, index: dict, dupes: set, cls_of: dict, source: str,
+             problems: list) -> tuple[np.ndarray, np.ndarray]:
+    """The objects as one record array (``img`` = the image's position, -1 when left out), read
+    record by record; each record (and its segmentation) is dropped once read."""
+    n = len(anns)
+    img = np.full(n, -1, np.int64)
+    boxes: list = [None] * n
+    cls, crowd, ann, cat = (np.full(n, -1, np.int32), np.zeros(n, np.uint8), np.full(n, -1, np.int64),
+                            np.full(n, -1, np.int64))
     unknown = 0
-    name_of = cats.get
-    for k in range(len(anns)):
+    for k in range(n):
         a = anns[k]
-        anns[k] = None  # drop each record (and its segmentation) once grouped
+        anns[k] = None
         try:
-            image_id, cat = a.get("image_id"), a.get("category_id")
+            image_id, c = a.get("image_id"), a.get("category_id")
         except AttributeError:
-            image_id = cat = None
-        objects = grouped.get(image_id)
-        if objects is None:
-            if image_id in dupes:
-                continue  # reported with its image
-            if image_id not in images:
+            image_id = c = None
+        i = index.get(image_id)
+        if i is None:
+            if image_id not in dupes:  # a duplicated image's objects are reported with the image
                 unknown += 1
                 if unknown <= 1000:
                     ann_id = a.get("id") if isinstance(a, dict) else "?"
                     problems.append(record(str(image_id), source,
                                            f"annotation id {ann_id}: unknown image id {image_id!r}, left out"))
-                continue
-            objects = grouped[image_id] = []
-        objects.append([a.get("bbox"), name_of(cat), a.get("iscrowd", 0), a.get("id"), cat])
+            continue
+        img[k], boxes[k], cls[k], crowd[k] = i, a.get("bbox"), cls_of.get(c, -1), bool(a.get("iscrowd", 0))
+        ann[k], cat[k] = _int_or(a.get("id")), _int_or(c)
     if unknown > 1000:
         problems.append(record("", source, f"{unknown - 1000} more annotation(s) with an unknown image id"))
-    return grouped
+    out = np.zeros(n, OBJECT)
+    out["x"], out["y"], out["w"], out["h"] = _boxes(boxes).T
+    out["cls"], out["crowd"], out["ann"], out["cat"] = cls, crowd, ann, cat
+    return img, out
+
+
+def _boxes(boxes: list) -> np.ndarray:
+    """``(N, 4)`` float64; a bbox that is not four finite numbers (or a left-out record) is NaN."""
+    try:
+        return np.array([b if b is not None else (np.nan,) * 4 for b in boxes], np.float64).reshape(-1, 4)
+    except (ValueError, TypeError):
+        return np.array([b if _is_box(b) else (np.nan,) * 4 for b in boxes], np.float64).reshape(-1, 4)
+
+
+def _is_box(b: Any) -> bool:
+    return isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
 
 
 def ingest(doc: dict[str, Any], source: str, image_dir: Location, reader: CocoReader) -> CocoReader:
@@ -189,40 +221,45 @@ def ingest(doc: dict[str, Any], source: str, image_dir: Location, reader: CocoRe
     item per good image carrying only that image's objects."""
     cats = _categories(doc["categories"], source)
     images, dupes = _images(doc["images"], source, reader.problems)
-    grouped = _group_objects(doc.pop("annotations"), images, dupes, cats, source, reader.problems)
-    reader.classes = tuple(cats.values())
-    reader.category_ids = tuple(cats)
+    index = {image_id: i for i, image_id in enumerate(images)}
+    img, objects = _columns(doc.pop("annotations"), index, dupes, {c: k for k, c in enumerate(cats)}, source,
+                            reader.problems)
+    order = np.argsort(img, kind="stable")
+    img, objects = img[order], objects[order]
+    ends = np.searchsorted(img, np.arange(len(images)), side="right")
+    starts = np.searchsorted(img, np.arange(len(images)), side="left")
+    header = np.zeros(1, HEADER)
     items, ids = [], {}
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
-    for image_id, img in images.items():
+    for i, (image_id, entry) in enumerate(images.items()):
         key = str(image_id)
         ids[key] = image_id
-        records = dumps([img["width"], img["height"], grouped.pop(image_id, ())])
-        items.append(SplitItem(key, image_dir.child(*str(img["file_name"]).split("/")).shown, source, FORMAT, records))
+        header["width"], header["height"] = entry["width"], entry["height"]
+        records = header.tobytes() + objects[starts[i]:ends[i]].tobytes()
+        items.append(SplitItem(key, image_dir.child(*str(entry["file_name"]).split("/")).shown, source, FORMAT,
+                               records))
     doc.clear()
+    reader.classes, reader.category_ids = tuple(cats.values()), tuple(cats)
     reader.original_ids, reader.split_items = ids, items
     return reader
 
 
 def parse(item: dict, read: Read, class_names: Sequence[str], left_out: Collection[str] = (),
           dataset_classes: Sequence[str] = ()) -> tuple[Annotation, list[Problem]]:
-    """The item's inline objects -> its annotation; problems name the image file."""
-    source = item["image_path"]
-    try:
-        w, h, objs = json.loads(item["records"])
-        width, height = int(w), int(h)
-    except (ValueError, TypeError) as exc:
-        raise AnnotationError(source, f"image {item['image_id']}: bad width/height ({exc})") from None
+    """The item's inline objects -> its annotation; problems name the image file.
+    ``dataset_classes``: the reader's classes (a record's ``cls`` indexes them)."""
+    source, image_id = item["image_path"], item["image_id"]
+    rec = bytes(item["records"])
+    head = np.frombuffer(rec[:HEADER.itemsize], HEADER)[0]
     objects, problems = [], []
-    for bbox, name, crowd, ann_id, cat in objs:
-        what = f"image {item['image_id']} annotation id {ann_id}"
-        if name is None:
-            problems.append(Problem(source, f"{what}: unknown category id {cat!r}, dropped"))
-        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                                    for v in bbox)):
-            problems.append(Problem(source, f"{what}: bbox {bbox!r} is not four numbers, dropped"))
+    for o in np.frombuffer(rec[HEADER.itemsize:], OBJECT):
+        what = f"image {image_id} annotation id {o['ann']}"
+        x, y, w, h = (float(o[k]) for k in ("x", "y", "w", "h"))
+        if o["cls"] < 0:
+            problems.append(Problem(source, f"{what}: unknown category id {o['cat']}, dropped"))
+        elif not all(math.isfinite(v) for v in (x, y, w, h)):
+            problems.append(Problem(source, f"{what}: bbox is not four numbers, dropped"))
         else:
-            x, y, bw, bh = (float(v) for v in bbox)
-            objects.append((x, y, x + bw, y + bh, name, bool(crowd), what))
-    ann, more = build_annotation(item["image_id"], width, height, objects, source, class_names, left_out)
+            objects.append((x, y, x + w, y + h, dataset_classes[int(o["cls"])], bool(o["crowd"]), what))
+    ann, more = build_annotation(image_id, int(head["width"]), int(head["height"]), objects, source, class_names,
+                                 left_out)
     return ann, problems + more
