@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from frcnn import tiny_config
 from pipelines.datasets import DatasetSource
@@ -31,18 +32,26 @@ TARGETS = ("anchor_labels", "pos_anchor_index", "pos_anchor_deltas")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_session):
-    from pipelines.precompute import precompute
+    from jobs.data_cmds import run_precompute
+    from pipelines.precompute import PrecomputeOptions, precompute
 
     root = tmp_path_factory.mktemp("chain")
     for fmt in ("voc", "coco", "yolo"):
         generate(root / fmt, n_images=24, seed=5, min_size=96, max_size=160, format=fmt)
     cfg = tiny_config(5, SYNTH_CLASSES, canvas=CANVAS)
     roots = {"voc": str(root / "voc"), "coco": str(root / "coco"), "yolo": str(root / "yolo" / "data.yaml")}
-    shards = {}
-    for fmt, where in roots.items():
-        shards[fmt] = str(root / f"pre_{fmt}")
-        precompute(DatasetSource(fmt, root=where), "trainval", shards[fmt], cfg, rows_per_shard=64, progress=False)
-    return {"root": root, "roots": roots, "shards": shards, "cfg": cfg}
+    shards = {f: str(root / f"pre_{f}") for f in roots}
+    for fmt in ("voc", "yolo"):
+        precompute(DatasetSource(fmt, root=roots[fmt]), "trainval", shards[fmt], cfg, rows_per_shard=64,
+                   progress=False)
+    # COCO through the tracked job: its run logs the dataset input.
+    config = root / "tiny128.yaml"
+    config.write_text(yaml.safe_dump({"model": json.loads(json.dumps(cfg.to_dict()))}))
+    uri = f"sqlite:///{root}/precompute.db"
+    pre = run_precompute(DatasetSource("coco", root=roots["coco"]), "trainval", shards["coco"],
+                         config_path=str(config), options=PrecomputeOptions(rows_per_shard=64, progress=False),
+                         experiment="chain-precompute", tracking_uri=uri)
+    return {"root": root, "roots": roots, "shards": shards, "cfg": cfg, "precompute": (uri, pre.run_id)}
 
 
 def _rows(path: str) -> dict[str, dict]:
@@ -55,6 +64,13 @@ def test_three_layouts_give_the_same_shards(data):
     assert len(voc) == len(coco) == len(yolo) > 0
     manifest = json.loads((Path(data["shards"]["coco"]) / "_frcnn_manifest.json").read_text())
     assert manifest["dataset"] == "coco" and manifest["category_ids"] == [1, 3, 5, 7, 9]
+    assert manifest["model_config"]["category_ids"] == [1, 3, 5, 7, 9]
+    from mlflow.tracking import MlflowClient
+
+    uri, run_id = data["precompute"]
+    inputs = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in inputs] == [
+        ("coco-trainval", manifest["content_hash"], "precompute")]
     assert manifest["skipped"] == [] and all("all-negative" in w["reason"] for w in manifest["warnings"])
     for image_id, v in voc.items():
         c, y = coco[str(int(image_id) + 1)], yolo[image_id]
@@ -96,8 +112,10 @@ def test_coco_chain_train_evaluate_promote_infer(data, store, tmp_path):
     assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [("coco-trainval", "train")]
     model = f"models:/frcnn-chain/{trained.model_version}"
     from frcnn.inference import load_model
+    from jobs.models import CHECKPOINT_FILE
 
-    assert load_model(Path(trained.checkpoint_path).read_bytes()).cfg.category_ids == (1, 3, 5, 7, 9)
+    ckpt = Path(trained.checkpoint_path) / CHECKPOINT_FILE
+    assert load_model(ckpt.read_bytes()).cfg.category_ids == (1, 3, 5, 7, 9)
 
     coco_root = str(data["root"] / "coco")
     res = run_evaluation(model, source=DatasetSource("coco", root=coco_root), split="test", experiment="chain",
