@@ -270,7 +270,7 @@ def _floor_and_canvases(model, paths: list[Path]) -> tuple[float, list, list, li
     """Read + decode + canvas + to_tensor of every image, one thread: the decode floor (ms per
     image) and the pre-decoded canvases for ``detect()``."""
     from frcnn.canvas import to_tensor
-    from frcnn.inference import decode_image
+    from frcnn.images import decode_image
 
     canvases, scales, sizes = [], [], []
     with _one_thread():

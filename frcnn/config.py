@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -245,6 +246,60 @@ class ModelConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train:`` section. The learning rate scales with the effective batch (workers x
+    per-worker batch): ``lr = base_lr * scale(effective_batch / lr_reference_batch)`` with scale
+    ``linear`` (Goyal et al. 2017: the default), ``sqrt`` or ``none``."""
+
+    epochs: int = 12
+    batch_size: int = 2  # per worker
+    base_lr: float = 0.02
+    lr_reference_batch: int = 16  # base_lr is the rate for this effective batch
+    lr_scaling: str = "linear"  # linear | sqrt | none
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    warmup_factor: float = 0.001
+    schedule: str = "step"  # step | cosine
+    milestones: tuple[float, ...] = (0.67, 0.89)  # fractions of the total steps (step schedule)
+    gamma: float = 0.1
+    grad_clip_norm: float = 10.0  # 0 disables
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    hflip_prob: float = 0.5
+    log_every: int = 10  # steps between MLflow metric writes
+    checkpoint_every: int = 1  # epochs between checkpoints
+    val_every: int = 1  # epochs between validations (the last epoch always validates)
+    keep_checkpoints: int = 2  # best k by the validation metric (latest k without validation)
+    max_failures: int = 2  # worker-group restarts before the job fails
+    seed: int = 0
+    prefetch_batches: int = 2
+    # DDP's gradient all-reduce: "none" (float32) or "bf16" (torch's bf16_compress_hook: half the
+    # bytes on the wire, gradients rounded to bfloat16 before they are averaged).
+    grad_compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.grad_compression not in ("none", "bf16"):
+            raise ValueError(f"train.grad_compression {self.grad_compression!r}: none or bf16")
+
+    def lr_for(self, effective_batch: int) -> float:
+        ratio = effective_batch / self.lr_reference_batch
+        if self.lr_scaling == "linear":
+            return self.base_lr * ratio
+        if self.lr_scaling == "sqrt":
+            return self.base_lr * math.sqrt(ratio)
+        if self.lr_scaling == "none":
+            return self.base_lr
+        raise ValueError(f"train.lr_scaling {self.lr_scaling!r}: linear, sqrt or none")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return _build(cls, data, "train")
+
+
 def _check_canvas(c: CanvasConfig, stride: int) -> None:
     """Refuse a canvas that cannot hold what its rule makes (nothing is shrunk silently)."""
     for h, w in c.sizes:
@@ -348,8 +403,6 @@ def load_config(name_or_path: str | Path) -> tuple[ModelConfig | None, dict[str,
     unknown = sorted(str(k) for k in set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; a config holds {' and '.join(_SECTIONS)} sections")
-    from .training import TrainConfig  # training imports this module
-
     built = {}
     for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
         try:

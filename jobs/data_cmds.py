@@ -107,6 +107,7 @@ def run_precompute(data: str | DatasetSource, split: str, out: str, *, config_pa
             print(f"MLflow run {run.info.run_id} ({name})", flush=True)
         summary = pc.precompute(source, split, out, cfg, opts)
         _log_precompute(summary, source, split)
+        _log_coverage(summary, f"{Location.of(source.root or source.annotations).name} {split}")
     if opts.progress:
         print(f"MLflow run {run.info.run_id}: {summary.rows} images written to {summary.out}", flush=True)
     return PrecomputeRun(run.info.run_id, summary)
@@ -145,6 +146,23 @@ def _log_precompute(summary, source: DatasetSource, split: str) -> None:
     })
     tracking.safe(mlflow.log_dict, summary.manifest, MANIFEST_NAME)
     tracking.log_manifest_input(summary.manifest, summary.out, "precompute")
+
+
+def _log_coverage(summary: Any, title: str) -> None:
+    """The anchor-coverage metrics and plot (``anchor_coverage.png``) of a precompute, into the active run."""
+    import tempfile
+
+    import mlflow
+
+    from frcnn.anchor_coverage import plot_coverage
+
+    if summary.coverage is None:
+        return
+    tracking.safe(mlflow.log_metrics, summary.coverage.metrics())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/anchor_coverage.png"
+        plot_coverage(summary.coverage, path, title=f"anchor coverage: {title}")
+        tracking.safe(mlflow.log_artifact, path)
 
 
 # --------------------------------------------------------------------------- command line
@@ -211,7 +229,7 @@ def precompute_cmd(dataset, data_root, annotations, images_dir, split, out, year
     except KeyboardInterrupt:
         click.echo("Interrupted: the MLflow run is marked KILLED and its staging folder deleted. "
                    f"Rerun with: frcnn-jobs {shlex.join(sys.argv[1:])}", err=True)
-        sys.exit(130)
+        sys.exit(console.exit_status())
 
 
 synth = synth_cmd

@@ -60,7 +60,7 @@ def predict_split(gt, checkpoint: bytes, data_root: str, *, address: str | None 
     """Run the model over the split through the prediction stages ``infer`` uses (joining or
     starting Ray): ``(detections per image, ids that could not be read, {"images_per_s",
     "inference_s"})``. ``resources``: batch_size, concurrency, cpus_per_actor, gpus_per_actor."""
-    from pipelines.predict import predict_images
+    from pipelines.predict import PredictorResources, predict_images
     from pipelines.runtime import init_ray
     from pipelines.storage import Location
 
@@ -79,7 +79,8 @@ def predict_split(gt, checkpoint: bytes, data_root: str, *, address: str | None 
         fs_path = source.path + path[len(source.shown):] if path.startswith(source.shown) else Location.of(path).path
         items.append({"image_id": image_id, "path": path, "fs_path": fs_path})
     t0 = time.perf_counter()
-    table = predict_images(items, checkpoint, source=source, progress=progress, **resources)
+    table = predict_images(items, checkpoint, source=source, progress=progress,
+                           resources=PredictorResources(**resources))
     elapsed = time.perf_counter() - t0
     import pyarrow.compute as pc
 
@@ -113,7 +114,7 @@ def write_detections(dets: Mapping[str, Mapping[str, Any]], errors: set[str], im
 
 def draw_grid(gt, dets: Mapping[str, Mapping[str, Any]], errors: set[str], path: str, n: int = GRID_IMAGES) -> bool:
     """``detections_grid.png``: predictions (class colours) and ground truth (dashed green)."""
-    from frcnn.inference import decode_image
+    from frcnn.images import decode_image
     from frcnn.visualize import draw_detections, image_grid, select_grid_images
     from pipelines.storage import Location
 
@@ -414,7 +415,7 @@ def evaluate_cmd(ctx, model_uri, detections, dataset, data_root, annotations, im
                                  *(["--data-root", data_root] if data_root else []),
                                  *(["--annotations", annotations, "--images", images_dir] if annotations else []),
                                  "--split", split]), err=True)
-        ctx.exit(130)
+        ctx.exit(console.exit_status())
     except (EvaluationError, ValueError, FileNotFoundError, MlflowException) as exc:
         raise click.ClickException(str(getattr(exc, "message", None) or exc)) from exc
 

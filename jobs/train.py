@@ -36,7 +36,7 @@ from pipelines.runtime import driver_niceness, init_ray
 from . import console, options, tracking
 from .models import CHECKPOINT_FILE
 from .progress import Progress
-from .train_data import prepare_data, steps_per_epoch
+from .train_data import WorkerShape, prepare_data, steps_per_epoch
 from .train_loop import StepContext, TrainCallback, train_loop
 from .train_state import checkpoint_step, clear_status, latest_checkpoint, read_status, run_folder
 
@@ -143,7 +143,8 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
         model_cfg = model_cfg.replace(category_ids=tuple(manifest["category_ids"]))
     init_ray(address, workers * cpus_per_worker, log_to_driver=console.log_to_driver())
     console.quiet_ray()
-    prepared = prepare_data(data, val_data, model_cfg, train_cfg)
+    prepared = prepare_data(data, val_data, model_cfg, train_cfg,
+                            shape=WorkerShape(workers, cpus_per_worker, gpus_per_worker))
     manifest = prepared.manifest
     effective_batch = workers * train_cfg.batch_size
 

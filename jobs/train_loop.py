@@ -26,15 +26,17 @@ import numpy as np
 import torch
 
 from frcnn import LOSS_KEYS, FasterRCNN, ModelConfig, total_loss
+from frcnn.precision import autocast, autocast_dtype
 from frcnn.training import (
+    DDP_OPTIONS,
     TrainConfig,
-    autocast_dtype,
     build_optimizer,
     checkpoint_state,
     hflip_batch,
     load_checkpoint,
     loss_mode,
     lr_factor,
+    training_model,
 )
 from pipelines.runtime import match_priority
 from pipelines.schema import to_model_inputs
@@ -146,8 +148,10 @@ def rank_weight_diff(core: torch.nn.Module, world: int) -> float:
     return float(max((a - prints[0]).abs().max() for a in prints))
 
 
-def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.device, world: int) -> dict[str, float]:
-    """Validation loss and VOC mAP@0.5 (all-point) over this worker's rows, combined across ranks."""
+def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.device, world: int,
+             amp: torch.dtype | None = None) -> dict[str, float]:
+    """Validation loss and VOC mAP@0.5 (all-point) over this worker's rows, combined across ranks,
+    under the training step's autocast ``amp`` (detections stay float32)."""
     from frcnn.evaluation import evaluate_voc
 
     cfg = core.cfg
@@ -157,13 +161,15 @@ def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.devic
     gts: dict[str, dict] = {}
     for batch in batches:
         images, targets = _to_device(*to_model_inputs(batch, use_difficult), device)
-        with torch.no_grad(), loss_mode(core):
+        with torch.no_grad(), loss_mode(core), autocast(device, amp):
             losses = core(images, targets)
         loss_sum += torch.stack([losses[k].float() for k in LOSS_KEYS] + [total_loss(losses).float()])
         n_batches += 1
         scales = [float(s) for s in batch["scale"]]
         sizes = list(zip(batch["orig_height"].tolist(), batch["orig_width"].tolist(), strict=True))
-        for i, d in enumerate(core.detect(images, scales, sizes)):
+        with autocast(device, amp):
+            found = core.detect(images, scales, sizes)
+        for i, d in enumerate(found):
             iid = str(batch["image_id"][i])
             dets[iid] = {k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
             gts[iid] = {
@@ -236,14 +242,15 @@ def train_loop(config: dict[str, Any]) -> None:
     match_priority(config.get("driver_niceness"))
     device = ray.train.torch.get_device()
     torch.manual_seed(tcfg.seed)  # identical initial weights (DDP also broadcasts rank 0's)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a few canvas shapes: each tuned once
 
-    model = FasterRCNN(mcfg)
     start_epoch, step = 0, 0
     state = _resume_state(ray.train.get_checkpoint(), config["status_folder"])
+    model = training_model(mcfg, state, rank)  # backbone weights: rank 0 reads them, DDP broadcasts
     if state is not None:
-        model.load_state_dict(state["model"])
         start_epoch, step = state["epoch"] + 1, state["step"]
-    model = ray.train.torch.prepare_model(model)
+    model = _wrap_ddp(model, tcfg)
     core: FasterRCNN = model.module if hasattr(model, "module") else model
     effective_batch = tcfg.batch_size * world
     base_lr = tcfg.lr_for(effective_batch)
@@ -319,7 +326,7 @@ def train_loop(config: dict[str, Any]) -> None:
             # A checkpoint always carries val_map50: the best-k policy ranks checkpoints by it.
             if data.val is not None and ((epoch + 1) % tcfg.val_every == 0 or checkpoint_now):
                 model.eval()
-                metrics.update(validate(core, data.validation(), use_difficult, device, world))
+                metrics.update(validate(core, data.validation(), use_difficult, device, world, amp))
                 if writer is not None:
                     writer.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step, "val_loss_total")
             if checkpoint_now:
@@ -338,6 +345,19 @@ def train_loop(config: dict[str, Any]) -> None:
             writer.close()
         if monitor is not None:
             tracking.safe(monitor.finish)
+
+
+def _wrap_ddp(model: FasterRCNN, tcfg: TrainConfig) -> torch.nn.Module:
+    """DDP for more than one rank (``frcnn.training.DDP_OPTIONS``; the bare model for one);
+    ``train.grad_compression: bf16`` all-reduces the gradients in bfloat16."""
+    import ray.train.torch
+
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(DDP_OPTIONS))
+    if tcfg.grad_compression == "bf16" and hasattr(model, "register_comm_hook"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return model
 
 
 def _resume_state(registered, folder: str) -> dict[str, Any] | None:

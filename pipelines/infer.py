@@ -42,7 +42,7 @@ from typing import Any
 
 from pipelines.detections import ERRORS, RUN_PREFIX, SUCCESS, published_ids, published_runs, read_published, write_part
 from pipelines.inputs import Inputs, list_inputs, table_images
-from pipelines.predict import file_items, predict_dataset
+from pipelines.predict import PredictorResources, file_items, predict_dataset
 from pipelines.storage import (
     Location,
     clean_stale_staging,
@@ -186,8 +186,9 @@ def run_inference(input_uri: str | Location, output_uri: str | Location, checkpo
         if todo:
             if not ray.is_initialized():
                 ray.init(include_dashboard=False)
-            ds = _dataset(inputs, todo, incremental, checkpoint, batch_size=batch_size, concurrency=concurrency,
-                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+            resources = PredictorResources(batch_size=batch_size, concurrency=concurrency,
+                                           cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
+            ds = _dataset(inputs, todo, incremental, checkpoint, resources=resources,
                           score_threshold=score_threshold, digest=model.sha256)
             ds = ds.map_batches(write_part, batch_size=int(rows_per_file), batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"staging": staging, "meta": meta})
@@ -257,12 +258,11 @@ def _rows(folder: Location, names: list[str]) -> int:
 
 
 def _dataset(inputs: Inputs, todo: list[dict[str, str]], incremental: bool, checkpoint: bytes, *,
-             batch_size: int, concurrency: int, gpus_per_actor: float, cpus_per_actor: float,
-             score_threshold: float | None, digest: str):
+             resources: PredictorResources, score_threshold: float | None, digest: str):
     import ray
 
     if inputs.kind == "files":
-        ds = file_items([{k: it[k] for k in ("image_id", "fs_path", "path")} for it in todo], batch_size)
+        ds = file_items([{k: it[k] for k in ("image_id", "fs_path", "path")} for it in todo], resources.batch_size)
         source: Location | None = inputs.root
     else:
         keep = frozenset(it["image_id"] for it in todo) if incremental else None
@@ -270,6 +270,5 @@ def _dataset(inputs: Inputs, todo: list[dict[str, str]], incremental: bool, chec
         ds = ds.map_batches(table_images, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"id_column": inputs.id_column, "keep": keep})
         source = None
-    return predict_dataset(ds, checkpoint, source=source, batch_size=batch_size, concurrency=concurrency,
-                           cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                           score_threshold=score_threshold, digest=digest)
+    return predict_dataset(ds, checkpoint, source=source, resources=resources, score_threshold=score_threshold,
+                           digest=digest)

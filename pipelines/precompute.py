@@ -68,7 +68,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from frcnn.config import ModelConfig
-from pipelines import runtime, schema, storage
+from pipelines import lease, runtime, schema, storage
 from pipelines.datasets import DatasetSource, items_digest, open_split
 from pipelines.precompute_job import PrecomputeError, Progress, get_ledger, precompute_block
 from pipelines.precompute_rows import process_item, rows_to_table
@@ -105,6 +105,7 @@ class PrecomputeSummary:
     images_per_s: float
     manifest: dict[str, Any] = field(repr=False)
     left_out: dict[str, int] = field(default_factory=dict)
+    coverage: Any = field(default=None, repr=False)  # frcnn.anchor_coverage.CoverageStats of the written rows
 
     def __str__(self) -> str:
         left = sum(self.left_out.values())
@@ -255,16 +256,17 @@ def precompute(data: str | DatasetSource, split: str, out: str, cfg: ModelConfig
     dest = check_output(out, opts.overwrite)  # refuse before any work
     plan = _plan(as_source(data, years, classes), split, cfg, opts)
     run = storage.new_run_name()
-    storage.clean_stale_staging(dest, run)
     staging = storage.staging_location(dest, run)
     runtime.init_ray()
     t0 = time.perf_counter()
-    manifest = _run_and_publish(plan, cfg, opts, dest, staging, run, t0)
+    manifest, coverage, coverage_warning = _run_and_publish(plan, cfg, opts, dest, staging, run, t0)
     seconds = time.perf_counter() - t0
     summary = PrecomputeSummary(
         out=dest.shown, rows=manifest["rows"], shards=manifest["shards"], skipped=manifest["skipped"],
         warnings=manifest["warnings"], positives_per_image=manifest["positives_per_image"], seconds=seconds,
-        images_per_s=len(plan.items) / seconds, manifest=manifest, left_out=manifest["left_out"])
+        images_per_s=len(plan.items) / seconds, manifest=manifest, left_out=manifest["left_out"], coverage=coverage)
+    if coverage_warning:
+        log.warning("%s", coverage_warning)
     if opts.progress:
         _print_summary(summary)
     return summary
@@ -304,12 +306,14 @@ def _shard_rows(n_items: int, rows_per_shard: int) -> int:
 
 
 def _run_and_publish(plan: _Plan, cfg: ModelConfig, opts: PrecomputeOptions, dest: Location,
-                     staging: Location, run: str, t0: float) -> dict[str, Any]:
-    """Write the shards into ``staging``, then publish them with their manifest; on any failure
+                     staging: Location, run: str, t0: float):
+    """Write the shards into ``staging``, then publish them with their manifest (and the anchor
+    coverage): ``(manifest, coverage, coverage warning)``. On any failure
     (Ctrl-C included) the staging folder is deleted and nothing is published."""
     ledger = get_ledger()
     collected = False
     try:
+        lease.claim(dest, run)  # refused while a live run writes dest; cleans what dead runs left
         staging.create_dir()
         shard_rows = _shard_rows(len(plan.items), opts.rows_per_shard)
         try:
@@ -321,8 +325,10 @@ def _run_and_publish(plan: _Plan, cfg: ModelConfig, opts: PrecomputeOptions, des
         collected = True
         result = _collect(ledger, run)
         manifest = _manifest(staging, result, plan, cfg, opts, seconds=time.perf_counter() - t0)
+        coverage, coverage_warning = anchor_coverage(result["coverage"], cfg)
+        manifest["anchor_coverage"] = {**coverage.metrics(), "warning": coverage_warning}
         storage.publish(staging, dest, schema.MANIFEST_NAME, manifest, replace=opts.overwrite)
-        return manifest
+        return manifest, coverage, coverage_warning
     except BaseException as exc:
         if not collected:
             ledger.finish.remote(run)  # drop whatever the run reported
@@ -377,6 +383,14 @@ def _print_summary(summary: PrecomputeSummary) -> None:
         print(f"  skipped {r['source']}: {r['reason']}")
     if len(summary.skipped) > 20:
         print(f"  ... {len(summary.skipped) - 20} more in {schema.MANIFEST_NAME}")
+
+
+def anchor_coverage(parts: Sequence[dict[str, Any]], cfg: ModelConfig):
+    """The workers' anchor-coverage counts merged, and the one-line warning (None when covered)."""
+    from frcnn.anchor_coverage import CoverageStats, warning_line
+
+    stats = CoverageStats.merged(parts, cfg.rpn.neg_iou, cfg.rpn.pos_iou)
+    return stats, warning_line(stats, cfg.anchors.stride, cfg.anchors.scales, cfg.anchors.ratios)
 
 
 def _first_io_error(exc: BaseException) -> OSError | None:

@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 NEEDS = ("initdb", "pg_ctl", "pg_dump", "createdb") + (("runuser",) if os.geteuid() == 0 else ())
 MISSING = [tool for tool in NEEDS if shutil.which(tool) is None]
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.mark.skipif(bool(MISSING), reason=f"PostgreSQL server tools not on the PATH: {MISSING}")
 def test_cluster_rehearsal(tmp_path):

@@ -20,9 +20,11 @@ import torch
 from frcnn import LOSS_KEYS, FasterRCNN, tiny_config
 from frcnn.training import TrainConfig, load_checkpoint, model_from_checkpoint
 from jobs.train_loop import StepContext, TrainCallback
-from pipelines.synth import SYNTH_CLASSES, generate
+from pipelines.synth import SYNTH_CLASSES
 
 CANVAS = 128
+
+pytestmark = pytest.mark.integration
 
 
 class DieOnce(TrainCallback):
@@ -62,26 +64,24 @@ def callbacks_by_value(ray_session):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):
+def shards(tmp_path_factory, ray_session, synth_dataset):
     from pipelines.precompute import precompute
 
     root = tmp_path_factory.mktemp("train_data")
     # 40 images: 28 train (7 steps an epoch at 2 workers x 2), 6 val.
-    generate(str(root / "voc"), n_images=40, seed=3, min_size=120, max_size=200)
+    voc = str(synth_dataset(n_images=40, seed=3, min_size=120, max_size=200).root)
     cfg = tiny_config(5, SYNTH_CLASSES, canvas=CANVAS)
     out = {}
     for split in ("train", "val"):
         out[split] = str(root / f"shards_{split}")
-        precompute(str(root / "voc"), split, out[split], cfg, progress=False)
+        precompute(voc, split, out[split], cfg, progress=False)
     return out
 
 
-@pytest.fixture()
-def tracking_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own folder (what a run writes beside the command stays there)."""
     monkeypatch.chdir(tmp_path)
-    return uri
 
 
 def _history(client, run_id, key):
