@@ -151,7 +151,7 @@ def demo_cmd(ctx, workdir, images, epochs, workers, cpus_per_worker):
                        f"{getattr(stop.cause, 'checkpoint', None) or 'none'}", err=True)
         click.echo(f"the demo starts over with: frcnn-jobs demo --workdir {workdir}  (it replaces the folder)",
                    err=True)
-        ctx.exit(130)
+        ctx.exit(console.exit_status())
 
 
 COMMANDS = [demo_cmd]

@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import warnings
 
 __all__ = [
@@ -75,15 +77,36 @@ def init_ray(address: str | None = None, reserved_cpus: float = 0, log_to_driver
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-        return
-    # A terminal's Ctrl-C goes to the whole process group, and the local Ray daemons (GCS, raylet,
-    # the workers they spawn) are in it: started with SIGINT ignored (inherited across exec) they
-    # leave the interrupt to the driver, which stops its job and says what to rerun. Dying of it
-    # first, they would end the driver with exit status 1 before it could.
-    import signal
-    import threading
+    with _kept_sigterm_handler():
+        if address:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        else:
+            _start_local(reserved_cpus, log_to_driver)
+
+
+@contextlib.contextmanager
+def _kept_sigterm_handler():
+    """``ray.init`` installs its own SIGTERM handlers in the driver (exit at once; a local head's
+    kills the daemons and exits 1): a Python handler the caller installed before (a command's stop
+    request, see ``jobs.console``) is put back, so SIGTERM stops the job the way Ctrl-C does."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _start_local(reserved_cpus: float, log_to_driver: bool) -> None:
+    """A local Ray instance: one more logical CPU than ``reserved_cpus``.
+
+    A terminal's Ctrl-C goes to the whole process group, and the local Ray daemons (GCS, raylet,
+    the workers they spawn) are in it: started with SIGINT ignored (inherited across exec) they
+    leave the interrupt to the driver, which stops its job and says what to rerun. Dying of it
+    first, they would end the driver with exit status 1 before it could.
+    """
+    import ray
 
     global _STARTED_HERE
     main = threading.current_thread() is threading.main_thread()

@@ -21,11 +21,12 @@ A job that produces a folder never writes into its destination. It writes into a
   files are copied, the marker is written LAST, then staging is deleted.
 
 Readers trust only a destination holding its marker (:func:`is_published`). A killed run leaves
-its staging folder (and, on an object store, perhaps an unmarked destination); the next run of the
-same destination deletes staging of runs that started before it (:func:`clean_stale_staging`).
-A run that started later is left alone; nothing locks a destination, so two runs of the same
-destination must not overlap (the later one would delete the earlier one's staging, and the
-earlier one would then fail to publish: it never publishes half an output).
+its staging folder (and, on an object store, perhaps an unmarked destination). Who may clean that
+up is decided by leases (``pipelines/lease.py``): a writer first claims its destination
+(``lease.claim``: a lease with a heartbeat beside the staging folder), and a staging or ``.old``
+folder is deleted or restored (:func:`clean_stale_staging`) only when no live lease names its run.
+A claimed run's :func:`publish` first checks that its lease is still its own; :func:`publish` and
+:func:`discard` end the claim (:func:`register_writer`).
 """
 
 from __future__ import annotations
@@ -47,14 +48,17 @@ __all__ = [
     "Location",
     "clean_stale_staging",
     "discard",
+    "drop_if_empty",
     "is_published",
     "is_uri",
     "new_run_name",
     "publish",
+    "register_writer",
     "resolve_filesystem",
     "run_time",
     "shown",
     "staging_location",
+    "unregister_writer",
 ]
 
 log = logging.getLogger(__name__)
@@ -228,6 +232,28 @@ def _aside(dest: Location, run: str) -> Location:
     return dest.parent.child(STAGING_DIR, f"{dest.name}.{run}.old")
 
 
+# The runs of this process that hold a claim on a destination (``pipelines.lease.Claim``), by
+# staging folder: publish checks the claim before anything becomes visible; publish and discard
+# end it.
+_WRITERS: dict[str, Any] = {}
+
+
+def register_writer(staging: Location, writer: Any) -> None:
+    """Tie ``writer`` (``check()``, ``release()``) to ``staging``: :func:`publish` calls ``check``
+    before it makes anything visible, and ``release`` after; :func:`discard` calls ``release``."""
+    _WRITERS[staging.shown] = writer
+
+
+def unregister_writer(staging: Location) -> None:
+    _WRITERS.pop(staging.shown, None)
+
+
+def _end_writer(staging: Location) -> None:
+    writer = _WRITERS.pop(staging.shown, None)
+    if writer is not None:
+        writer.release()
+
+
 def is_published(dest: Location | str, marker_name: str) -> bool:
     """True when ``dest`` holds its marker: the only state readers may trust."""
     return Location.of(dest).child(marker_name).is_file()
@@ -244,24 +270,28 @@ def publish(staging: Location, dest: Location, marker_name: str, marker_obj: Any
     if not staging.is_dir():
         raise FileNotFoundError(f"{staging.shown}: staging folder is gone (deleted by a later run of the same "
                                 "destination?); nothing published")
+    writer = _WRITERS.get(staging.shown)
+    if writer is not None:
+        writer.check()  # a run whose lease was taken over publishes nothing
     if _can_rename(dest.fs):
         _publish_by_rename(staging, dest, marker_name, marker_obj)
     else:
         _publish_by_copy(staging, dest, marker_name, marker_obj)
-    _drop_if_empty(staging.parent)
+    _end_writer(staging)
+    drop_if_empty(staging.parent)
 
 
 def _publish_by_rename(staging: Location, dest: Location, marker_name: str, marker_obj: Any) -> None:
     staging.child(marker_name).write_json(marker_obj)
     old = None
-    if dest.exists():
-        match = _STAGED_RE.match(staging.name)
-        old = _aside(dest, match.group("run") if match else new_run_name())
-        dest.fs.move(dest.path, old.path)
-    try:
+    try:  # a stop request (Ctrl-C, SIGTERM) between the two moves puts the old output back too
+        if dest.exists():
+            match = _STAGED_RE.match(staging.name)
+            old = _aside(dest, match.group("run") if match else new_run_name())
+            dest.fs.move(dest.path, old.path)
         dest.fs.move(staging.path, dest.path)
     except BaseException:
-        if old is not None:
+        if old is not None and old.exists() and not dest.exists():
             dest.fs.move(old.path, dest.path)
         raise
     if old is not None:
@@ -287,15 +317,18 @@ def _publish_by_copy(staging: Location, dest: Location, marker_name: str, marker
 
 
 def discard(staging: Location) -> None:
-    """Delete a run's staging folder (a failed or interrupted run publishes nothing)."""
+    """Delete a run's staging folder (a failed or interrupted run publishes nothing) and end its
+    claim on the destination."""
     try:
         staging.delete()
     except OSError as exc:  # best effort: the next run of the destination deletes it
         log.warning("%s: could not delete staging (%s); the next run will", staging.shown, exc)
-    _drop_if_empty(staging.parent)
+    _end_writer(staging)
+    drop_if_empty(staging.parent)
 
 
-def _drop_if_empty(folder: Location) -> None:
+def drop_if_empty(folder: Location) -> None:
+    """Delete a ``_staging`` folder that holds nothing any more."""
     try:
         if folder.name == STAGING_DIR and folder.is_dir() and not folder.list_names():
             folder.fs.delete_dir(folder.path)
@@ -303,10 +336,13 @@ def _drop_if_empty(folder: Location) -> None:
         pass
 
 
-def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = False) -> list[str]:
+def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = False,
+                        keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Delete staging folders that runs of ``dest`` started before ``run`` left behind (killed
     runs), warning once per folder; returns what was deleted (as shown). ``any_dest``: also those
     of other destinations in the same parent (a job whose every run publishes a new folder).
+    ``keep``: runs whose folders are never touched (the runs holding a live lease, see
+    ``pipelines.lease.claim``, which is how writers call this).
 
     A folder moved aside for a replace (``.old``) whose run died before publishing is moved back
     when ``dest`` is missing: the old output is never lost to a killed replace.
@@ -316,7 +352,7 @@ def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = Fals
     removed: list[str] = []
     for name in root.list_dirs():
         match = _STAGED_RE.match(name)
-        if not match or run_time(match.group("run")) >= run_time(run):
+        if not match or match.group("run") in keep or run_time(match.group("run")) >= run_time(run):
             continue
         if match.group("dest") != dest.name and not any_dest:
             continue
@@ -330,5 +366,5 @@ def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = Fals
         loc.delete()
         removed.append(loc.shown)
         log.warning("%s: staging left by an interrupted run; deleted", loc.shown)
-    _drop_if_empty(root)
+    drop_if_empty(root)
     return removed

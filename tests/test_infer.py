@@ -410,7 +410,9 @@ def test_cli_interrupted_and_killed_runs_publish_nothing_and_the_next_run_comple
     assert infer.published_runs(str(out)) == [] and not list(out.glob("_staging/*"))
     _, text = _start_and_stop(args, out, signal.SIGKILL, env)
     assert infer.published_runs(str(out)) == [] and infer.read_published(str(out)).num_rows == 0
-    [staging] = list((out / "_staging").iterdir())  # what a kill leaves
+    # what a kill leaves: its staging folder and its lease (whose pid is gone: expired)
+    [staging] = [p for p in (out / "_staging").iterdir() if p.is_dir()]
+    assert (out / "_staging" / "output.lease").is_file()
     assert list(staging.glob("part-*.parquet"))
 
     res = CliRunner().invoke(main, args)

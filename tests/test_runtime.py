@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import warnings
 
+import pytest
+
 from pipelines import runtime
 
 _RAY_DEFAULTS = (
@@ -33,6 +35,7 @@ def test_patterns_are_regexes_matching_the_literal_errors():
     assert not re.search("AWS Error UNKNOWN (HTTP status 503)", "AWS Error UNKNOWN (HTTP status 503)")
 
 
+@pytest.mark.integration  # imports Ray (no cluster is started)
 def test_bounded_io_retries_sets_and_restores_without_warning():
     import ray
 

@@ -327,3 +327,47 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
     assert [s for s, _ in _history(client, run.info.run_id, "loss_total")] == list(range(1, 169))
+
+
+def test_sigterm_stops_like_ctrl_c_and_a_second_attempt_is_refused_meanwhile(shards, tracking_uri, tmp_path):
+    """SIGTERM to the driver alone (what Kubernetes, systemd or ``timeout`` send) is a stop request:
+    exit status 143, the run KILLED, the ``--resume`` command printed. While the first attempt lives,
+    ``--resume`` of the same run is refused with one line naming it, and the live run stays RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "train.yaml"
+    config.write_text("train: {checkpoint_every: 1, log_every: 1, warmup_steps: 1, batch_size: 2}\n")
+    storage = tmp_path / "ray"
+    exe = str(Path(sys.executable).parent / "frcnn-jobs")
+    cmd = [exe, "train", "--data", shards["train"], "--workers", "1", "--config", str(config), "--epochs", "12",
+           "--experiment", "sigterm", "--storage-path", str(storage), "--model-name", "sigterm-test",
+           "--progress-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    client = MlflowClient(tracking_uri)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(storage.glob("train-*/epoch-0001")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        (run,) = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
+        again = subprocess.run([*cmd, "--resume", run.info.run_id], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+        [line] = [x for x in again.stderr.splitlines() if x.strip()]
+        assert line.startswith(f"Error: train run {run.info.run_id}: in use by train (MLflow run "
+                               f"{run.info.run_id}) started "), line
+        assert client.get_run(run.info.run_id).info.status == "RUNNING" and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, (out, err)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert f"MLflow run {run.info.run_id} is KILLED" in err and "Traceback" not in err, err
+    resume = shlex.split(re.search(r"continue with:\n  (.+)", err).group(1))
+    if "--address" in resume:  # RAY_ADDRESS set in the environment is repeated as --address
+        del resume[resume.index("--address"):resume.index("--address") + 2]
+    assert resume == ["frcnn-jobs", *cmd[1:], "--resume", run.info.run_id]
+    assert not (storage / "_staging").exists()  # the run's lease is released
