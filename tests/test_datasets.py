@@ -83,10 +83,10 @@ def _precompute_items(reader, root: str) -> tuple[list, list, list]:
             "root_shown": root}
     rows, skipped, warnings = [], list(reader.problems), []
     for item in reader.items():
-        row, sk, wa, *_ = process_item(dataclasses.asdict(item), spec)
-        rows += [row] if row else []
-        skipped += sk
-        warnings += wa
+        res = process_item(dataclasses.asdict(item), spec)
+        rows += [res.row] if res.row else []
+        skipped += res.skipped
+        warnings += res.warnings
     return rows, skipped, warnings
 
 
