@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class CanvasConfig:
@@ -357,8 +359,6 @@ def _build(cls: type, data: Mapping[str, Any], where: str):
     return cls(**kwargs)
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the key."""
 
 
 # Shipped inside the package (frcnn/configs/<name>.yaml): `--config NAME` works from a wheel.

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from frcnn.errors import DatasetError
 from pipelines.datasets import FORMATS, DatasetSource, items_digest
 from pipelines.storage import Location
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 DATASETS = FORMATS
 
 
-class ClassMismatch(ValueError):
+class ClassMismatch(DatasetError):
     """The model's classes cannot be scored on this dataset (names the missing ones)."""
 
 
@@ -66,7 +67,7 @@ def map_classes(model_classes: Sequence[str], dataset_classes: Sequence[str], so
     return tuple(n for n in dataset_classes if n not in set(model_classes))
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(DatasetError):
     """An annotation of the split cannot be read (``on_error="fail"``): one line naming the file."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from frcnn.config import ModelConfig
+from frcnn.errors import StorageError
 from pipelines.datasets import parse_item
 from pipelines.storage import read_bytes, resolve_filesystem
 from pipelines.voc_xml import AnnotationError
@@ -38,7 +39,7 @@ def record(image_id: str, source: str, reason: str) -> Record:
     return {"image_id": image_id, "source": source, "reason": reason}
 
 
-class StorageReadError(OSError):
+class StorageReadError(StorageError):
     """A file the split lists could not be read (the store failed, not the file): the run stops
     and publishes nothing, whatever ``on_error`` says. A missing file is bad input (skipped)."""
 

@@ -30,6 +30,8 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from frcnn.errors import DatasetError
+
 MANIFEST_NAME = "_frcnn_manifest.json"
 
 SCHEMA = pa.schema([
@@ -49,7 +51,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class ManifestMismatch(ValueError):
+class ManifestMismatch(DatasetError):
     """Shards were precomputed for a different model configuration."""
 
 

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +35,8 @@ CLASSES = ("ellipse", "rectangle", "triangle", "cross", "diamond")
 VENV_BIN = str(Path(sys.executable).parent)
 
 
-def _jpeg(w: int, h: int, seed: int) -> bytes:
+def jpeg_image(w: int, h: int, seed: int) -> bytes:
+    """A noisy JPEG (no two places alike: no exactly tied scores) with one flat red block."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     pixels[h // 4: h // 2, w // 5: w // 2] = (220, 40, 40)
@@ -43,11 +45,11 @@ def _jpeg(w: int, h: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-IMAGES = [_jpeg(150, 100, 1), b"\x89PNG\r\n\x1a\n not really a png", _jpeg(90, 160, 2)]
+IMAGES = [jpeg_image(150, 100, 1), b"\x89PNG\r\n\x1a\n not really a png", jpeg_image(90, 160, 2)]
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
+def registered(tmp_path_factory, _empty_tracking_db):
     """(tracking URI, checkpoint path): version 1 of ``frcnn-test``, alias ``champion``."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -55,6 +57,7 @@ def registered(tmp_path_factory):
     from jobs.models import register_model
 
     root = tmp_path_factory.mktemp("registry")
+    shutil.copyfile(_empty_tracking_db, root / "mlflow.db")
     uri = f"sqlite:///{root}/mlflow.db"
     cfg = tiny_config(num_classes=5, class_names=CLASSES, canvas=128)
     torch.manual_seed(0)

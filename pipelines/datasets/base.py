@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from frcnn.errors import DatasetError
 from pipelines.voc_xml import Annotation, AnnotationError, Problem
 
 __all__ = ["Annotation", "AnnotationError", "DatasetSource", "LayoutError", "Problem", "Reader", "SplitItem",
@@ -32,7 +33,7 @@ __all__ = ["Annotation", "AnnotationError", "DatasetSource", "LayoutError", "Pro
 Read = Callable[[str], bytes]
 
 
-class LayoutError(ValueError):
+class LayoutError(DatasetError):
     """The dataset cannot be read at all (the message names the file or folder and the gap)."""
 
 
