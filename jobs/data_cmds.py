@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from frcnn.config import ModelConfig, tiny_config
+from frcnn.config import ModelConfig, Overrides, tiny_config
 from pipelines.datasets import DatasetSource
 from pipelines.runtime import init_ray
 from pipelines.storage import Location
@@ -44,8 +44,15 @@ class PrecomputeRun:
 
 
 def resolve_config(data_root: str | None, config_path: str | None = None,
-                   class_names: Sequence[str] | None = None, *, dataset_classes: Sequence[str] | None = None
-                   ) -> ModelConfig:
+                   class_names: Sequence[str] | None = None, overrides: Overrides | None = None, *,
+                   dataset_classes: Sequence[str] | None = None) -> ModelConfig:
+    """``_resolve_config`` with the ``model.*`` settings of ``--set`` applied."""
+    return (overrides or Overrides()).model(_resolve_config(data_root, config_path, class_names, dataset_classes))
+
+
+def _resolve_config(data_root: str | None, config_path: str | None = None,
+                    class_names: Sequence[str] | None = None, dataset_classes: Sequence[str] | None = None
+                    ) -> ModelConfig:
     """The model config the targets are computed for.
 
     ``class_names`` (``--classes``) are the dataset's classes (default: ``dataset_classes``, the
@@ -72,10 +79,10 @@ def resolve_config(data_root: str | None, config_path: str | None = None,
 
 
 def run_precompute(data: str | DatasetSource, split: str, out: str, *, config_path: str | None = None,
-                   options: PrecomputeOptions | None = None, experiment: str | None = None,
-                   address: str | None = None, tracking_uri: str | None = None, dataset: str = "voc",
-                   years: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
-                   **option_values: Any) -> PrecomputeRun:
+                   overrides: Overrides | None = None, options: PrecomputeOptions | None = None,
+                   experiment: str | None = None, address: str | None = None, tracking_uri: str | None = None,
+                   dataset: str = "voc", years: Sequence[str] | None = None,
+                   class_names: Sequence[str] | None = None, **option_values: Any) -> PrecomputeRun:
     """Precompute one split, tracked as an MLflow run; returns the run id and the summary.
 
     ``data``: a :class:`~pipelines.datasets.DatasetSource`, or a data root of format ``dataset``.
@@ -93,7 +100,7 @@ def run_precompute(data: str | DatasetSource, split: str, out: str, *, config_pa
     source = pc.as_source(source, years, class_names)
     pc.check_output(out, opts.overwrite)
     reader = open_split(source, split)  # a layout error, before any MLflow run
-    cfg = resolve_config(source.root, config_path, class_names, dataset_classes=reader.classes)
+    cfg = resolve_config(source.root, config_path, class_names, overrides, dataset_classes=reader.classes)
     names = pc.model_classes(cfg, reader.classes, source.shown)
     if reader.category_ids:  # kept in the model: detections can go back out with the dataset's ids
         ids = dict(zip(reader.classes, reader.category_ids))
@@ -114,7 +121,7 @@ def run_precompute(data: str | DatasetSource, split: str, out: str, *, config_pa
 
 
 def _precompute_params(source: DatasetSource, split: str, out: str, cfg: ModelConfig, config_path: str | None,
-                       opts: PrecomputeOptions) -> dict[str, Any]:
+                       opts: PrecomputeOptions, overrides: Overrides | None = None) -> dict[str, Any]:
     return {
         **cfg.flat("model"),
         "precompute.dataset": source.format, "precompute.data_root": source.root,
@@ -122,7 +129,8 @@ def _precompute_params(source: DatasetSource, split: str, out: str, cfg: ModelCo
         "precompute.split": split, "precompute.out": out,
         "precompute.years": ",".join(source.years) if source.years else "all",
         "precompute.classes": ",".join(source.classes) if source.classes else "dataset",
-        "precompute.config": config_path or "tiny (default)", "precompute.on_error": opts.on_error,
+        "precompute.config": config_path or "tiny (default)",
+        "precompute.set": " ".join(overrides.args() if overrides else ()), "precompute.on_error": opts.on_error,
         "precompute.overwrite": opts.overwrite, "precompute.use_difficult": opts.use_difficult,
         "precompute.drop_empty": opts.drop_empty, "precompute.rows_per_shard": opts.rows_per_shard,
         "precompute.jpeg_quality": opts.jpeg_quality, "precompute.config_hash": cfg.target_hash(),
@@ -197,6 +205,7 @@ def synth_cmd(out: str, fmt: str, images: int, seed: int, min_size: int, max_siz
 @click.option("--out", required=True, metavar="PATH_OR_URI", help="Output folder (published atomically).")
 @options.YEAR
 @options.CONFIG
+@options.SET
 @options.CLASSES
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: report bad files in the manifest and go on; fail: stop at the first one.")
@@ -209,9 +218,9 @@ def synth_cmd(out: str, fmt: str, images: int, seed: int, min_size: int, max_siz
               help="JPEG quality of the stored canvases.")
 @options.EXPERIMENT
 @options.ADDRESS
-def precompute_cmd(dataset, data_root, annotations, images_dir, split, out, years, config_path, class_names,
-                   on_error, overwrite, use_difficult, drop_empty, rows_per_shard, jpeg_quality, experiment,
-                   address) -> None:
+def precompute_cmd(dataset, data_root, annotations, images_dir, split, out, years, config_path, overrides,
+                   class_names, on_error, overwrite, use_difficult, drop_empty, rows_per_shard, jpeg_quality,
+                   experiment, address) -> None:
     """Decode, resize and label anchors once, with Ray Data: Parquet shards + manifest for training."""
     from pipelines.precompute import PrecomputeError, PrecomputeOptions
 
@@ -219,8 +228,8 @@ def precompute_cmd(dataset, data_root, annotations, images_dir, split, out, year
     opts = PrecomputeOptions(on_error=on_error, overwrite=overwrite, use_difficult=use_difficult,
                              drop_empty=drop_empty, rows_per_shard=rows_per_shard, jpeg_quality=jpeg_quality)
     try:
-        run_precompute(source, split, out, config_path=config_path, options=opts, experiment=experiment,
-                       address=address)
+        run_precompute(source, split, out, config_path=config_path, overrides=overrides, options=opts,
+                       experiment=experiment, address=address)
     except (PrecomputeError, FileExistsError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # storage gone mid-run (an S3 endpoint that stops answering): name the URIs

@@ -5,6 +5,7 @@
     @options.YEAR             # -> years: list[str] | None
     @options.CLASSES          # -> class_names: list[str] | None
     @options.CONFIG           # -> config_path: str | None (a real file; packaged names resolved)
+    @options.SET              # -> overrides: frcnn.config.Overrides (--set key=value, checked)
     @options.ACTOR_RESOURCES  # -> batch_size, concurrency, gpus_per_actor, cpus_per_actor
     @options.EXPERIMENT
     @options.ADDRESS
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from frcnn.config import CONFIG_NAMES, ConfigError, config_file
+from frcnn.config import CONFIG_NAMES, ConfigError, Overrides, config_file
 
 ADDRESS = click.option(
     "--address", envvar="RAY_ADDRESS", metavar="RAY_ADDRESS", default=None,
@@ -46,6 +47,20 @@ CONFIG = click.option(
     "--config", "config_path", metavar="NAME|FILE", callback=_config, default=None,
     help=f"Model config: a packaged one ({'|'.join(CONFIG_NAMES)}) or a YAML file. "
          "Default: the tiny detector sized to the dataset's classes.")
+
+
+def _overrides(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Overrides:
+    try:
+        return Overrides.parse(values)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--set "), ctx=ctx, param=param) from None
+
+
+SET = click.option(
+    "--set", "overrides", multiple=True, callback=_overrides, metavar="KEY=VALUE",
+    help="Change one config setting, e.g. --set model.rpn.nms_thresh=0.6 --set train.epochs=3 (repeatable; "
+         "values read as YAML scalars or [lists]; unknown keys and wrong types are refused). Applied on top of "
+         "--config.")
 
 
 def _names(ctx: click.Context, param: click.Parameter, values: tuple[str, ...] | str | None) -> list[str] | None:

@@ -108,8 +108,8 @@ def _crop_to_content(mask: np.ndarray) -> np.ndarray:
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Smooth gradient + soft colour blobs + faint stripes + noise, uint8 ``(h, w, 3)``."""
-    # The low-frequency colour field is computed on a coarse grid and upsampled:
-    # full-resolution (h, w, 3) float maths was most of the generation time.
+    # The low-frequency colour field is computed on a coarse grid and upsampled: float maths at
+    # full resolution (h, w, 3) would dominate the generation time.
     cw, ch = -(-width // _COARSE) + 1, -(-height // _COARSE) + 1
     xs = np.linspace(0.0, width, cw, dtype=np.float32)
     ys = np.linspace(0.0, height, ch, dtype=np.float32)

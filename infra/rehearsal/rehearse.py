@@ -672,7 +672,7 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
         rid = run_id
 
         def last_step() -> int:
-            steps = metric_steps(st, rid, "loss_total")
+            steps = metric_steps(st, rid, "train/loss_total")
             return steps[-1] if steps else 0
 
         def checkpoints() -> list[str]:
@@ -716,7 +716,7 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
 
         # Fault b: the tracking server away for ~20 s (killed: no graceful drain).
         st.kill_group("mlflow", signal.SIGKILL)
-        pre_outage = set(metric_steps(st, rid, "loss_total"))  # what reached the store before it
+        pre_outage = set(metric_steps(st, rid, "train/loss_total"))  # what reached the store before it
         outage_start = max(pre_outage)
         log(f"tracking server stopped at step {outage_start}")
         time.sleep(20)
@@ -731,7 +731,7 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
 
         (runs,) = [r for r in run_ids(st, "train")]
         check(runs == (rid, "FINISHED"), f"train run: {runs}")
-        rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss_total' "
+        rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'train/loss_total' "
                       "GROUP BY step ORDER BY step", (rid,))
         steps = [r[0] for r in rows]
         twice = [r[0] for r in rows if r[1] > 1]
@@ -752,14 +752,14 @@ def rehearse(st: Stack, summary: dict[str, Any]) -> None:
               f"first checkpoint after the kill is epoch {after_kill[:1]}, last before it {epoch_at_kill}")
         # A restart from scratch would have reported epoch 0 again (its checkpoint and its val_* row
         # at the first epoch's step); a restart from the checkpoint reports each epoch's step once.
-        val_rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'val_map50' "
+        val_rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'val/map50' "
                           "GROUP BY step", (rid,))
         check(all(c == 1 for _, c in val_rows), f"validation logged twice: {val_rows}")
         # The restarted group's rank 0 records the step of the checkpoint it loaded (metric
-        # resumed_from_step, jobs/train_loop.py): proof the kill cost the group its ranks and that
+        # system/perf/resumed_from_step, jobs/train_loop.py): proof the kill cost the group its ranks and that
         # it went on from a checkpoint, at least the one in the bucket at the kill, not from scratch.
         resumed = [int(r[0]) for r in st.sql("SELECT step FROM metrics WHERE run_uuid = %s AND "
-                                             "key = 'resumed_from_step' ORDER BY step", (rid,))]
+                                             "key = 'system/perf/resumed_from_step' ORDER BY step", (rid,))]
         obs["fault_a"]["resumed_from_steps"] = resumed
         check(resumed, "no restart from a checkpoint was recorded after the node was killed")
         check(all(s >= (epoch_at_kill + 1) * steps_per_epoch for s in resumed),
