@@ -376,7 +376,7 @@ def train_images_per_s(tracking_uri: str, experiment: str) -> float:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
-    values = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "images_per_s"),
+    values = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "system/perf/images_per_s"),
                                       key=lambda m: m.step)]
     return float(np.median(values[1:] if len(values) > 1 else values))
 

@@ -16,7 +16,7 @@ ones, so that the sampler's own CPU does not slow the timed pipeline).
 
 The driver holds a handle to the precompute ledger actor for the whole Ray session: without one,
 the named actor dies whenever the previous run's handles are garbage-collected, and a run that
-starts at that moment gets a dying actor (``ActorDiedError``: see RESULTS.md, other findings).
+starts at that moment gets a dying actor (``ActorDiedError``: see docs/benchmarks.md).
 
 When row 2 misses its goal, the same images are also processed in this process, one torch thread,
 step by step (the floor's steps vs the pipeline's per-image ``process``, and the anchor targets

@@ -35,6 +35,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BackboneConfig, RoIHeadConfig
+from .errors import JobError
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Backbone:
     head_out: int
 
 
-class WeightsError(ValueError):
+class WeightsError(JobError, ValueError):
     """A backbone weights file that does not fit the architecture; the message names the file."""
 
 

@@ -51,6 +51,7 @@ class ProposalTargetCreator:
         order = torch.where(fg, keys, torch.where(bg, keys + 1.0, torch.full_like(keys, 3.0))).argsort()
         keep = order[:min(cfg.batch_size_per_image, rois.shape[0])]
         fg, bg, rois, matched = fg[keep], bg[keep], rois[keep], matched[keep]
+        rois = torch.where((fg | bg)[:, None], rois, 0.0)  # fillers: a finite box whatever the proposals were
         labels = torch.where(fg, gt_labels.to(device)[matched], torch.where(bg, 0, -1))
         targets = self.box_coder.encode(gt_boxes[matched], rois).float()
         return rois, labels, torch.where(fg[:, None], targets, 0.0)

@@ -72,12 +72,13 @@ class ProposalLayer:
         (An image without any box of ``min_size`` keeps one: the best of its small boxes.)"""
         cfg = self.cfg
         wh = bx[:, 2:] - bx[:, :2]
-        small = (wh < cfg.min_size).any(dim=1)
+        small = ~(wh >= cfg.min_size).all(dim=1)  # NaN boxes (a diverged model) count as small
         sc = sc.masked_fill(small, float("-inf"))
         if sc.numel() > pre_n:
             sc, top = sc.topk(pre_n)
             bx, small = bx[top], small[top]
-        bx = torch.where(small[:, None], bx.index_select(0, sc.argmax().reshape(1)), bx)
+        best = bx.index_select(0, sc.argmax().reshape(1))
+        bx = torch.where(small[:, None], torch.where(best.isfinite(), best, 0.0), bx)
         keep = nms(bx, sc, cfg.nms_thresh)[:post_n]
         return bx[keep]
 

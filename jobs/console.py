@@ -98,6 +98,67 @@ def _set_ray_levels(quiet: bool) -> None:
         logging.getLogger(name).setLevel(level if quiet else logging.NOTSET)
 
 
+# ---- errors: one line, the traceback only with -v ------------------------------------------------
+
+# Errors a command anticipates besides ``frcnn.errors.JobError``: the standard file errors name
+# their path. MLflow's (a tracking store that refuses) are recognised by name, so that this module
+# does not import MLflow.
+_FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+_MLFLOW_ERRORS = ("MlflowException",)
+
+
+def anticipated(exc: BaseException) -> bool:
+    """``exc`` is bad input or an unusable resource (a one-line error), not a bug (a traceback)."""
+    from frcnn.errors import JobError
+
+    exc = _unwrap(exc)
+    return isinstance(exc, (JobError, *_FILE_ERRORS)) or any(
+        cls.__name__ in _MLFLOW_ERRORS and cls.__module__.startswith("mlflow") for cls in type(exc).__mro__)
+
+
+def error_line(exc: BaseException) -> str:
+    """The message a user sees: the error's own text (MLflow's ``message``), on one line."""
+    exc = _unwrap(exc)
+    text = str(getattr(exc, "message", None) or exc).strip() or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def clean_error(exc: BaseException):
+    """A ``click.ClickException`` for ``exc`` (``Error: <one line>``, exit status 1); with ``-v``
+    the traceback is printed to stderr first."""
+    import click
+
+    show_traceback(exc)
+    return click.ClickException(error_line(exc))
+
+
+def show_traceback(exc: BaseException) -> None:
+    """With ``-v``: the traceback of ``exc``, or of its cause for a ClickException made from one
+    (a ClickException of its own has no traceback worth showing)."""
+    import traceback
+
+    if not verbose():
+        return
+    if _is_click_error(exc):
+        if exc.__cause__ is None:
+            return
+        exc = exc.__cause__
+    traceback.print_exception(exc, file=sys.stderr)
+
+
+def _is_click_error(exc: BaseException) -> bool:
+    import click
+
+    return isinstance(exc, click.ClickException)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The error a Ray task raised, out of Ray's wrapper (whose text carries the remote traceback)."""
+    while type(exc).__name__.startswith("RayTaskError") and isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause
+    return exc
+
+
 # --------------------------------------------------------------------------- stop signals
 #
 # Schedulers stop a job with SIGTERM (Kubernetes, systemd, ``timeout``, cron wrappers): it is a stop

@@ -31,7 +31,7 @@ from typing import Any
 import click
 
 from frcnn import ModelConfig
-from frcnn.config import flatten, load_config
+from frcnn.config import ConfigError, Overrides, flatten, load_config
 from frcnn.training import TrainConfig
 from pipelines.runtime import driver_niceness, init_ray
 
@@ -39,7 +39,7 @@ from . import console, options, tracking
 from .models import CHECKPOINT_FILE
 from .progress import Progress
 from .train_data import WorkerShape, prepare_data, steps_per_epoch
-from .train_loop import StepContext, TrainCallback, train_loop
+from .train_loop import TRAIN, StepContext, TrainCallback, train_loop
 from .train_state import checkpoint_step, clear_status, latest_checkpoint, read_status, run_folder
 
 __all__ = ["NonFiniteLoss", "StepContext", "TrainCallback", "TrainResult", "TrainingInterrupted", "run_training"]
@@ -81,7 +81,7 @@ def dataset_label(manifest: dict[str, Any]) -> str:
 def _last_logged_step(uri: str, run_id: str) -> int | None:
     from mlflow.tracking import MlflowClient
 
-    history = tracking.safe(MlflowClient(uri).get_metric_history, run_id, "loss_total") or []
+    history = tracking.safe(MlflowClient(uri).get_metric_history, run_id, TRAIN + "loss_total") or []
     return max((m.step for m in history), default=None)
 
 
@@ -199,7 +199,11 @@ def _setup(data: str, val_data: str | None, model_cfg: ModelConfig | None, train
     """Read the data, start Ray, and work out the run's tags and params."""
     from pipelines.schema import read_manifest_at
 
-    model_cfg = model_cfg or ModelConfig.from_dict(read_manifest_at(data)["model_config"])
+    manifest = read_manifest_at(data)
+    model_cfg = model_cfg or ModelConfig.from_dict(manifest["model_config"])
+    if (manifest.get("category_ids") and not model_cfg.category_ids
+            and list(model_cfg.class_names) == list(manifest["class_names"])):  # the dataset's ids, kept in the model
+        model_cfg = model_cfg.replace(category_ids=tuple(manifest["category_ids"]))
     init_ray(job.address, job.workers * job.cpus_per_worker, log_to_driver=console.log_to_driver())
     console.quiet_ray()
     prepared = prepare_data(data, val_data, model_cfg, train_cfg,
@@ -263,6 +267,11 @@ def _train(setup: _Setup, job: TrainJob, run_id: str, resumed: bool) -> tuple[An
     ray_name = f"train-{run_id}"
     if not resumed:
         tracking.safe(mlflow.set_tag, "frcnn.ray_run_name", ray_name)
+        tracking.log_manifest_input(setup.prepared.manifest, setup.data, "train")
+        if setup.val_data:
+            from pipelines.schema import read_manifest_at
+
+            tracking.log_manifest_input(read_manifest_at(setup.val_data), setup.val_data, "validation")
     print(f"MLflow run {run_id} (tracking {setup.uri})", flush=True)
     folder = run_folder(setup.storage_path, ray_name).shown
     clear_status(folder)
@@ -290,15 +299,18 @@ def _finish(result: Any, folder: str, setup: _Setup, job: TrainJob, run_id: str)
         tracking.safe(mlflow.set_tag, "frcnn.nan_step", status["nan_step"])
         raise NonFiniteLoss(f"loss became NaN/Inf at step {status['nan_step']}; the last good checkpoint "
                             f"is {result.checkpoint.path if result.checkpoint else 'none (no epoch finished)'}")
+    stopped = status.get("early_stop")
+    tracking.safe(mlflow.set_tag, "frcnn.stop_reason", "early_stop" if stopped else "completed")
+    if stopped:
+        print(f"stopped at epoch {stopped['epoch'] + 1}/{setup.train_cfg.epochs}, {stopped['reason']}", flush=True)
     final = best = result.checkpoint
     if setup.val_data and result.best_checkpoints:
-        best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_map50", float("-inf")))[0]
+        best, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_map50", float("-inf")))
+        tracking.safe(mlflow.set_tags, {"frcnn.best_val_map50": f"{best_metrics['val_map50']:.4f}",
+                                        "frcnn.best_epoch": int(best_metrics["epoch"]) + 1})
     if final:
         log_checkpoint(final, "checkpoints/final")
     best_path = log_checkpoint(best, "checkpoints/best") if best else None
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-            tracking.safe(mlflow.log_metric, f"final_{k}", float(v))
     version = register_model(best_path, job.model_name) if job.model_name and best_path else None
     return TrainResult(run_id, final.path if final else None, best.path if best else None, metrics, version)
 
@@ -311,6 +323,18 @@ def _print_result(res: TrainResult, model_name: str | None) -> None:
         print(f"registered model: models:/{model_name}/{res.model_version}", flush=True)
 
 
+def resolve_configs(data: str, config_path: str | None, overrides: Overrides) -> tuple[ModelConfig | None, dict]:
+    """``--config`` with ``--set`` applied: the model config (None: the shards' own, unchanged) and
+    the ``train:`` section. ``model.*`` settings without a model section in ``--config`` change
+    the model the shards were made for."""
+    from pipelines.schema import read_manifest_at
+
+    model_cfg, train_over = load_config(config_path, overrides) if config_path else (None, overrides.train())
+    if model_cfg is None and overrides.section("model"):
+        model_cfg = overrides.model(ModelConfig.from_dict(read_manifest_at(data)["model_config"]))
+    return model_cfg, train_over
+
+
 def resume_command(ctx: click.Context, run_id: str) -> str:
     """The command line that continues this run: the options given, with ``--resume RUN_ID``."""
     args = ["frcnn-jobs", ctx.info_name or "train"]
@@ -321,7 +345,9 @@ def resume_command(ctx: click.Context, run_id: str) -> str:
         if source not in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT):
             continue
         value = ctx.params[p.name]
-        if p.is_flag:
+        if isinstance(value, Overrides):
+            args += [a for item in value.args() for a in ("--set", item)]
+        elif p.is_flag:
             args.append(p.opts[0] if value else (p.secondary_opts or [p.opts[0]])[0])
         else:
             args += [p.opts[0], str(int(value) if isinstance(value, float) and value.is_integer() else value)]
@@ -337,6 +363,7 @@ def resume_command(ctx: click.Context, run_id: str) -> str:
               help="GPUs per worker; 0 trains on CPU with gloo.")
 @click.option("--cpus-per-worker", type=click.FloatRange(0.1), default=1, show_default=True)
 @options.CONFIG
+@options.SET
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Overrides train.epochs.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Per-worker batch; overrides train.batch_size.")
@@ -351,11 +378,14 @@ def resume_command(ctx: click.Context, run_id: str) -> str:
 @click.option("--progress-every", metavar="SECONDS", type=click.FloatRange(0), default=30, show_default=True,
               help="Seconds between progress lines (step, epoch, loss, speed, time left); 0: none.")
 @click.pass_context
-def train_cmd(ctx, data, val_data, workers, gpus_per_worker, cpus_per_worker, config_path, epochs, batch_size, lr,
-              experiment, resume, address, storage_path, model_name, progress_every):
+def train_cmd(ctx, data, val_data, workers, gpus_per_worker, cpus_per_worker, config_path, overrides, epochs,
+              batch_size, lr, experiment, resume, address, storage_path, model_name, progress_every):
     """Train the detector with Ray Train DDP; prints the MLflow run id, checkpoint and metrics.
     Ctrl-C or SIGTERM stops it cleanly and prints the --resume command (exit status 130 / 143)."""
-    model_cfg, train_over = load_config(config_path) if config_path else (None, {})
+    try:
+        model_cfg, train_over = resolve_configs(data, config_path, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("base_lr", lr)):
         if value is not None:
             train_over[key] = value

@@ -36,6 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from frcnn.errors import JobError
 from pipelines.precompute_rows import get_worker, rows_to_table
 
 __all__ = ["PrecomputeError", "Progress", "get_ledger", "precompute_block"]
@@ -44,7 +45,7 @@ ROWS_PER_TABLE = 8  # images per yielded table: a few MB of rows at an 800x800 c
 _TICK_S = 1.0  # how often a task reports its progress count (fire and forget)
 
 
-class PrecomputeError(RuntimeError):
+class PrecomputeError(JobError, RuntimeError):
     """The run stopped (``on_error="fail"``) or could not produce any output."""
 
     def __init__(self, message: str, source: str | None = None, reason: str | None = None) -> None:

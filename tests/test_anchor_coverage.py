@@ -9,22 +9,7 @@ import pytest
 
 from frcnn.anchor_coverage import CoverageMeter, CoverageStats, plot_coverage, size_buckets, suggest, warning_line
 from frcnn.anchors import grid_anchors
-
-
-def _loop_best(anchors: np.ndarray, boxes: np.ndarray, h: int, w: int) -> list[float]:
-    """The oracle: every inside anchor against every box, one at a time."""
-    out = []
-    for b in boxes.tolist():
-        best = 0.0
-        for a in anchors.tolist():
-            if a[0] < 0 or a[1] < 0 or a[2] > w or a[3] > h:
-                continue
-            iw = max(0.0, min(b[2], a[2]) - max(b[0], a[0]))
-            ih = max(0.0, min(b[3], a[3]) - max(b[1], a[1]))
-            inter = iw * ih
-            best = max(best, inter / ((b[2] - b[0]) * (b[3] - b[1]) + (a[2] - a[0]) * (a[3] - a[1]) - inter))
-        out.append(best)
-    return out
+from tests.oracles.anchor_coverage_loop import best_iou_loop
 
 
 def test_best_iou_by_hand_on_a_tiny_grid():
@@ -50,7 +35,7 @@ def test_best_iou_and_shares_equal_a_plain_loop():
     xy = rng.uniform(0, [w - 4, h - 4], size=(60, 2))
     wh = rng.uniform(3, 70, size=(60, 2))
     boxes = np.concatenate([xy, np.minimum(xy + wh, [w, h])], 1)
-    want = np.array(_loop_best(anchors.double().numpy(), boxes, h, w))
+    want = np.array(best_iou_loop(anchors.double().numpy(), boxes, h, w))
     got = CoverageMeter(anchors, (h, w)).best_iou(boxes)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 

@@ -15,7 +15,7 @@ import pytest
 from frcnn.anchors import grid_anchors
 from frcnn.config import AnchorConfig
 from pipelines.synth import SYNTH_CLASSES, generate
-from tests.test_anchor_coverage import _loop_best  # the plain-loop oracle
+from tests.oracles.anchor_coverage_loop import best_iou_loop
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
@@ -45,7 +45,7 @@ def test_precompute_logs_coverage_equal_to_a_plain_loop(tmp_path, monkeypatch, c
     for f in sorted(out.glob("*.parquet")):
         for row in pq.read_table(f).to_pylist():
             boxes = np.asarray(row["boxes"], np.float64).reshape(-1, 4)[~np.asarray(row["difficult"], bool)]
-            best = _loop_best(anchors, boxes, row["canvas_height"], row["canvas_width"])
+            best = best_iou_loop(anchors, boxes, row["canvas_height"], row["canvas_width"])
             for b, iou in zip(boxes.tolist(), best, strict=True):
                 area = (b[2] - b[0]) * (b[3] - b[1]) / row["scale"] ** 2  # in the original image's pixels
                 per_size[int(area >= 32**2) + int(area >= 96**2)].append(iou)

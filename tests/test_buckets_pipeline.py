@@ -68,7 +68,7 @@ def test_training_with_buckets_on_two_workers(shards, cfg, tmp_path, tracking_ur
     rows = pc.open_precomputed(shards["trainval"], cfg)[1]["rows"]
     steps = rows // 4 * 2
     client = MlflowClient(tracking_uri)
-    hist = client.get_metric_history(res.run_id, "loss_total")
+    hist = client.get_metric_history(res.run_id, "train/loss_total")
     assert max(m.step for m in hist) == steps and all(np.isfinite(m.value) for m in hist)
     assert "val_map50" in res.metrics
 

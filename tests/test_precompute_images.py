@@ -14,14 +14,13 @@ from PIL import Image
 
 from frcnn.config import tiny_config
 from pipelines.precompute_rows import process_item
-from pipelines.synth import SYNTH_CLASSES, generate
+from pipelines.synth import SYNTH_CLASSES
 from pipelines.voc import list_split
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_images=6, seed=5, min_size=80, max_size=120)
+def data(synth_dataset):
+    root = synth_dataset(n_images=6, seed=5, min_size=80, max_size=120).root
     cfg = tiny_config(5, SYNTH_CLASSES, canvas=96)
     spec = {"cfg": cfg.to_dict(), "class_names": list(SYNTH_CLASSES), "dataset_classes": list(SYNTH_CLASSES),
             "use_difficult": True, "drop_empty": False, "jpeg_quality": 95, "data_root": str(root),

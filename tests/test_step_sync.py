@@ -165,3 +165,22 @@ def test_roi_loss_ignores_filler_rois():
     want_loc = F.smooth_l1_loss(pred, targets[fg], beta=head.cfg.smooth_l1_beta, reduction="sum") / int(real.sum())
     torch.testing.assert_close(got["loss_roi_cls"], want_cls, rtol=1e-6, atol=0)
     torch.testing.assert_close(got["loss_roi_loc"], want_loc, rtol=1e-6, atol=0)
+
+
+def test_a_diverged_model_pools_only_finite_rois(monkeypatch):
+    """NaN weights: NaN boxes count as small (as when they were filtered out), and filler RoIs are
+    finite boxes, so RoI pooling never sees a NaN coordinate; the losses come out NaN, to be caught."""
+    from frcnn import roi_heads
+
+    model = make_model(seed=0).train()
+    images, boxes, labels = make_images(2)
+    a_labels, a_deltas = model.anchor_targets(boxes)
+    with torch.no_grad():
+        model.rpn_head.bbox_pred.weight.fill_(float("nan"))
+    pooled = []
+    real_align = roi_heads.roi_align
+    monkeypatch.setattr(roi_heads, "roi_align", lambda f, b, *a, **k: pooled.append(torch.cat(b)) or real_align(
+        f, b, *a, **k))
+    losses = model(images, {"boxes": boxes, "labels": labels, "anchor_labels": a_labels, "anchor_deltas": a_deltas})
+    assert pooled and all(bool(torch.isfinite(b).all()) for b in pooled)
+    assert not torch.isfinite(total_loss(losses))

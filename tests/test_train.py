@@ -143,13 +143,13 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     assert params["train.epochs"] == "40" and params["job.workers"] == "2" and params["job.effective_batch"] == "4"
 
     # Step history: every step logged once, although steps 71-75 were done twice.
-    hist = _history(client, res.run_id, "loss_total")
+    hist = _history(client, res.run_id, "train/loss_total")
     steps = [s for s, _ in hist]
     assert steps == list(range(1, 40 * 7 + 1))
     # The restarted group recorded where it picked up: the checkpoint of step 70, once.
-    assert _history(client, res.run_id, "resumed_from_step") == [(70, 70.0)]
-    for key in ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls", "loss_roi_loc", "lr", "images_per_s",
-                "data_wait_frac", "val_map50", "val_loss_total"):
+    assert _history(client, res.run_id, "system/perf/resumed_from_step") == [(70, 70.0)]
+    for key in ("train/loss_rpn_cls", "train/loss_rpn_loc", "train/loss_roi_cls", "train/loss_roi_loc", "train/lr",
+                "system/perf/images_per_s", "system/perf/data_wait_frac", "val/map50", "val/loss_total"):
         assert client.get_metric_history(res.run_id, key), key
 
     # Training lowers every loss: the trained weights against the initial ones (train_loop seeds
@@ -170,7 +170,7 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     # The logged histories of the other three fall too: mean over the second half of the steps
     # below the first half's (single 4-image steps are too noisy to compare one by one).
     for key in ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls"):
-        vals = [v for _, v in _history(client, res.run_id, key)]
+        vals = [v for _, v in _history(client, res.run_id, f"train/{key}")]
         half = len(vals) // 2
         assert np.mean(vals[half:]) < np.mean(vals[:half]), (key, vals)
 
@@ -199,9 +199,9 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     res2 = run_training(shards["train"], shards["val"], train_cfg=TrainConfig(**{**tc.to_dict(), "epochs": 42}),
                         workers=2, cpus_per_worker=1, experiment="t", resume=res.run_id, model_name=None)
     assert res2.run_id == res.run_id
-    steps2 = [s for s, _ in _history(client, res.run_id, "loss_total")]
+    steps2 = [s for s, _ in _history(client, res.run_id, "train/loss_total")]
     assert steps2 == list(range(1, 42 * 7 + 1))
-    assert _history(client, res.run_id, "resumed_from_step") == [(70, 70.0), (280, 280.0)]
+    assert _history(client, res.run_id, "system/perf/resumed_from_step") == [(70, 70.0), (280, 280.0)]
     assert res2.metrics["epoch"] == 41
 
 
@@ -229,7 +229,7 @@ def test_nan_loss_stops_with_the_step(shards, tracking_uri, tmp_path, callbacks_
     assert state["step"] == 14 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert sorted(p.name for p in Path(good).parent.glob("epoch-*")) == ["epoch-0000"]
     # Nothing computed after the NaN was logged: windows at steps 4, 8, 12 and 16, all finite.
-    hist = _history(client, run.info.run_id, "loss_total")
+    hist = _history(client, run.info.run_id, "train/loss_total")
     assert [s for s, _ in hist] == [4, 8, 12, 16] and all(np.isfinite(v) for _, v in hist)
 
 
@@ -268,9 +268,11 @@ def test_progress_lines_come_from_the_mlflow_run(tracking_uri, capsys):
     with mlflow.start_run() as run:
         with Progress(tracking_uri, run.info.run_id, total_steps=100, epochs=4, interval=0.05):
             time.sleep(0.3)  # nothing logged yet: no line
-            mlflow.log_metrics({"loss_total": 1.5, "epoch": 1, "images_per_s": 12.0}, step=25)
+            mlflow.log_metrics({"train/loss_total": 1.5, "system/perf/epoch": 1, "system/perf/images_per_s": 12.0},
+                               step=25)
             time.sleep(0.5)
-            mlflow.log_metrics({"loss_total": 0.75, "epoch": 2, "images_per_s": 14.0, "val_map50": 0.5}, step=60)
+            mlflow.log_metrics({"train/loss_total": 0.75, "system/perf/epoch": 2, "system/perf/images_per_s": 14.0,
+                                "val/map50": 0.5}, step=60)
             time.sleep(0.5)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2, lines  # one line per new step, not one per poll
@@ -310,7 +312,7 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sigint").experiment_id])
     assert run.info.status == "KILLED" and run.info.run_name == "train-tiny-synth-1w"
-    logged = max((s for s, _ in _history(client, run.info.run_id, "loss_total")), default=0)
+    logged = max((s for s, _ in _history(client, run.info.run_id, "train/loss_total")), default=0)
     reached = int(re.search(r"reached step (\d+)/168;", err).group(1))
     ckpt = re.search(r"last checkpoint: (\S+)", err).group(1)
     assert re.fullmatch(r"epoch-\d{4}", Path(ckpt).name) and Path(ckpt).parent.parent == storage, err
@@ -326,7 +328,7 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     assert done.returncode == 0, (done.stdout, done.stderr)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
-    assert [s for s, _ in _history(client, run.info.run_id, "loss_total")] == list(range(1, 169))
+    assert [s for s, _ in _history(client, run.info.run_id, "train/loss_total")] == list(range(1, 169))
 
 
 def test_sigterm_stops_like_ctrl_c_and_a_second_attempt_is_refused_meanwhile(shards, tracking_uri, tmp_path):

@@ -197,7 +197,7 @@ class TrainJob:
     result: tuple[str, str] | None = None
 
     def last_step(self) -> int:
-        steps = metric_steps(self.st, self.run_id, "loss_total")
+        steps = metric_steps(self.st, self.run_id, "train/loss_total")
         return steps[-1] if steps else 0
 
     def checkpoints(self) -> list[str]:

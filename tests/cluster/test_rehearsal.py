@@ -86,7 +86,7 @@ def test_fault_a_worker_node_killed_mid_training(train_job):
     st.ray_start("w3", head=False, cpus=3)  # KubeRay would start a new pod
     # The restarted group's rank 0 records the step of the checkpoint it loaded (resumed_from_step).
     resumed = wait_for("the group to resume from a checkpoint",
-                       lambda: metric_steps(st, job.run_id, "resumed_from_step") or not job.running(), 300)
+                       lambda: metric_steps(st, job.run_id, "system/perf/resumed_from_step") or not job.running(), 300)
     assert job.running(), f"training ended after the node kill: {st.job_status('train')}"
     after = wait_for("a checkpoint reported after the restart",
                      lambda: [e for t, e in job.epochs_seen if t > t_kill] or not job.running(), 300)
@@ -105,7 +105,7 @@ def test_fault_b_tracking_server_down_mid_training(train_job):
     wait_for("training steps", lambda: job.last_step() >= 2 or not job.running(), 300)
     assert job.running(), "training ended before the tracking server could be stopped"
     st.kill_group("mlflow", signal.SIGKILL)
-    pre_outage = set(metric_steps(st, job.run_id, "loss_total"))  # what reached the store before it
+    pre_outage = set(metric_steps(st, job.run_id, "train/loss_total"))  # what reached the store before it
     outage_start = max(pre_outage)
     log(f"tracking server stopped at step {outage_start}")
     time.sleep(20)
@@ -116,7 +116,7 @@ def test_fault_b_tracking_server_down_mid_training(train_job):
     status, logs = job.finish()
     assert status == "SUCCEEDED", f"train {status}:\n{logs[-5000:]}"
     assert steps_during == outage_start, "metrics arrived while the server was down?"
-    rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss_total' "
+    rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'train/loss_total' "
                   "GROUP BY step ORDER BY step", (job.run_id,))
     steps = [r[0] for r in rows]
     missing = sorted(set(range(1, job.total + 1)) - set(steps))
@@ -131,13 +131,13 @@ def test_training_run_is_complete(trained_model):
     once per epoch; checkpoints in the bucket, the model's artifacts behind the server's proxy, one
     registered version."""
     job, st = trained_model, trained_model.st
-    rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss_total' "
+    rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'train/loss_total' "
                   "GROUP BY step ORDER BY step", (job.run_id,))
     assert [r[0] for r in rows] == list(range(1, job.total + 1))
     assert not [r[0] for r in rows if r[1] > 1], "steps logged twice"
     epochs = [e for _, e in job.epochs_seen]
     assert epochs == sorted(set(epochs)), f"checkpoint epochs went back (restart from scratch?): {epochs}"
-    val_rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'val_map50' "
+    val_rows = st.sql("SELECT step, count(*) FROM metrics WHERE run_uuid = %s AND key = 'val/map50' "
                       "GROUP BY step", (job.run_id,))
     assert val_rows and all(c == 1 for _, c in val_rows), f"validation logged twice: {val_rows}"
     assert job.checkpoints(), "no checkpoint in the bucket"
