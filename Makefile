@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVICE ?= cpu
 
-.PHONY: install lint test demo bench gpu-check clean cluster-rehearsal
+.PHONY: install lint test test-fast test-integration test-cluster demo bench gpu-check clean cluster-rehearsal
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,17 +20,26 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+# Test tiers (pyproject.toml's markers): unit (no Ray, MLflow or servers; under 2 minutes), then
+# integration, then the cluster rehearsal. `make test` (what CI runs) is ruff and all three.
+test: lint test-fast test-integration test-cluster
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not cluster"
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q -m integration
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster
 
 demo: $(STAMP)
 	$(BIN)/frcnn-jobs demo --workdir runs/demo
 
-# infra/'s shape on this machine with the real engines and four faults (infra/README.md,
-# "Rehearsed on one machine"); `make test` runs it too (tests/test_cluster_rehearsal.py).
+# infra/'s shape on one machine with the real engines and four faults (infra/README.md);
+# `make test-cluster` (and so `make test`) runs it too (tests/cluster/, marker `cluster`).
 cluster-rehearsal: $(STAMP)
-	$(BIN)/python infra/rehearsal/rehearse.py
+	$(BIN)/python -m pytest tests/cluster -m cluster -v
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --device $(DEVICE)

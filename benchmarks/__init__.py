@@ -4,8 +4,9 @@ One row alone: ``python -m benchmarks.run --only 8`` (any row 1-9, or a list ``-
 go to a temporary folder unless ``--out`` is given).
 
 Every figure is a ratio against a baseline measured in the same run, on the same machine, with
-baseline and candidate interleaved (the shared 2-core CI machine makes absolute timings
-meaningless). ``benchmarks/run.py`` writes ``results.json`` and regenerates ``RESULTS.md``.
+baseline and candidate interleaved (absolute timings depend on the machine and its load).
+``benchmarks/rows.py`` registers the rows; ``benchmarks/run.py`` runs them, writes ``results.json``
+and regenerates ``RESULTS.md``; docs/benchmarks.md holds what was found about them.
 
 | module                 | rows                                                                  |
 | ---------------------- | --------------------------------------------------------------------- |
@@ -16,5 +17,6 @@ meaningless). ``benchmarks/run.py`` writes ``results.json`` and regenerates ``RE
 | ``jobs_bench``         | 8, 9: `frcnn-jobs train` vs the bare loop; `infer` vs detect() alone   |
 | ``workspace``          | the synthetic data the rows share, made once per run                   |
 | ``common``             | interleaved timing, peak-RSS sampler, environment capture             |
-| ``report``, ``findings`` | RESULTS.md; what was found for each missed goal                      |
+| ``rows``               | the registry: each row's ids, goal, description and measuring function |
+| ``report``             | RESULTS.md from results.json                                           |
 """

@@ -1,24 +1,22 @@
 """Row 1: anchor targets of one image on the walkthrough's 800x800 canvas (22,500 anchors:
 ``ModelConfig()`` defaults, stride 16, scales 8/16/32, ratios 0.5/1/2), 2 and 20 boxes.
 
-Baseline: ``tests/walkthrough_port.py`` (the walkthrough's plain Python loops), imported by file
-path. Candidate: ``frcnn.anchors.assign_anchor_targets`` (the public function: a per-grid cached
+Baseline: ``tests.oracles.walkthrough_port`` (the walkthrough's plain Python loops). Candidate:
+``frcnn.anchors.assign_anchor_targets`` (the public function: a per-grid cached
 ``AnchorTargetCreator``), and the creator held directly, as precompute and the model hold it.
 Both get the same anchors (built once, as a precompute worker does) and the same boxes, and must
 give the same labels (and the same positives).
 
 Timing: per sample, the thread's CPU time (``time.thread_time``) and the wall time, baseline and
 candidates interleaved, best of the rounds. The headline is CPU time: every candidate is
-single-threaded (the creator runs in numpy; the port is pure Python), and on this shared,
+single-threaded (the creator runs in numpy; the port is pure Python), and on a shared,
 oversubscribed machine the wall time of a sub-millisecond call mostly measures when the scheduler
 lets the process run. The wall-time ratio is reported beside it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,24 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import REPO, calibrate, interleaved, say
+from .common import calibrate, interleaved, say
 
 GOAL = 100.0
-PORT_PATH = REPO / "tests" / "walkthrough_port.py"
 
 
 def load_port():
-    """Import ``tests/walkthrough_port.py`` by path (``tests`` is not a package)."""
-    if not PORT_PATH.is_file():
-        raise FileNotFoundError(f"{PORT_PATH}: the walkthrough port (row 1's baseline) is missing")
-    name = "_bench_walkthrough_port"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, PORT_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """The walkthrough port (row 1's baseline): ``tests/oracles/walkthrough_port.py``."""
+    from tests.oracles import walkthrough_port
+
+    return walkthrough_port
 
 
 def random_boxes(n: int, canvas: int, seed: int) -> torch.Tensor:
@@ -153,8 +143,9 @@ def run(quick: bool) -> dict[str, Any]:
     return {
         "id": "1",
         "what": "anchor targets per image, 800x800 canvas, 22,500 anchors (ModelConfig() defaults), 2 and 20 boxes",
-        "baseline": (f"walkthrough plain loop (tests/walkthrough_port.py): {b2['best_cpu_s']['port'] * 1e3:.1f} ms "
-                     f"(2 boxes), {b20['best_cpu_s']['port'] * 1e3:.0f} ms (20 boxes), CPU time"),
+        "baseline": (f"walkthrough plain loop (tests/oracles/walkthrough_port.py): "
+                     f"{b2['best_cpu_s']['port'] * 1e3:.1f} ms (2 boxes), "
+                     f"{b20['best_cpu_s']['port'] * 1e3:.0f} ms (20 boxes), CPU time"),
         "figure": (f"{headline['2']:.0f}x (2 boxes, {b2['best_cpu_s']['ours'] * 1e3:.3f} ms), "
                    f"{headline['20']:.0f}x (20 boxes, {b20['best_cpu_s']['ours'] * 1e3:.3f} ms); CPU time, one thread"),
         "goal": f">= {GOAL:.0f}x",

@@ -51,7 +51,7 @@ def configs(backbone: str) -> dict[str, ModelConfig]:
 def rows_for(cfg: ModelConfig, root: str) -> list[dict]:
     spec = {"cfg": cfg.to_dict(), "class_names": list(SYNTH_CLASSES), "dataset_classes": list(SYNTH_CLASSES),
             "use_difficult": False, "drop_empty": False, "jpeg_quality": 95, "data_root": root, "root_shown": root}
-    return [r for r in (process_item(dataclasses.asdict(i), spec)[0] for i in list_split(root, "trainval")) if r]
+    return [r for r in (process_item(dataclasses.asdict(i), spec).row for i in list_split(root, "trainval")) if r]
 
 
 def main() -> None:

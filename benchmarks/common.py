@@ -23,12 +23,12 @@ def say(msg: str) -> None:
 
 
 def ray_up(reserved_cpus: float = 0, attempts: int = 5) -> None:
-    """Start local Ray the way the commands do (``pipelines.storage.init_ray``), quietly, retrying:
+    """Start local Ray the way the commands do (``pipelines.runtime.init_ray``), quietly, retrying:
     Ray gives its raylet a fixed 30 s to start, which an oversubscribed shared machine can miss
     ("The current node timed out during startup")."""
     import ray
 
-    from pipelines.storage import init_ray
+    from pipelines.runtime import init_ray
 
     for attempt in range(1, attempts + 1):
         if ray.is_initialized():

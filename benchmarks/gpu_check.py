@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_check            # CUDA: the recipe (VGG16, its 608x1008 bucket, bf16)
     python -m benchmarks.gpu_check --tiny     # CPU, a few seconds' worth: what CI runs so this cannot rot
+    python -m benchmarks.gpu_check --gpus 8   # also the real `frcnn-jobs train` on 1 and on 8 GPUs
 
 What it checks, on generated images (pipelines.synth, VOC's image sizes, the recipe's scale rule):
 1. training: ``--steps`` SGD steps in bf16 and the same steps in float32 (TF32 off) from the same
@@ -13,8 +14,15 @@ What it checks, on generated images (pipelines.synth, VOC's image sizes, the rec
 2. speed: training and inference images/s of ours (bf16) against torchvision's ``FasterRCNN`` on
    the same VGG16 features, anchors, proposal counts, RoI sampling and a 4096-wide two-layer head
    (benchmark rows 4g/5g), interleaved rounds, best of rounds; ours trains from precomputed anchor
-   targets, as the precompute job stores them.
-3. peak GPU memory of a training step, each model.
+   targets, as the precompute job stores them. Inputs are channels-last uint8 canvases, as
+   ``pipelines.schema.to_model_inputs`` makes them; ours infers as ``frcnn.inference.Detector``
+   runs it (``detect`` under ``Detector``'s autocast: bf16 on CUDA); ``cudnn.benchmark`` is on,
+   as in training; models are built and warmed up before any clock starts.
+3. peak GPU memory of a training step, each model measured alone on the device.
+4. with ``--gpus N``: the real ``frcnn-jobs train`` (precompute, then DDP training through Ray
+   Train) on the recipe with random weights and ``--images`` generated images, once on 1 GPU and
+   once on N; the images/s per GPU that the run logs, and the scaling efficiency
+   (N-GPU images/s divided by N times the 1-GPU images/s).
 
 Weights are random (no download: the device machines have no network). Exit status 1 when a check
 fails. ``--json PATH`` writes every figure.
@@ -105,13 +113,14 @@ def generated_data(cfg, n: int, seed: int = 0):
             continue
         canvas, scale = transform.apply_image(image)
         b = torch.tensor([o["box"] for o in objects], dtype=torch.float32) * scale
-        images.append(torch.from_numpy(canvas).permute(2, 0, 1).contiguous())
+        images.append(torch.from_numpy(canvas))  # (H, W, 3): stacked and permuted below
         boxes.append(b)
         labels.append(torch.tensor([SYNTH_CLASSES.index(o["name"]) + 1 for o in objects]))
         t = assign_anchor_targets(anchors, b, hw, cfg.rpn.pos_iou, cfg.rpn.neg_iou, coder)
         a_labels.append(t.labels)
         a_deltas.append(t.deltas)
-    return torch.stack(images), boxes, labels, torch.stack(a_labels), torch.stack(a_deltas)
+    # (N, 3, H, W) with channels-last strides: what pipelines.schema.to_model_inputs gives training
+    return torch.stack(images).permute(0, 3, 1, 2), boxes, labels, torch.stack(a_labels), torch.stack(a_deltas)
 
 
 def batches(data, batch: int, steps: int, device: torch.device):
@@ -119,31 +128,35 @@ def batches(data, batch: int, steps: int, device: torch.device):
     n = images.shape[0]
     for step in range(steps):
         idx = [(step * batch + i) % n for i in range(batch)]
-        yield step, images[idx].to(device), {
+        yield step, images[idx].contiguous(memory_format=torch.channels_last).to(device), {
             "boxes": [boxes[i].to(device) for i in idx], "labels": [labels[i].to(device) for i in idx],
             "anchor_labels": a_labels[idx].to(device), "anchor_deltas": a_deltas[idx].to(device)}
 
 
-def train_curve(cfg, data, plan: Plan, amp: torch.dtype | None, init: dict) -> list[dict[str, float]]:
-    """``plan.steps`` steps from ``init``; every step's four losses. The recipe's optimiser
+def train_curve(cfg, data, plan: Plan, amp: torch.dtype | None, init: dict) -> tuple[list[dict[str, float]], float]:
+    """``plan.steps`` steps from ``init``; every step's four losses, and the seconds the steps took
+    (the model is built before the clock starts). The recipe's optimiser
     (frcnn.training.build_optimizer, momentum, weight decay, warm-up), lr per image x batch."""
     from frcnn import LOSS_KEYS, FasterRCNN, total_loss
-    from frcnn.config import load_config
-    from frcnn.training import TrainConfig, build_optimizer, lr_factor
+    from frcnn.config import TrainConfig, load_config
+    from frcnn.precision import autocast
+    from frcnn.training import build_optimizer, lr_factor
 
     _, train = load_config("vgg16_voc")
     tcfg = TrainConfig.from_dict({**train, "warmup_steps": max(1, plan.steps // 10)})
     base_lr = tcfg.lr_for(plan.batch) * (10 if plan.tiny else 1)  # tiny: overfits a few images in few steps
-    model = FasterRCNN(cfg).to(plan.device)
+    model = FasterRCNN(cfg, load_backbone_weights=False).to(plan.device)
     model.load_state_dict(init)
     model.train()
     opt = build_optimizer(model, tcfg, base_lr)
     curve = []
+    _sync(plan.device)
+    t0 = time.perf_counter()
     for step, images, targets in batches(data, plan.batch, plan.steps, plan.device):
         for g in opt.param_groups:
             g["lr"] = base_lr * lr_factor(step, plan.steps, tcfg)
         torch.manual_seed(1000 + step)  # the same anchor and RoI samples in both precisions
-        with torch.autocast(plan.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with autocast(plan.device, amp):
             losses = model(images, targets)
         loss = total_loss(losses)
         opt.zero_grad(set_to_none=True)
@@ -153,7 +166,13 @@ def train_curve(cfg, data, plan: Plan, amp: torch.dtype | None, init: dict) -> l
         curve.append({k: float(losses[k].detach()) for k in LOSS_KEYS} | {"total": float(loss.detach())})
         if not math.isfinite(curve[-1]["total"]):
             break
-    return curve
+    _sync(plan.device)
+    return curve, time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def windows(curve: list[dict[str, float]], key: str, n: int = 5) -> list[float]:
@@ -173,62 +192,95 @@ def torchvision_model(cfg):
     return torchvision_faster_rcnn(cfg, bb.body, bb.out_channels, bb.head_out, cfg.roi.sampling_ratio)
 
 
+class _Bench:
+    """One model of the speed comparison on the device: its inputs, optimiser, a training step
+    and an inference step as production runs them."""
+
+    def __init__(self, name: str, cfg, data, plan: Plan) -> None:
+        from frcnn import FasterRCNN
+
+        self.name, self.dev = name, plan.device
+        torch.manual_seed(0)
+        self.model = (FasterRCNN(cfg) if name == "ours" else torchvision_model(cfg)).to(self.dev)
+        _, images, targets = next(batches(data, plan.batch, 1, self.dev))
+        if name == "ours":
+            from frcnn.inference import Detector
+
+            self.inputs = (images, targets)
+            self.amp = Detector(self.model).amp  # Detector's autocast on this device (bf16 on CUDA)
+            self.detect_args = (images, [1.0] * images.shape[0], [tuple(images.shape[-2:])] * images.shape[0])
+        else:
+            self.inputs = ([im.float() / 255 for im in images],
+                           [{"boxes": b, "labels": lab} for b, lab in zip(targets["boxes"], targets["labels"],
+                                                                            strict=True)])
+            self.amp = torch.bfloat16 if self.dev.type == "cuda" else None  # the same precision as ours
+        self.opt = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+    def train_step(self) -> None:
+        from frcnn import total_loss
+        from frcnn.precision import autocast
+
+        self.model.train()
+        with autocast(self.dev, torch.bfloat16):
+            losses = self.model(*self.inputs)
+        self.opt.zero_grad(set_to_none=True)
+        (total_loss(losses) if self.name == "ours" else sum(losses.values())).backward()
+        self.opt.step()
+
+    def infer_step(self) -> None:
+        from frcnn.precision import autocast
+
+        self.model.eval()
+        with torch.no_grad(), autocast(self.dev, self.amp):
+            if self.name == "ours":
+                self.model.detect(*self.detect_args)  # what Detector.predict runs after decoding
+            else:
+                self.model(self.inputs[0])
+
+
+def peak_train_memory(name: str, cfg, data, plan: Plan) -> float:
+    """GiB at the peak of one training step, the model alone on the device (after two warm-up
+    steps), then freed."""
+    bench = _Bench(name, cfg, data, plan)
+    for _ in range(2):
+        bench.train_step()
+    _sync(plan.device)
+    torch.cuda.reset_peak_memory_stats(plan.device)
+    bench.train_step()
+    _sync(plan.device)
+    peak = torch.cuda.max_memory_allocated(plan.device) / 2**30
+    del bench
+    torch.cuda.empty_cache()
+    return peak
+
+
 def speed(cfg, data, plan: Plan) -> dict[str, Any]:
-    """Train and infer images/s, ours against torchvision's, bf16; peak memory of a train step."""
-    from frcnn import FasterRCNN, total_loss
+    """Train and infer images/s, ours against torchvision's; peak memory of a train step, each alone."""
+    out: dict[str, Any] = {"peak_mem_gib": {}}
+    names = ("ours", "torchvision")
+    if plan.device.type == "cuda":
+        out["peak_mem_gib"] = {k: peak_train_memory(k, cfg, data, plan) for k in names}
+    benches = {k: _Bench(k, cfg, data, plan) for k in names}
+    for b in benches.values():  # warm-up outside the clocks: cuDNN autotuning, the allocator
+        for _ in range(2):
+            b.train_step()
+            b.infer_step()
 
-    dev, cuda = plan.device, plan.device.type == "cuda"
-    torch.manual_seed(0)
-    models = {"ours": FasterRCNN(cfg).to(dev), "torchvision": torchvision_model(cfg).to(dev)}
-    _, images, targets = next(batches(data, plan.batch, 1, dev))
-    inputs = {"ours": (images, targets),
-              "torchvision": ([im.float() / 255 for im in images],
-                              [{"boxes": b, "labels": lab} for b, lab in zip(targets["boxes"], targets["labels"],
-                                                                               strict=True)])}
-    opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-            for k, m in models.items()}
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def train_step(name: str) -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            losses = models[name](*inputs[name])
-        opts[name].zero_grad(set_to_none=True)
-        (total_loss(losses) if name == "ours" else sum(losses.values())).backward()
-        opts[name].step()
-
-    def infer_step(name: str) -> None:
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            models[name](inputs[name][0])
-
-    def clock(fn, name):
+    def clock(step):
         def sample() -> float:
-            sync()
+            _sync(plan.device)
             t = time.perf_counter()
             for _ in range(plan.timed_steps):
-                fn(name)
-            sync()
+                step()
+            _sync(plan.device)
             return (time.perf_counter() - t) / plan.timed_steps
         return sample
 
-    out: dict[str, Any] = {"peak_mem_gib": {}}
-    for name, m in models.items():
-        m.train()
-        for _ in range(2):  # warm-up: cuDNN autotune, allocator
-            train_step(name)
-        if cuda:
-            sync()
-            torch.cuda.reset_peak_memory_stats(dev)
-            train_step(name)
-            sync()
-            out["peak_mem_gib"][name] = torch.cuda.max_memory_allocated(dev) / 2**30
-    train = interleaved({k: clock(train_step, k) for k in models}, plan.rounds)
-    for m in models.values():
-        m.eval()
-    for name in models:
-        infer_step(name)
-    infer = interleaved({k: clock(infer_step, k) for k in models}, plan.rounds)
+    train = interleaved({k: clock(b.train_step) for k, b in benches.items()}, plan.rounds)
+    infer = interleaved({k: clock(b.infer_step) for k, b in benches.items()}, plan.rounds)
     out["train_ips"] = {k: plan.batch / min(v) for k, v in train.items()}
     out["infer_ips"] = {k: plan.batch / min(v) for k, v in infer.items()}
+    out["infer_dtype"] = {k: str(b.amp or torch.float32) for k, b in benches.items()}
     out["samples_s"] = {"train": train, "infer": infer}
     return out
 
@@ -242,18 +294,19 @@ def run(plan: Plan) -> tuple[dict[str, Any], list[tuple[str, str, str, bool | No
     from frcnn import FasterRCNN
 
     torch.manual_seed(0)
-    init = {k: v.clone() for k, v in FasterRCNN(cfg).state_dict().items()}
+    init = {k: v.clone() for k, v in FasterRCNN(cfg, load_backbone_weights=False).state_dict().items()}
     if plan.device.type == "cuda":  # float32 means float32: no TF32 in the reference run
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     curves, secs = {}, {}
     for name, amp in (("bf16", torch.bfloat16), ("fp32", None)):
-        t = time.perf_counter()
-        curves[name] = train_curve(cfg, data, plan, amp, init)
-        secs[name] = time.perf_counter() - t
+        curves[name], secs[name] = train_curve(cfg, data, plan, amp, init)
         w = windows(curves[name], "total")
         _say(f"{name}: {len(curves[name])} steps in {secs[name]:.1f} s; total loss by fifths "
              + " ".join(f"{v:.3f}" for v in w))
+    if plan.device.type == "cuda":  # as training sets it: speed is measured as production runs
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+        torch.backends.cudnn.benchmark = True
     sp = speed(cfg, data, plan)
     _say("speed: train " + ", ".join(f"{k} {v:.1f}" for k, v in sp["train_ips"].items())
          + " img/s; infer " + ", ".join(f"{k} {v:.1f}" for k, v in sp["infer_ips"].items()) + " img/s")
@@ -278,18 +331,84 @@ def run(plan: Plan) -> tuple[dict[str, Any], list[tuple[str, str, str, bool | No
     rows.append(("bf16 vs fp32, step 1, RPN losses", "same weights, batch and anchor sample",
                  "max rel. diff " + f"{max(first_step.values()):.2e} (tolerance 2^-6 = 1.6e-02)",
                  max(first_step.values()) <= 2.0**-6))
-    for kind in ("train", "infer"):
+    for kind, dtype in (("train", "bf16"), ("infer", sp["infer_dtype"]["ours"].replace("torch.", ""))):
         ips = sp[f"{kind}_ips"]
-        rows.append((f"{kind} images/s, bf16", f"torchvision {ips['torchvision']:.1f}",
+        rows.append((f"{kind} images/s, {dtype}", f"torchvision {ips['torchvision']:.1f}",
                      f"ours {ips['ours']:.1f} ({ips['ours'] / ips['torchvision']:.2f}x)", None))
     if sp["peak_mem_gib"]:
         m = sp["peak_mem_gib"]
-        rows.append(("peak GPU memory, train step", f"torchvision {m['torchvision']:.2f} GiB",
+        rows.append(("peak GPU memory, train step, alone", f"torchvision {m['torchvision']:.2f} GiB",
                      f"ours {m['ours']:.2f} GiB", None))
     result = {"plan": {k: str(v) for k, v in dataclasses.asdict(plan).items()}, "curves": curves,
               "speed": sp, "seconds": secs, "device_name": torch.cuda.get_device_name(plan.device)
               if plan.device.type == "cuda" else "cpu"}
     return result, rows
+
+
+def recipe_file(folder: Path) -> Path:
+    """The recipe's config (frcnn/configs/vgg16_voc.yaml) with random backbone weights (the device
+    machines have no network) on the generated dataset's classes, written to ``folder``."""
+    import yaml
+
+    from frcnn.config import config_file
+    from pipelines.synth import SYNTH_CLASSES
+
+    data = yaml.safe_load(config_file("vgg16_voc").read_text())
+    data["model"]["backbone"]["weights"] = None
+    data["model"].update(num_classes=len(SYNTH_CLASSES), class_names=list(SYNTH_CLASSES))
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _frcnn_jobs(*args: str, env: dict[str, str]) -> None:
+    import subprocess
+
+    _say("frcnn-jobs " + " ".join(args))
+    subprocess.run([sys.executable, "-c", "from jobs.cli import main; main()", *args], env=env, check=True)
+
+
+def train_images_per_s(tracking_uri: str, experiment: str) -> float:
+    """The newest train run's images/s (all ranks together), median of its logging windows after
+    the first (the first holds cuDNN's autotuning and the data path's start)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    values = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "system/perf/images_per_s"),
+                                      key=lambda m: m.step)]
+    return float(np.median(values[1:] if len(values) > 1 else values))
+
+
+def scaling(gpus: int, images: int, folder: Path) -> tuple[dict[str, Any], list]:
+    """The real ``frcnn-jobs train`` on the recipe (random weights, ``images`` generated images at
+    VOC's sizes) on 1 GPU and on ``gpus``: images/s per GPU and the scaling efficiency."""
+    import os
+
+    from pipelines.synth import VOC_LIKE_SIZES, generate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = recipe_file(folder)
+    generate(str(folder / "synth"), n_images=images, seed=0, sizes=VOC_LIKE_SIZES)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    shards = str(folder / "shards")
+    _frcnn_jobs("precompute", "--data-root", str(folder / "synth"), "--split", "trainval", "--config", str(config),
+                "--out", shards, "--overwrite", "--experiment", "gpu-check", env=env)
+    ips = {}
+    for n in sorted({1, gpus}):
+        _frcnn_jobs("train", "--data", shards, "--config", str(config), "--workers", str(n), "--gpus-per-worker",
+                    "1", "--epochs", "3", "--experiment", f"gpu-check-{n}", "--storage-path",
+                    str(folder / "ray_results"), env=env)
+        ips[n] = train_images_per_s(uri, f"gpu-check-{n}")
+    per_gpu = {n: v / n for n, v in ips.items()}
+    efficiency = ips[gpus] / (gpus * ips[1])
+    rows = [(f"frcnn-jobs train, {n} GPU{'s' if n > 1 else ''}", f"{images} images, recipe, batch 1 per GPU",
+             f"{ips[n]:.1f} images/s ({per_gpu[n]:.1f} per GPU)", None) for n in sorted(ips)]
+    if gpus > 1:
+        rows.append((f"scaling, 1 -> {gpus} GPUs", "images/s / (N x 1-GPU images/s)", f"{efficiency:.2f}", None))
+    return {"images_per_s": ips, "per_gpu": per_gpu, "efficiency": efficiency}, rows
 
 
 def print_table(rows) -> None:
@@ -308,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps per precision (300 full, 12 tiny)")
     ap.add_argument("--batch", type=int, default=None, help="images per step (4 full, 2 tiny)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="also run the real `frcnn-jobs train` on 1 and on N GPUs (images/s per GPU, scaling)")
+    ap.add_argument("--images", type=int, default=400, help="generated images for --gpus")
+    ap.add_argument("--workdir", type=Path, default=Path("gpu-check-work"), help="where --gpus writes its runs")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     tiny = args.tiny or not cuda
@@ -317,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.steps or (12 if tiny else 300), batch=args.batch or (2 if tiny else 4),
                 n_images=2 if tiny else 64, rounds=2 if tiny else 5, timed_steps=1 if tiny else 10)
     result, rows = run(plan)
+    if args.gpus:
+        result["scaling"], more = scaling(args.gpus, args.images, args.workdir)
+        rows += more
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))

@@ -175,7 +175,7 @@ def run_train(quick: bool, ws: Workspace, work: Path) -> dict[str, Any]:
 
     images = 64 if quick else 256
     epochs = 2 if quick else 3
-    rounds = 1  # a run takes minutes on the shared machine; the bare loop is measured before and after it
+    rounds = 1  # a run takes minutes; the bare loop is measured before and after it
     shards = ws.train_shards(images)
     tcfg = train_config(epochs)
     if quick:  # 8 steps an epoch: log often enough to span an epoch boundary
@@ -208,8 +208,8 @@ def run_train(quick: bool, ws: Workspace, work: Path) -> dict[str, Any]:
         wall = time.perf_counter() - t
         best_ckpt = res.best_checkpoint_path or res.checkpoint_path
         client = MlflowClient(uri)
-        hist = sorted(client.get_metric_history(res.run_id, "loss_total"), key=lambda m: m.step)
-        logged = [m.value for m in sorted(client.get_metric_history(res.run_id, "images_per_s"),
+        hist = sorted(client.get_metric_history(res.run_id, "train/loss_total"), key=lambda m: m.step)
+        logged = [m.value for m in sorted(client.get_metric_history(res.run_id, "system/perf/images_per_s"),
                                           key=lambda m: m.step)]
         if len(hist) < 2 or hist[-1].step - hist[0].step < steps_per_epoch:
             raise RuntimeError(f"run {res.run_id} logged loss_total at steps {[m.step for m in hist]}: too few "
@@ -270,7 +270,7 @@ def _floor_and_canvases(model, paths: list[Path]) -> tuple[float, list, list, li
     """Read + decode + canvas + to_tensor of every image, one thread: the decode floor (ms per
     image) and the pre-decoded canvases for ``detect()``."""
     from frcnn.canvas import to_tensor
-    from frcnn.inference import decode_image
+    from frcnn.images import decode_image
 
     canvases, scales, sizes = [], [], []
     with _one_thread():

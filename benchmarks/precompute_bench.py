@@ -16,7 +16,7 @@ ones, so that the sampler's own CPU does not slow the timed pipeline).
 
 The driver holds a handle to the precompute ledger actor for the whole Ray session: without one,
 the named actor dies whenever the previous run's handles are garbage-collected, and a run that
-starts at that moment gets a dying actor (``ActorDiedError``: see RESULTS.md, other findings).
+starts at that moment gets a dying actor (``ActorDiedError``: see docs/benchmarks.md).
 
 When row 2 misses its goal, the same images are also processed in this process, one torch thread,
 step by step (the floor's steps vs the pipeline's per-image ``process``, and the anchor targets
@@ -26,7 +26,6 @@ time goes, for the note.
 
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 import os
 import statistics
@@ -42,16 +41,14 @@ MEMORY_GOAL = 1.2
 
 def floor_image(args: tuple[str, int]) -> int:
     """Read, decode, put on the canvas, JPEG-encode: the floor of any precompute pipeline."""
-    from PIL import Image
-
     from frcnn.canvas import CanvasTransform
+    from frcnn.images import decode_image
     from pipelines.schema import encode_canvas
 
     path, canvas = args
     with open(path, "rb") as f:
         data = f.read()
-    image = Image.open(io.BytesIO(data))
-    image.load()
+    image = decode_image(data)
     arr, _ = CanvasTransform(canvas, canvas).apply_image(image)
     return len(encode_canvas(arr, 95))
 
@@ -116,7 +113,7 @@ def per_image_breakdown(voc: Path, split: str, cfg, n: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             floor_image((it["image_path"], canvas))
             t1 = time.perf_counter()
-            row = worker.process(it)[0]
+            row = worker.process(it).row
             t2 = time.perf_counter()
             if row is not None:
                 keep = ~np.asarray(row["difficult"], dtype=bool)

@@ -40,8 +40,8 @@ def _one_run(shards: str, work: Path, workers: int, train_cfg, uri: str) -> dict
     if ray.is_initialized():
         ray.shutdown()
     client = MlflowClient(uri)
-    wait = _history(client, res.run_id, "data_wait_frac")
-    ips = _history(client, res.run_id, "images_per_s")
+    wait = _history(client, res.run_id, "system/perf/data_wait_frac")
+    ips = _history(client, res.run_id, "system/perf/images_per_s")
     def after(h: list) -> list:  # the windows after the first (the first holds the start-up)
         return [v for _, v in h[1:]] or [v for _, v in h]
 
@@ -86,7 +86,7 @@ def run(quick: bool, shards: str, work: Path, images: int) -> dict[str, Any]:
     }
     row7 = {
         "id": "7",
-        "what": "training throughput from 1 to 2 workers on this machine",
+        "what": "training throughput from 1 to 2 workers on one machine",
         "baseline": f"1 worker: {one['images_per_s_mean']:.2f} img/s",
         "figure": f"{scale:.2f}x ({two['images_per_s_mean']:.2f} img/s with 2 workers)",
         "goal": "none (ratio stated)", "met": None, "value": scale,

@@ -119,6 +119,47 @@ class _Group:
     __slots__ = ("offset", "size", "ny", "nx", "ys", "xs", "area", "product", "yinv", "xinv")
 
 
+def _cat(parts: list, n: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, n))
+
+
+def _cat_index(parts: list) -> np.ndarray:
+    return np.concatenate(parts).astype(np.intp) if parts else np.zeros(0, np.intp)
+
+
+def _shape_groups(ai: np.ndarray) -> tuple[list[_Group], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The inside anchors ``ai`` (float64, canvas order) by shape: the groups, each group's members
+    (indices into ``ai``, in the group's column order) and its distinct y- and x-extents."""
+    shapes, shape_of = np.unique(np.stack((ai[:, 2] - ai[:, 0], ai[:, 3] - ai[:, 1]), 1), axis=0,
+                                 return_inverse=True)
+    shape_of = shape_of.reshape(-1)
+    groups, order, ys_all, xs_all = [], [], [], []
+    offset = 0
+    for g in range(shapes.shape[0]):
+        members = np.flatnonzero(shape_of == g)
+        ys, yinv = np.unique(ai[members][:, [1, 3]], axis=0, return_inverse=True)
+        xs, xinv = np.unique(ai[members][:, [0, 2]], axis=0, return_inverse=True)
+        yinv, xinv = yinv.reshape(-1), xinv.reshape(-1)
+        cell = yinv * len(xs) + xinv
+        grp = _Group()
+        grp.product = members.size == len(ys) * len(xs) and np.unique(cell).size == members.size
+        if grp.product:
+            members = members[np.argsort(cell, kind="stable")]  # y-extent-major, as the outer product
+        else:  # not a grid: gather per anchor (correct for any anchors, slower)
+            grp.yinv, grp.xinv = yinv.astype(np.intp), xinv.astype(np.intp)
+        grp.offset, grp.size, grp.ny, grp.nx = offset, members.size, len(ys), len(xs)
+        y0, x0 = sum(len(y) for y in ys_all), sum(len(x) for x in xs_all)
+        grp.ys, grp.xs = slice(y0, y0 + len(ys)), slice(x0, x0 + len(xs))
+        # area as box_iou computes it: (x2 - x1) * (y2 - y1), identical for every member
+        grp.area = float(shapes[g, 0] * shapes[g, 1])
+        ys_all.append(ys)
+        xs_all.append(xs)
+        groups.append(grp)
+        order.append(members)
+        offset += members.size
+    return groups, order, ys_all, xs_all
+
+
 class AnchorTargetCreator:
     """The RPN's anchor targets (Ren et al. 2015, 3.1.2) for one anchor grid and canvas.
 
@@ -150,41 +191,10 @@ class AnchorTargetCreator:
         height, width = self.canvas_hw
         inside = (a64[:, 0] >= 0) & (a64[:, 1] >= 0) & (a64[:, 2] <= width) & (a64[:, 3] <= height)
         inside_idx = np.flatnonzero(inside)
-        ai = a64[inside_idx]
-        shapes, shape_of = np.unique(np.stack((ai[:, 2] - ai[:, 0], ai[:, 3] - ai[:, 1]), 1), axis=0,
-                                     return_inverse=True)
-        shape_of = shape_of.reshape(-1)
-        groups, order = [], []
-        xs_all, ys_all = [], []
-        offset = 0
-        for g in range(shapes.shape[0]):
-            members = np.flatnonzero(shape_of == g)
-            ys, yinv = np.unique(ai[members][:, [1, 3]], axis=0, return_inverse=True)
-            xs, xinv = np.unique(ai[members][:, [0, 2]], axis=0, return_inverse=True)
-            yinv, xinv = yinv.reshape(-1), xinv.reshape(-1)
-            cell = yinv * len(xs) + xinv
-            grp = _Group()
-            grp.product = members.size == len(ys) * len(xs) and np.unique(cell).size == members.size
-            if grp.product:
-                members = members[np.argsort(cell, kind="stable")]  # y-extent-major, as the outer product
-            else:  # not a grid: gather per anchor (correct for any anchors, slower)
-                grp.yinv, grp.xinv = yinv.astype(np.intp), xinv.astype(np.intp)
-            grp.offset, grp.size, grp.ny, grp.nx = offset, members.size, len(ys), len(xs)
-            grp.ys = slice(sum(len(y) for y in ys_all), sum(len(y) for y in ys_all) + len(ys))
-            grp.xs = slice(sum(len(x) for x in xs_all), sum(len(x) for x in xs_all) + len(xs))
-            # area as box_iou computes it: (x2 - x1) * (y2 - y1), identical for every member
-            grp.area = float(shapes[g, 0] * shapes[g, 1])
-            ys_all.append(ys)
-            xs_all.append(xs)
-            groups.append(grp)
-            order.append(members)
-            offset += members.size
+        groups, order, ys_all, xs_all = _shape_groups(a64[inside_idx])
         self._groups = groups
         self.layout = inside_idx[np.concatenate(order)] if order else inside_idx  # column -> anchor index
-        def cat(parts: list, n: int) -> np.ndarray:
-            return np.concatenate(parts) if parts else np.zeros((0, n))
-
-        ys_cat, xs_cat = cat(ys_all, 2), cat(xs_all, 2)
+        ys_cat, xs_cat = _cat(ys_all, 2), _cat(xs_all, 2)
         self._y1, self._y2 = np.ascontiguousarray(ys_cat[:, 0]), np.ascontiguousarray(ys_cat[:, 1])
         self._x1, self._x2 = np.ascontiguousarray(xs_cat[:, 0]), np.ascontiguousarray(xs_cat[:, 1])
         self._a32 = np.ascontiguousarray(a32[self.layout])  # encode() reads the anchors in float32
@@ -193,8 +203,16 @@ class AnchorTargetCreator:
         self._empty_labels[inside_idx] = 0
         self.num_inside = int(inside_idx.size)
         self._local = threading.local()
-        # Per group: where its y- and x-extents start in the tables, its sizes, columns and area;
-        # per column: its group and the row of its y- and x-extent in the tables.
+        self._index_groups(groups)
+        # The pruned path needs every shape to be a full grid and thresholds above 0.
+        self.pruned = all(g.product for g in groups) and min(self.pos_iou, self.neg_iou) > 0
+        self._column = np.full(self.num_anchors, -1, dtype=np.intp)  # anchor index -> column
+        self._column[self.layout] = np.arange(self.num_inside)
+        self._weights = np.array(self.coder.weights, dtype=np.float32)
+
+    def _index_groups(self, groups: list[_Group]) -> None:
+        """Per group: where its y- and x-extents start in the tables, its sizes, columns and area;
+        per column: its group and the row of its y- and x-extent in the tables."""
         self._g_y0 = np.array([g.ys.start for g in groups], dtype=np.intp)
         self._g_x0 = np.array([g.xs.start for g in groups], dtype=np.intp)
         self._g_nx = np.array([g.nx for g in groups], dtype=np.intp)
@@ -211,15 +229,7 @@ class AnchorTargetCreator:
             else:
                 col_y.append(g.ys.start + g.yinv)
                 col_x.append(g.xs.start + g.xinv)
-        def cat_i(parts: list) -> np.ndarray:
-            return np.concatenate(parts).astype(np.intp) if parts else np.zeros(0, np.intp)
-
-        self._col_g, self._col_y, self._col_x = cat_i(col_g), cat_i(col_y), cat_i(col_x)
-        # The pruned path needs every shape to be a full grid and thresholds above 0.
-        self.pruned = all(g.product for g in groups) and min(self.pos_iou, self.neg_iou) > 0
-        self._column = np.full(self.num_anchors, -1, dtype=np.intp)  # anchor index -> column
-        self._column[self.layout] = np.arange(self.num_inside)
-        self._weights = np.array(self.coder.weights, dtype=np.float32)
+        self._col_g, self._col_y, self._col_x = _cat_index(col_g), _cat_index(col_y), _cat_index(col_x)
 
     def matches(self, anchors: Tensor, canvas_hw: tuple[int, int], pos_iou: float, neg_iou: float,
                 box_coder: BoxCoder | None) -> bool:
@@ -424,6 +434,17 @@ def assign_anchor_targets(anchors: Tensor, boxes: Tensor, canvas_hw: tuple[int, 
     return anchor_target_creator(anchors, canvas_hw, pos_iou, neg_iou, box_coder)(boxes)
 
 
+def random_subset(mask: Tensor, k: Tensor, keys: Tensor) -> Tensor:
+    """``k`` (per row, a tensor) of the True entries of ``mask`` (..., N), those with the lowest
+    ``keys`` (uniform draws: a random subset), as a mask: shapes stay fixed, nothing waits for the
+    host (no ``nonzero``, no counts read back)."""
+    prio = torch.where(mask, keys, torch.full_like(keys, 2.0))
+    order = prio.argsort(dim=-1)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(
+        mask.shape[-1], device=mask.device).expand_as(order))
+    return mask & (rank < k.unsqueeze(-1))
+
+
 def sample_anchor_labels(labels: Tensor, batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                          generator: torch.Generator | None = None) -> Tensor:
     """Draw a fresh balanced sample from ``(B, N)`` anchor labels; the unsampled become -1.
@@ -438,12 +459,7 @@ def sample_anchor_labels(labels: Tensor, batch_size_per_image: int = 256, positi
     keys = torch.rand(labels.shape, generator=generator, device=labels.device)
     out = torch.full_like(labels, -1)
     for mask, k, value in ((pos, num_pos, 1), (neg, num_neg, 0)):
-        # Random rank of each candidate among its row's candidates; keep the k lowest.
-        prio = torch.where(mask, keys, torch.full_like(keys, 2.0))
-        order = prio.argsort(dim=1)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(
-            labels.shape[1], device=labels.device).expand_as(order))
-        out[mask & (rank < k[:, None])] = value
+        out = torch.where(random_subset(mask, k, keys), value, out)
     return out
 
 

@@ -18,11 +18,14 @@ blocks (``freeze_at: 2`` fixes conv1_1..conv2_2, as py-faster-rcnn does), ResNet
 (conv1, bn1, pool) then layer1, layer2, layer3 (``2``: stem + layer1), MobileNetV3's and the tiny
 net's are their stride-2 stages. BatchNorm layers in a frozen stage become
 ``torchvision.ops.FrozenBatchNorm2d``: their statistics stay fixed too.
+
+A new backbone is one function registered with ``@register_backbone(name)``: it returns the
+feature extractor, its stages and (optionally) its own RoI head as :class:`BackboneParts`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BackboneConfig, RoIHeadConfig
+from .errors import JobError
 
 
 @dataclass
@@ -43,7 +47,7 @@ class Backbone:
     head_out: int
 
 
-class WeightsError(ValueError):
+class WeightsError(JobError, ValueError):
     """A backbone weights file that does not fit the architecture; the message names the file."""
 
 
@@ -243,85 +247,132 @@ def freeze_stages(body: nn.Sequential, stage_ends: tuple[int, ...], n: int, name
             p.requires_grad_(False)
 
 
-def build_backbone(cfg: BackboneConfig, roi: RoIHeadConfig, stride: int) -> Backbone:
-    p = roi.pool_size
-    head_kind = roi.head
-    if roi.reduce_channels and head_kind in ("vgg", "resnet"):
-        raise ValueError(f"roi.reduce_channels needs the light head, not {head_kind!r}")
+@dataclass
+class BackboneParts:
+    """What a registered builder returns: the stride-16 feature extractor, its stages (child
+    index after each, for ``freeze_at``) and, when asked for, its own RoI head."""
 
-    def light(channels: int) -> tuple[nn.Module, int]:
-        return LightHead((roi.reduce_channels or channels) * p * p, roi.representation_size,
-                         roi.dropout), roi.representation_size
+    body: nn.Sequential
+    channels: int
+    stride: int
+    stage_ends: tuple[int, ...]
+    head: tuple[nn.Module, int] | None = None  # (head, its output width); None: the light head
 
-    if cfg.name == "vgg16":
-        # Built on the meta device, then only the layers used are given memory, and initialised
-        # only when no weights are loaded: fc6 alone is 103 M parameters (seconds to initialise,
-        # 411 MB), and fc8 or, under the light head, fc6/fc7 are never used.
-        with torch.device("meta"):
-            vgg = torchvision.models.vgg16(weights=None)
-        own_head = head_kind == "vgg" or (head_kind == "auto" and not roi.reduce_channels)
-        used = [vgg.features] + ([vgg.classifier[0], vgg.classifier[3]] if own_head else [])
-        for m in used:
-            m.to_empty(device="cpu")
-        if not load_backbone_weights(vgg, cfg.weights, "vgg16",
-                                     ("features.",) + (("classifier.0.", "classifier.3.") if own_head else ()),
-                                     torchvision.models.VGG16_Weights.IMAGENET1K_V1):
-            for m in used:
-                _vgg_init(m)
-        body = nn.Sequential(*list(vgg.features)[:30])  # conv1_1 .. conv5_3 + ReLU, stride 16
-        channels, body_stride = 512, 16
-        stage_ends = (5, 10, 17, 24, 30)  # after pool1 .. pool4, then conv5_3's ReLU
-        if own_head:
-            if p != 7:
-                raise ValueError("the VGG head (fc6 of 25088 inputs) needs roi.pool_size 7")
-            head, head_out = vgg_head(vgg, roi.dropout), 4096
-        else:
-            head, head_out = light(channels)
-    elif cfg.name == "resnet50":
-        # Pretrained: BatchNorm frozen throughout (torchvision's and Detectron's detection rule):
-        # a few images per GPU give no usable batch statistics.
-        rn = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d if cfg.weights else None)
-        own_head = head_kind == "resnet" or (head_kind == "auto" and not roi.reduce_channels)
-        load_backbone_weights(rn, cfg.weights, "resnet50",
-                              ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.") + (("layer4.",) if own_head else ()),
-                              torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
-        body = nn.Sequential(rn.conv1, rn.bn1, rn.relu, rn.maxpool, rn.layer1, rn.layer2, rn.layer3)
-        channels, body_stride = 1024, 16
-        stage_ends = (4, 5, 6, 7)  # stem, layer1, layer2, layer3
-        if own_head:
-            head, head_out = ResNetC5Head(rn.layer4, roi.dropout), 2048
-        else:
-            head, head_out = light(channels)
-    elif cfg.name == "mobilenet_v3":
-        mb = torchvision.models.mobilenet_v3_large(weights=None)
-        load_backbone_weights(mb, cfg.weights, "mobilenet_v3", tuple(f"features.{i}." for i in range(13)),
-                              torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1)
-        body = nn.Sequential(*list(mb.features)[:13])  # up to the last stride-16 block
-        channels, body_stride = 112, 16
-        stage_ends = (2, 4, 7, 13)  # strides 2, 4, 8, 16
-        head, head_out = light(channels)
-    elif cfg.name == "tiny":
-        body = tiny_body(tuple(cfg.tiny_channels))
-        channels, body_stride = cfg.tiny_channels[-1], 2 ** len(cfg.tiny_channels)
-        if cfg.weights == "imagenet":
-            raise WeightsError("backbone tiny: no ImageNet weights; use a local state-dict path")
-        if cfg.weights:
-            state = _read_state_dict(cfg.weights)
-            own = set(body.state_dict())
-            missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-            if missing or unexpected:
-                raise WeightsError(
-                    f"backbone weights {cfg.weights} for tiny{tuple(cfg.tiny_channels)}: missing "
-                    f"{_some(missing, 'tiny') or 'none'}; unexpected {_some(unexpected, 'tiny') or 'none'}")
-            try:
-                body.load_state_dict(state)
-            except RuntimeError as e:  # shapes: another tiny_channels
-                raise WeightsError(f"backbone weights {cfg.weights} for tiny{tuple(cfg.tiny_channels)}: {e}") from e
-        stage_ends = tuple(range(2, 2 * len(cfg.tiny_channels) + 1, 2))
-        head, head_out = light(channels)
+
+# (config, roi config, own head wanted, load weights) -> parts
+Builder = Callable[[BackboneConfig, RoIHeadConfig, bool, bool], BackboneParts]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Builder
+    own_head: str | None  # the ``roi.head`` name of the architecture's own head; None: light only
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(name: str, own_head: str | None = None) -> Callable[[Builder], Builder]:
+    """Add a backbone under ``backbone.name``: the one place a new architecture goes. The builder
+    loads its weights only when told to (``load_weights``; a checkpoint brings its own)."""
+    def add(build: Builder) -> Builder:
+        BACKBONES[name] = BackboneSpec(build, own_head)
+        return build
+
+    return add
+
+
+def build_backbone(cfg: BackboneConfig, roi: RoIHeadConfig, stride: int, *, load_weights: bool = True) -> Backbone:
+    """The backbone ``cfg.name`` with its RoI head. ``load_weights=False`` builds the same
+    architecture (including what ``cfg.weights`` implies, e.g. ResNet's frozen BatchNorm) without
+    reading or downloading ``cfg.weights``: for a model whose state dict comes next (a checkpoint,
+    or DDP's broadcast from rank 0)."""
+    spec = BACKBONES.get(cfg.name)
+    if spec is None:
+        raise ValueError(f"unknown backbone {cfg.name!r}: {', '.join(BACKBONES)}")
+    if roi.reduce_channels and roi.head in ("vgg", "resnet"):
+        raise ValueError(f"roi.reduce_channels needs the light head, not {roi.head!r}")
+    own = spec.own_head is not None and (roi.head == spec.own_head or (roi.head == "auto" and not roi.reduce_channels))
+    parts = spec.build(cfg, roi, own, load_weights)
+    if parts.stride != stride:
+        raise ValueError(f"backbone {cfg.name} has stride {parts.stride}, the anchor config says {stride}")
+    freeze_stages(parts.body, parts.stage_ends, cfg.freeze_at, cfg.name)
+    if parts.head is None:
+        p = roi.pool_size
+        head, head_out = LightHead((roi.reduce_channels or parts.channels) * p * p, roi.representation_size,
+                                   roi.dropout), roi.representation_size
     else:
-        raise ValueError(f"unknown backbone {cfg.name!r}: vgg16, resnet50, mobilenet_v3 or tiny")
-    if body_stride != stride:
-        raise ValueError(f"backbone {cfg.name} has stride {body_stride}, the anchor config says {stride}")
-    freeze_stages(body, stage_ends, cfg.freeze_at, cfg.name)
-    return Backbone(body=body, out_channels=channels, stride=body_stride, head=head, head_out=head_out)
+        head, head_out = parts.head
+    return Backbone(body=parts.body, out_channels=parts.channels, stride=parts.stride, head=head, head_out=head_out)
+
+
+@register_backbone("vgg16", own_head="vgg")
+def _vgg16(cfg: BackboneConfig, roi: RoIHeadConfig, own_head: bool, load_weights: bool) -> BackboneParts:
+    # Built on the meta device, then only the layers used are given memory, and initialised
+    # only when no weights are loaded: fc6 alone is 103 M parameters (seconds to initialise,
+    # 411 MB), and fc8 or, under the light head, fc6/fc7 are never used.
+    with torch.device("meta"):
+        vgg = torchvision.models.vgg16(weights=None)
+    used = [vgg.features] + ([vgg.classifier[0], vgg.classifier[3]] if own_head else [])
+    for m in used:
+        m.to_empty(device="cpu")
+    if not load_backbone_weights(vgg, cfg.weights if load_weights else None, "vgg16",
+                                 ("features.",) + (("classifier.0.", "classifier.3.") if own_head else ()),
+                                 torchvision.models.VGG16_Weights.IMAGENET1K_V1):
+        for m in used:
+            _vgg_init(m)
+    body = nn.Sequential(*list(vgg.features)[:30])  # conv1_1 .. conv5_3 + ReLU, stride 16
+    head = None
+    if own_head:
+        if roi.pool_size != 7:
+            raise ValueError("the VGG head (fc6 of 25088 inputs) needs roi.pool_size 7")
+        head = (vgg_head(vgg, roi.dropout), 4096)
+    # Stages end after pool1 .. pool4, then at conv5_3's ReLU.
+    return BackboneParts(body, 512, 16, (5, 10, 17, 24, 30), head)
+
+
+@register_backbone("resnet50", own_head="resnet")
+def _resnet50(cfg: BackboneConfig, roi: RoIHeadConfig, own_head: bool, load_weights: bool) -> BackboneParts:
+    # Pretrained: BatchNorm frozen throughout (torchvision's and Detectron's detection rule):
+    # a few images per GPU give no usable batch statistics.
+    rn = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d if cfg.weights else None)
+    load_backbone_weights(rn, cfg.weights if load_weights else None, "resnet50",
+                          ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.") + (("layer4.",) if own_head else ()),
+                          torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+    body = nn.Sequential(rn.conv1, rn.bn1, rn.relu, rn.maxpool, rn.layer1, rn.layer2, rn.layer3)
+    head = (ResNetC5Head(rn.layer4, roi.dropout), 2048) if own_head else None
+    return BackboneParts(body, 1024, 16, (4, 5, 6, 7), head)  # stages: stem, layer1, layer2, layer3
+
+
+@register_backbone("mobilenet_v3")
+def _mobilenet_v3(cfg: BackboneConfig, roi: RoIHeadConfig, own_head: bool, load_weights: bool) -> BackboneParts:
+    mb = torchvision.models.mobilenet_v3_large(weights=None)
+    load_backbone_weights(mb, cfg.weights if load_weights else None, "mobilenet_v3",
+                          tuple(f"features.{i}." for i in range(13)),
+                          torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1)
+    body = nn.Sequential(*list(mb.features)[:13])  # up to the last stride-16 block
+    return BackboneParts(body, 112, 16, (2, 4, 7, 13))  # stages end at strides 2, 4, 8, 16
+
+
+@register_backbone("tiny")
+def _tiny(cfg: BackboneConfig, roi: RoIHeadConfig, own_head: bool, load_weights: bool) -> BackboneParts:
+    channels = tuple(cfg.tiny_channels)
+    body = tiny_body(channels)
+    if cfg.weights == "imagenet":
+        raise WeightsError("backbone tiny: no ImageNet weights; use a local state-dict path")
+    if cfg.weights and load_weights:
+        _load_tiny_weights(body, cfg.weights, channels)
+    return BackboneParts(body, channels[-1], 2 ** len(channels), tuple(range(2, 2 * len(channels) + 1, 2)))
+
+
+def _load_tiny_weights(body: nn.Module, weights: str, channels: tuple[int, ...]) -> None:
+    state = _read_state_dict(weights)
+    own = set(body.state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if missing or unexpected:
+        raise WeightsError(f"backbone weights {weights} for tiny{channels}: missing "
+                           f"{_some(missing, 'tiny') or 'none'}; unexpected {_some(unexpected, 'tiny') or 'none'}")
+    try:
+        body.load_state_dict(state)
+    except RuntimeError as e:  # shapes: another tiny_channels
+        raise WeightsError(f"backbone weights {weights} for tiny{channels}: {e}") from e

@@ -1,6 +1,6 @@
 """Typed configuration: one frozen dataclass per stage, loadable from YAML.
 
-Defaults are the walkthrough's numbers (``shared/seed/NOTES.md``): VGG16 at stride 16, an
+Defaults are the numbers of the Faster R-CNN walkthrough the detector follows: VGG16 at stride 16, an
 800x800 canvas, 9 anchors (ratios 0.5/1/2 x scales 8/16/32), 256 anchors sampled per image,
 12000/2000 (train) and 6000/300 (test) proposals, 128 RoIs at most 25 % foreground, 7x7 pooling.
 
@@ -14,12 +14,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+import numbers
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,7 @@ class RoIHeadConfig:
 class ModelConfig:
     num_classes: int = 20  # foreground classes; the head predicts num_classes + 1
     class_names: tuple[str, ...] = ()
+    category_ids: tuple[int, ...] = ()  # the dataset's id of each class (COCO), when it has ids
     canvas: CanvasConfig = field(default_factory=CanvasConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -179,6 +187,8 @@ class ModelConfig:
             raise ValueError(
                 f"{len(self.class_names)} class names given for num_classes={self.num_classes}"
             )
+        if self.category_ids and len(self.category_ids) != self.num_classes:
+            raise ValueError(f"{len(self.category_ids)} category ids given for num_classes={self.num_classes}")
         _check_canvas(self.canvas, s)
         fmt, mean = self.backbone.input_format, self.canvas.mean
         if fmt not in ("torchvision", "caffe"):
@@ -242,6 +252,62 @@ class ModelConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train:`` section. The learning rate scales with the effective batch (workers x
+    per-worker batch): ``lr = base_lr * scale(effective_batch / lr_reference_batch)`` with scale
+    ``linear`` (Goyal et al. 2017: the default), ``sqrt`` or ``none``."""
+
+    epochs: int = 12
+    batch_size: int = 2  # per worker
+    base_lr: float = 0.02
+    lr_reference_batch: int = 16  # base_lr is the rate for this effective batch
+    lr_scaling: str = "linear"  # linear | sqrt | none
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    warmup_factor: float = 0.001
+    schedule: str = "step"  # step | cosine
+    milestones: tuple[float, ...] = (0.67, 0.89)  # fractions of the total steps (step schedule)
+    gamma: float = 0.1
+    grad_clip_norm: float = 10.0  # 0 disables
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    hflip_prob: float = 0.5
+    log_every: int = 10  # steps between MLflow metric writes
+    checkpoint_every: int = 1  # epochs between checkpoints
+    val_every: int = 1  # epochs between validations (the last epoch always validates)
+    keep_checkpoints: int = 2  # best k by the validation metric (latest k without validation)
+    max_failures: int = 2  # worker-group restarts before the job fails
+    # Validations in a row without a gain in val mAP@0.5 before the run stops (0: never stops early).
+    early_stop_patience: int = 0
+    seed: int = 0
+    prefetch_batches: int = 2
+    # DDP's gradient all-reduce: "none" (float32) or "bf16" (torch's bf16_compress_hook: half the
+    # bytes on the wire, gradients rounded to bfloat16 before they are averaged).
+    grad_compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.grad_compression not in ("none", "bf16"):
+            raise ValueError(f"train.grad_compression {self.grad_compression!r}: none or bf16")
+
+    def lr_for(self, effective_batch: int) -> float:
+        ratio = effective_batch / self.lr_reference_batch
+        if self.lr_scaling == "linear":
+            return self.base_lr * ratio
+        if self.lr_scaling == "sqrt":
+            return self.base_lr * math.sqrt(ratio)
+        if self.lr_scaling == "none":
+            return self.base_lr
+        raise ValueError(f"train.lr_scaling {self.lr_scaling!r}: linear, sqrt or none")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return _build(cls, data, "train")
+
+
 def _check_canvas(c: CanvasConfig, stride: int) -> None:
     """Refuse a canvas that cannot hold what its rule makes (nothing is shrunk silently)."""
     for h, w in c.sizes:
@@ -286,21 +352,66 @@ def _build(cls: type, data: Mapping[str, Any], where: str):
     unknown = set(data) - set(known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         f = known[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, tuple) and value is not None:
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the key."""
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as the field's type: an int is a float, a list a tuple; anything else that does
+    not match (a word for a number, a bool for an int, a scalar for a list) is a ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _typed(value, option, key)
+            except ConfigError:
+                pass
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+            if len(items) == len(value):
+                return tuple(_typed(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, items, strict=True)))
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    elif hint is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and every reader of it, as a number.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    quote = " (quote it: YAML reads on/off/yes/no as true/false)" if isinstance(value, bool) and hint is str else ""
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}{quote}")
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "null")
 
 
 # Shipped inside the package (frcnn/configs/<name>.yaml): `--config NAME` works from a wheel.
@@ -322,12 +433,14 @@ def config_file(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_config(name_or_path: str | Path) -> tuple[ModelConfig | None, dict[str, Any]]:
+def load_config(name_or_path: str | Path,
+                overrides: Overrides | None = None) -> tuple[ModelConfig | None, dict[str, Any]]:
     """The one config loader: a YAML with a ``model:`` and/or a ``train:`` section (or a bare
-    model mapping), by packaged name or path. Returns the model config (None without a ``model:``
-    section) and the ``train:`` section as a dict (validated against ``TrainConfig``; the caller
-    applies its command-line overrides and builds ``TrainConfig.from_dict``). Anything unusable
-    raises ``ConfigError`` naming the file and the key."""
+    model mapping), by packaged name or path, with ``overrides`` (``--set key=value``) applied to
+    it before anything is built. Returns the model config (None without a ``model:`` section: then
+    ``overrides.model(base)`` changes the caller's base) and the ``train:`` section as a dict
+    (validated against ``TrainConfig``; the caller applies its shorthand options and builds
+    ``TrainConfig.from_dict``). Anything unusable raises ``ConfigError`` naming the file and the key."""
     path = config_file(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -345,8 +458,8 @@ def load_config(name_or_path: str | Path) -> tuple[ModelConfig | None, dict[str,
     unknown = sorted(str(k) for k in set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; a config holds {' and '.join(_SECTIONS)} sections")
-    from .training import TrainConfig  # training imports this module
-
+    if overrides:
+        data = overrides.apply(data, sections=[k for k in _SECTIONS if k == "train" or data.get(k) is not None])
     built = {}
     for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
         try:
@@ -357,6 +470,104 @@ def load_config(name_or_path: str | Path) -> tuple[ModelConfig | None, dict[str,
             raise ConfigError(f"{path}: {section}: {exc}") from exc
     model = built["model"] if data.get("model") is not None else None
     return model, dict(data.get("train") or {})
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """``--set key=value`` settings: dotted keys under ``model.`` or ``train.``, values read with
+    YAML's scalar rules (``0.6``, ``true``, ``null``, ``[0.5, 1.0]``, ``tiny``). Each key and value
+    is checked against the config dataclasses when parsed, so a typo or a wrong type is refused
+    before any work starts, naming the key.
+
+        ov = Overrides.parse(["model.rpn.nms_thresh=0.6", "train.epochs=3"])
+        load_config("tiny", ov)       # the file with both settings applied
+        ov.model(cfg)                  # a ModelConfig with model.* applied
+    """
+
+    items: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, texts: Iterable[str]) -> Overrides:
+        items: dict[str, Any] = {}
+        for text in texts:
+            key, sep, raw = str(text).partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. train.epochs=3")
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {key}: {raw!r} is not a YAML scalar or list ({type(exc).__name__})") from None
+            hint = _hint_of(key)
+            if isinstance(value, (bool, int, float)) and hint in (str, str | None):
+                value = raw.strip()  # a word field takes the text as written (amp=off, not False)
+            items[key] = _typed(value, hint, f"--set {key}")
+        return cls(tuple(items.items()))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The settings under ``name.`` (``model`` or ``train``), dotted keys without the prefix."""
+        return {k.split(".", 1)[1]: v for k, v in self.items if k.split(".", 1)[0] == name}
+
+    def apply(self, data: Mapping[str, Any], sections: Iterable[str] = _SECTIONS) -> dict[str, Any]:
+        """A copy of a ``{model: ..., train: ...}`` mapping with the settings of ``sections`` set."""
+        out = json.loads(json.dumps(dict(data), default=list))  # a deep copy, tuples as lists
+        for name in sections:
+            for key, value in self.section(name).items():
+                *parents, leaf = [name, *key.split(".")]
+                node = out
+                for part in parents:
+                    if not isinstance(node.get(part), dict):
+                        node[part] = {}
+                    node = node[part]
+                node[leaf] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def model(self, cfg: ModelConfig) -> ModelConfig:
+        """``cfg`` with the ``model.*`` settings applied (through the loader's checks)."""
+        if not self.section("model"):
+            return cfg
+        try:
+            return ModelConfig.from_dict(self.apply({"model": cfg.to_dict()}, ["model"])["model"])
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:  # a combination the dataclass refuses
+            raise ConfigError(f"--set: model: {exc}") from exc
+
+    def train(self, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A ``train:`` section (a dict) with the ``train.*`` settings applied."""
+        return self.apply({"train": dict(data or {})}, ["train"])["train"]
+
+    def args(self) -> list[str]:
+        """As command-line text: ``["model.rpn.nms_thresh=0.6", ...]``."""
+        return [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in self.items]
+
+
+def config_value(key: str, value: Any) -> Any:
+    """``value`` checked (and converted) for the dotted config key ``key``, as ``--set`` does;
+    ConfigError naming the key otherwise."""
+    return _typed(value, _hint_of(key), key)
+
+
+def _hint_of(key: str) -> Any:
+    """The declared type of a dotted config key; ConfigError naming the key if there is none."""
+    head, _, rest = key.partition(".")
+    cls: Any = {"model": ModelConfig, "train": TrainConfig}.get(head)
+    if cls is None or not rest:
+        raise ConfigError(f"--set {key}: unknown key; keys start with model. or train. (e.g. model.rpn.nms_thresh)")
+    where = head
+    for part in rest.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            known = sorted(hints) if hints else []
+            raise ConfigError(f"--set {key}: unknown key {part!r} in {where}" +
+                              (f"; known: {', '.join(known)}" if known else f" ({where} is a value, not a section)"))
+        cls, where = hints[part], f"{where}.{part}"
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"--set {key}: a section; set one of its keys ({', '.join(f.name for f in fields(cls))})")
+    return cls
 
 
 def tiny_config(num_classes: int = 5, class_names: tuple[str, ...] = (), canvas: int = 192) -> ModelConfig:

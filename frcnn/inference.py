@@ -1,20 +1,19 @@
 """One way to load a trained detector and run it on encoded images (JPEG/PNG bytes).
 
-    detector = Detector.from_checkpoint("checkpoint.pt")            # or the file's bytes
+    detector = Detector.from_checkpoint("checkpoint.pt", "cpu")     # or the file's bytes; or "cuda"
     results = detector.predict([jpeg_bytes, png_bytes, b"garbage"])   # one Detections per input
     results[0].boxes   # (N, 4) float32, xyxy in the ORIGINAL image's pixels
 
 Used by the registered MLflow pyfunc (``jobs/pyfunc_model.py``) and by the Ray Data predictor
-that ``infer`` and ``evaluate`` share (``pipelines/predict.py``): decode (greyscale, palette and
-RGBA become RGB) -> the model's canvas transform -> ``FasterRCNN.detect`` in batches -> boxes
-mapped back to each image. An input that does not decode gives a result with ``error`` set,
+that ``infer`` and ``evaluate`` share (``pipelines/predict.py``): decode (``frcnn.images``: upright,
+8-bit RGB, bombs refused) -> the model's canvas transform -> ``FasterRCNN.detect`` in batches ->
+boxes mapped back to each image. An input that does not decode gives a result with ``error`` set,
 never an exception: one bad file must not cost the batch.
 """
 
 from __future__ import annotations
 
 import io
-import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,30 +22,20 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .canvas import to_tensor
+from .images import decode_error_reason, decode_image
 from .model import FasterRCNN
+from .precision import autocast, autocast_dtype
 from .training import load_checkpoint, model_from_checkpoint
 
-__all__ = ["Detections", "Detector", "decode_image", "load_model"]
-
-_BYTESIO = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+__all__ = ["Detections", "Detector", "load_model"]
 
 
 def load_model(checkpoint: str | bytes | BinaryIO, device: str | torch.device = "cpu") -> FasterRCNN:
     """A checkpoint (path, bytes or file object; ``weights_only=True``) -> the model in eval mode."""
     src = io.BytesIO(checkpoint) if isinstance(checkpoint, (bytes, bytearray, memoryview)) else checkpoint
     return model_from_checkpoint(load_checkpoint(src)).to(device).eval()
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode any PIL-readable image fully (greyscale, palette and RGBA become RGB)."""
-    if not data:
-        raise ValueError("empty image (0 bytes)")
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
 
 
 @dataclass
@@ -72,19 +61,22 @@ class Detector:
 
     ``threads``: torch's intra-op threads, also the threads decoding a batch (PIL releases the GIL
     while decoding and resizing, so a batch decodes in parallel). ``score_threshold``: drop
-    detections below it (the model's own ``roi.score_thresh`` always applies).
+    detections below it (the model's own ``roi.score_thresh`` always applies). ``amp``: the
+    model's autocast as ``train.amp`` names it (``auto``: bfloat16 on CUDA, float32 on CPU); boxes
+    and scores stay float32 either way. The device is the model's: the caller chooses it.
 
     ``predict`` may be called from several threads at once: the model runs one batch at a time
     (a lock), while the other callers decode theirs. Two callers on a one-thread detector keep
     the model busy while the next batch decodes on another core (``pipelines/predict.py``).
     """
 
-    def __init__(self, model: FasterRCNN, *, score_threshold: float | None = None, threads: int | None = None
-                 ) -> None:
+    def __init__(self, model: FasterRCNN, *, score_threshold: float | None = None, threads: int | None = None,
+                 amp: str = "auto") -> None:
         if threads:
             torch.set_num_threads(int(threads))
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.amp = autocast_dtype(amp, self.device)
         self.score_threshold = score_threshold
         self.class_names = tuple(model.cfg.class_names)
         workers = max(1, int(threads or torch.get_num_threads()))
@@ -93,8 +85,10 @@ class Detector:
         self._model_lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | bytes | BinaryIO, device: str | None = None, **kwargs) -> Detector:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    def from_checkpoint(cls, checkpoint: str | bytes | BinaryIO, device: str | torch.device = "cpu",
+                        **kwargs) -> Detector:
+        """The detector of a checkpoint on ``device`` (never chosen for the caller: a CPU
+        predictor on a GPU node stays on the CPU)."""
         return cls(load_model(checkpoint, device), **kwargs)
 
     def class_name(self, label: int) -> str:
@@ -106,8 +100,7 @@ class Detector:
         try:
             image = decode_image(data)
         except Exception as exc:  # noqa: BLE001 - any decoder error is this input's reported reason
-            # PIL names its in-memory file ("<_io.BytesIO object at 0x...>"): noise in a report.
-            return f"unreadable image: {type(exc).__name__}: {_BYTESIO.sub('', str(exc))}".rstrip(": ")
+            return decode_error_reason(exc, "unreadable image")
         canvas, scale = self.model.canvas.apply_image(image)
         return to_tensor(canvas), scale, (image.height, image.width)
 
@@ -124,7 +117,7 @@ class Detector:
         found: dict[int, dict] = {}
         for idx in groups.values():
             batch = torch.stack([prepared[i][0] for i in idx])
-            with self._model_lock:
+            with self._model_lock, autocast(self.device, self.amp):
                 dets = self.model.detect(batch.to(self.device), [prepared[i][1] for i in idx],
                                          [prepared[i][2] for i in idx])
             found.update(zip(idx, dets, strict=True))

@@ -30,10 +30,13 @@ LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls", "loss_roi_loc")
 
 
 class FasterRCNN(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, load_backbone_weights: bool = True) -> None:
+        """``load_backbone_weights=False``: the same architecture without reading (or downloading)
+        ``cfg.backbone.weights``, for a model whose state dict comes next (a checkpoint, DDP's
+        broadcast from rank 0)."""
         super().__init__()
         self.cfg = cfg
-        bb = build_backbone(cfg.backbone, cfg.roi, cfg.anchors.stride)
+        bb = build_backbone(cfg.backbone, cfg.roi, cfg.anchors.stride, load_weights=load_backbone_weights)
         self.backbone = bb.body
         self.rpn_head = RPNHead(bb.out_channels, cfg.rpn.mid_channels, cfg.anchors.num_anchors)
         self.roi_heads = RoIHeads(cfg.roi, bb.head, bb.head_out, cfg.num_classes + 1, cfg.anchors.stride,

@@ -7,24 +7,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
 
+from .anchors import random_subset
 from .boxes import BoxCoder, clip_boxes
 from .config import RoIHeadConfig
-
-
-def float32_layer(layer: nn.Module, x: Tensor) -> Tensor:
-    """Run a predictor layer (the last linear or 1x1 conv before scores or box deltas) in float32
-    even under autocast. Its output is what ranks proposals, what NMS keeps and what moves a box;
-    rounded to bfloat16 (8 significant bits) a delta of 2.3 moves by up to 0.008 and logits near 10
-    by 0.03, ties appear among scores. These layers are a negligible share of the FLOPs (VGG16 at
-    1008x1008: under 0.1 %)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return layer(x.float())
+from .precision import float32_layer
 
 
 class ProposalTargetCreator:
     """Sample ``batch_size_per_image`` RoIs per image, at most ``positive_fraction`` foreground
     (IoU >= fg_iou), the rest background (IoU in [bg_iou_lo, bg_iou_hi)); ground-truth boxes are
-    added to the proposals so that the head always sees some foreground."""
+    added to the proposals so that the head always sees some foreground.
+
+    The sample is drawn on the proposals' device and has a fixed size, min(batch_size_per_image,
+    proposals + boxes): chosen foreground first, then chosen background, each in random order; when
+    there are fewer candidates than that, the rest are filler RoIs labelled -1, which no loss counts.
+    Nothing waits for the host."""
 
     def __init__(self, cfg: RoIHeadConfig, box_coder: BoxCoder) -> None:
         self.cfg = cfg
@@ -33,7 +30,7 @@ class ProposalTargetCreator:
     @torch.no_grad()
     def __call__(self, proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """-> sampled rois (R, 4), labels (R,) 0..C, regression targets (R, 4)."""
+        """-> sampled rois (R, 4), labels (R,) 0..C or -1 (filler), regression targets (R, 4)."""
         cfg = self.cfg
         device = proposals.device
         gt_boxes = gt_boxes.to(device=device, dtype=proposals.dtype)
@@ -41,22 +38,23 @@ class ProposalTargetCreator:
         if gt_boxes.numel() == 0:
             max_iou = torch.zeros(rois.shape[0], device=device)
             matched = torch.zeros(rois.shape[0], dtype=torch.long, device=device)
+            gt_boxes, gt_labels = rois[:1], torch.zeros(1, dtype=torch.long)  # never chosen: no foreground
         else:
             max_iou, matched = box_iou(rois, gt_boxes).max(dim=1)
-        fg = torch.nonzero(max_iou >= cfg.fg_iou).flatten()
-        bg = torch.nonzero((max_iou < cfg.bg_iou_hi) & (max_iou >= cfg.bg_iou_lo)).flatten()
-        n_fg = min(int(cfg.batch_size_per_image * cfg.positive_fraction), fg.numel())
-        fg = fg[torch.randperm(fg.numel(), generator=generator, device="cpu")[:n_fg].to(device)]
-        n_bg = min(cfg.batch_size_per_image - n_fg, bg.numel())
-        bg = bg[torch.randperm(bg.numel(), generator=generator, device="cpu")[:n_bg].to(device)]
-        keep = torch.cat([fg, bg])
-        rois = rois[keep]
-        labels = torch.zeros(keep.numel(), dtype=torch.long, device=device)
-        targets = torch.zeros((keep.numel(), 4), dtype=torch.float32, device=device)
-        if n_fg:
-            labels[:n_fg] = gt_labels.to(device)[matched[fg]]
-            targets[:n_fg] = self.box_coder.encode(gt_boxes[matched[fg]], rois[:n_fg])
-        return rois, labels, targets
+        fg = max_iou >= cfg.fg_iou
+        bg = (max_iou < cfg.bg_iou_hi) & (max_iou >= cfg.bg_iou_lo) & ~fg
+        n_fg = fg.sum().clamp(max=int(cfg.batch_size_per_image * cfg.positive_fraction))
+        n_bg = torch.minimum(bg.sum(), cfg.batch_size_per_image - n_fg)
+        keys = torch.rand(rois.shape[0], generator=generator, device=device)
+        fg, bg = random_subset(fg, n_fg, keys), random_subset(bg, n_bg, keys)
+        # Chosen foreground (by key), then chosen background (by key), then the rest.
+        order = torch.where(fg, keys, torch.where(bg, keys + 1.0, torch.full_like(keys, 3.0))).argsort()
+        keep = order[:min(cfg.batch_size_per_image, rois.shape[0])]
+        fg, bg, rois, matched = fg[keep], bg[keep], rois[keep], matched[keep]
+        rois = torch.where((fg | bg)[:, None], rois, 0.0)  # fillers: a finite box whatever the proposals were
+        labels = torch.where(fg, gt_labels.to(device)[matched], torch.where(bg, 0, -1))
+        targets = self.box_coder.encode(gt_boxes[matched], rois).float()
+        return rois, labels, torch.where(fg[:, None], targets, 0.0)
 
 
 class RoIHeads(nn.Module):
@@ -106,15 +104,18 @@ class RoIHeads(nn.Module):
         return float32_layer(self.cls_score, x), float32_layer(self.bbox_pred, x)
 
     def loss(self, cls_logits: Tensor, box_deltas: Tensor, labels: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Labels -1 (filler RoIs) count in neither loss; the box loss is the foreground's, by mask."""
         cfg = self.cfg
-        loss_cls = F.cross_entropy(cls_logits.float(), labels)
-        fg = torch.nonzero(labels > 0).flatten()
-        pred = box_deltas.reshape(box_deltas.shape[0], -1, 4)[fg, labels[fg]]  # (R, K*4) -> (F, 4)
-        loc_sum = F.smooth_l1_loss(pred.float(), targets[fg], beta=cfg.smooth_l1_beta, reduction="sum")
+        loss_cls = F.cross_entropy(cls_logits.float(), labels, ignore_index=-1)
+        fg = labels > 0
+        cls = labels.clamp(min=0)[:, None, None].expand(-1, 1, 4)
+        pred = box_deltas.reshape(box_deltas.shape[0], -1, 4).gather(1, cls).squeeze(1)  # (R, K*4) -> (R, 4)
+        per_roi = F.smooth_l1_loss(pred.float(), targets, beta=cfg.smooth_l1_beta, reduction="none").sum(1)
+        loc_sum = torch.where(fg, per_roi, 0.0).sum()
         if cfg.loc_normalizer == "sampled":
-            norm = max(labels.numel(), 1)
+            norm = (labels >= 0).sum().clamp(min=1)
         elif cfg.loc_normalizer == "positives":
-            norm = max(fg.numel(), 1)
+            norm = fg.sum().clamp(min=1)
         else:
             raise ValueError(f"roi.loc_normalizer {cfg.loc_normalizer!r}: sampled or positives")
         return {"loss_roi_cls": loss_cls, "loss_roi_loc": cfg.loc_weight * loc_sum / norm}

@@ -10,7 +10,7 @@ from torchvision.ops import nms
 from .anchors import sample_anchor_labels
 from .boxes import BoxCoder, clip_boxes
 from .config import RPNConfig
-from .roi_heads import float32_layer
+from .precision import float32_layer
 
 
 class RPNHead(nn.Module):
@@ -61,20 +61,26 @@ class ProposalLayer:
         boxes = clip_boxes(boxes, *canvas_hw)
         out = []
         for i in range(b):
-            bx, sc = boxes[i], scores[i]
-            wh = bx[:, 2:] - bx[:, :2]
-            keep = torch.nonzero((wh >= cfg.min_size).all(dim=1)).flatten()
-            bx, sc = bx[keep], sc[keep]
-            if sc.numel() > pre_n:
-                sc, top = sc.topk(pre_n)
-                bx = bx[top]
-            keep = nms(bx, sc, cfg.nms_thresh)[:post_n]
-            out.append(bx[keep])
+            out.append(self._one_image(boxes[i], scores[i], pre_n, post_n))
         return out
 
-
-def smooth_l1(pred: Tensor, target: Tensor, beta: float) -> Tensor:
-    return F.smooth_l1_loss(pred.float(), target.float(), beta=beta, reduction="sum")
+    def _one_image(self, bx: Tensor, sc: Tensor, pre_n: int, post_n: int) -> Tensor:
+        """Drop boxes under ``min_size``, top-k, NMS, top-k; nothing waits for the host but NMS (its
+        output's length depends on the data). A small box's score is -inf, so it ranks last, and
+        it takes the best box's coordinates, so NMS suppresses it behind that box (IoU 1): the
+        same proposals as removing small boxes first, without asking the host how many are left.
+        (An image without any box of ``min_size`` keeps one: the best of its small boxes.)"""
+        cfg = self.cfg
+        wh = bx[:, 2:] - bx[:, :2]
+        small = ~(wh >= cfg.min_size).all(dim=1)  # NaN boxes (a diverged model) count as small
+        sc = sc.masked_fill(small, float("-inf"))
+        if sc.numel() > pre_n:
+            sc, top = sc.topk(pre_n)
+            bx, small = bx[top], small[top]
+        best = bx.index_select(0, sc.argmax().reshape(1))
+        bx = torch.where(small[:, None], torch.where(best.isfinite(), best, 0.0), bx)
+        keep = nms(bx, sc, cfg.nms_thresh)[:post_n]
+        return bx[keep]
 
 
 def rpn_loss(cfg: RPNConfig, logits: Tensor, deltas: Tensor, anchor_labels: Tensor, anchor_deltas: Tensor,
@@ -89,7 +95,10 @@ def rpn_loss(cfg: RPNConfig, logits: Tensor, deltas: Tensor, anchor_labels: Tens
     n_sampled = (flat >= 0).sum().clamp(min=1)
     loss_cls = F.cross_entropy(logits.reshape(-1, 2).float(), flat, ignore_index=-1, reduction="sum") / n_sampled
     pos = flat == 1
-    loc_sum = smooth_l1(deltas.reshape(-1, 4)[pos], anchor_deltas.reshape(-1, 4)[pos], cfg.smooth_l1_beta)
+    # Every anchor's loss, the positives' kept: a mask, not an index of data-dependent length.
+    per_anchor = F.smooth_l1_loss(deltas.reshape(-1, 4).float(), anchor_deltas.reshape(-1, 4).float(),
+                                  beta=cfg.smooth_l1_beta, reduction="none").sum(1)
+    loc_sum = torch.where(pos, per_anchor, 0.0).sum()
     if cfg.loc_normalizer == "locations":
         norm = float(b * feat_hw[0] * feat_hw[1])
     elif cfg.loc_normalizer == "positives":

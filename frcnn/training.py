@@ -1,18 +1,12 @@
-"""Training pieces that need no Ray: the training config, optimiser and schedule, the exact
-horizontal flip of a batch with its stored targets, checkpoint (de)serialisation.
-
-The learning rate scales with the effective batch (workers x per-worker batch):
-``lr = base_lr * scale(effective_batch / lr_reference_batch)`` with scale ``linear`` (Goyal et
-al. 2017: the default), ``sqrt`` or ``none``.
-"""
+"""Training pieces that need no Ray: optimiser and schedule, the exact horizontal flip of a batch
+with its stored targets, checkpoint (de)serialisation. The training config is
+``frcnn.config.TrainConfig``."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,50 +14,7 @@ from torch import Tensor, nn
 
 from .anchors import hflip_anchor_targets
 from .boxes import hflip_boxes
-from .config import ModelConfig, _build
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 12
-    batch_size: int = 2  # per worker
-    base_lr: float = 0.02
-    lr_reference_batch: int = 16  # base_lr is the rate for this effective batch
-    lr_scaling: str = "linear"  # linear | sqrt | none
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = 200
-    warmup_factor: float = 0.001
-    schedule: str = "step"  # step | cosine
-    milestones: tuple[float, ...] = (0.67, 0.89)  # fractions of the total steps (step schedule)
-    gamma: float = 0.1
-    grad_clip_norm: float = 10.0  # 0 disables
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    hflip_prob: float = 0.5
-    log_every: int = 10  # steps between MLflow metric writes
-    checkpoint_every: int = 1  # epochs between checkpoints
-    val_every: int = 1  # epochs between validations (the last epoch always validates)
-    keep_checkpoints: int = 2  # best k by the validation metric (latest k without validation)
-    max_failures: int = 2  # worker-group restarts before the job fails
-    seed: int = 0
-    prefetch_batches: int = 2
-
-    def lr_for(self, effective_batch: int) -> float:
-        ratio = effective_batch / self.lr_reference_batch
-        if self.lr_scaling == "linear":
-            return self.base_lr * ratio
-        if self.lr_scaling == "sqrt":
-            return self.base_lr * math.sqrt(ratio)
-        if self.lr_scaling == "none":
-            return self.base_lr
-        raise ValueError(f"train.lr_scaling {self.lr_scaling!r}: linear, sqrt or none")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        return _build(cls, data, "train")
+from .config import ModelConfig, TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -112,16 +63,6 @@ def hflip_batch(images: Tensor, targets: dict, flip: Tensor, cfg: ModelConfig) -
     return images, out
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp in ("auto", "bf16"):
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    raise ValueError(f"train.amp {amp!r}: auto, bf16, fp16 or off")
-
-
 @contextlib.contextmanager
 def loss_mode(model: nn.Module) -> Iterator[None]:
     """Compute losses (the training path) with BatchNorm and dropout in eval behaviour, so that a
@@ -159,10 +100,33 @@ def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
     return state
 
 
+# DistributedDataParallel's options for the detector. Buffers are synced from rank 0 once, when DDP
+# wraps the model (the frozen BatchNorm statistics only rank 0 read from the backbone's weights),
+# not before every forward: ``forward_sync_buffers=False``. (``broadcast_buffers=False`` would skip
+# that first sync too, and leave the other ranks' frozen statistics at their initial values.)
+# Gradients live in the all-reduce buckets instead of a copy: ``gradient_as_bucket_view``.
+DDP_OPTIONS = {"forward_sync_buffers": False, "gradient_as_bucket_view": True}
+
+
+def training_model(cfg: ModelConfig, state: Mapping[str, Any] | None, rank: int):
+    """The model a training rank starts from. Resuming (``state``): the checkpoint's weights, and
+    the backbone's weights are not read. A fresh start: rank 0 reads the backbone's weights
+    (``backbone.weights``) once; the other ranks build the same architecture without them and
+    receive rank 0's parameters and buffers when DDP wraps the model."""
+    from .model import FasterRCNN
+
+    model = FasterRCNN(cfg, load_backbone_weights=rank == 0 and state is None)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    return model
+
+
 def model_from_checkpoint(state: Mapping[str, Any]):
+    """The model a checkpoint holds, from the checkpoint alone: its config's backbone weights
+    (``imagenet`` or a path) are neither downloaded nor read, the state dict has every weight."""
     from .model import FasterRCNN
 
     cfg = ModelConfig.from_dict(state["model_config"])
-    model = FasterRCNN(cfg)
+    model = FasterRCNN(cfg, load_backbone_weights=False)
     model.load_state_dict(state["model"])
     return model

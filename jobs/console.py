@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 
 _verbose: bool | None = None
 # Loggers whose INFO stream (execution plans, per-operator progress, controller chatter) is detail.
 _RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.util")
 # Single INFO/WARNING lines that only restate what quiet mode did or what the job prints itself:
-# "Started a local Ray instance.", "Progress bars disabled. To enable, set ...".
-_RAY_CHATTER = {"ray._private.worker": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+# "Started a local Ray instance.", "Progress bars disabled. To enable, set ...", boto3's "Found
+# credentials in environment variables." (the S3 leases, pipelines/lease.py).
+_RAY_CHATTER = {"ray._private.worker": logging.WARNING, "ray.data._internal.progress": logging.ERROR,
+                "botocore.credentials": logging.WARNING}
 
 
 def configure(verbose: bool = False) -> None:
@@ -49,6 +53,7 @@ def configure(verbose: bool = False) -> None:
             # MLflow's own bar ("Downloading artifacts: 100%|...") is a line per update in a log.
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _set_ray_levels(quiet=not verbose)
+    install_stop_signals()
 
 
 def verbose() -> bool:
@@ -91,3 +96,126 @@ def _set_ray_levels(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
     for name, level in _RAY_CHATTER.items():
         logging.getLogger(name).setLevel(level if quiet else logging.NOTSET)
+
+
+# ---- errors: one line, the traceback only with -v ------------------------------------------------
+
+# Errors a command anticipates besides ``frcnn.errors.JobError``: the standard file errors name
+# their path. MLflow's (a tracking store that refuses) are recognised by name, so that this module
+# does not import MLflow.
+_FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+_MLFLOW_ERRORS = ("MlflowException",)
+
+
+def anticipated(exc: BaseException) -> bool:
+    """``exc`` is bad input or an unusable resource (a one-line error), not a bug (a traceback)."""
+    from frcnn.errors import JobError
+
+    exc = _unwrap(exc)
+    return isinstance(exc, (JobError, *_FILE_ERRORS)) or any(
+        cls.__name__ in _MLFLOW_ERRORS and cls.__module__.startswith("mlflow") for cls in type(exc).__mro__)
+
+
+def error_line(exc: BaseException) -> str:
+    """The message a user sees: the error's own text (MLflow's ``message``), on one line."""
+    exc = _unwrap(exc)
+    text = str(getattr(exc, "message", None) or exc).strip() or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def clean_error(exc: BaseException):
+    """A ``click.ClickException`` for ``exc`` (``Error: <one line>``, exit status 1); with ``-v``
+    the traceback is printed to stderr first."""
+    import click
+
+    show_traceback(exc)
+    return click.ClickException(error_line(exc))
+
+
+def show_traceback(exc: BaseException) -> None:
+    """With ``-v``: the traceback of ``exc``, or of its cause for a ClickException made from one
+    (a ClickException of its own has no traceback worth showing)."""
+    import traceback
+
+    if not verbose():
+        return
+    if _is_click_error(exc):
+        if exc.__cause__ is None:
+            return
+        exc = exc.__cause__
+    traceback.print_exception(exc, file=sys.stderr)
+
+
+def _is_click_error(exc: BaseException) -> bool:
+    import click
+
+    return isinstance(exc, click.ClickException)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The error a Ray task raised, out of Ray's wrapper (whose text carries the remote traceback)."""
+    while type(exc).__name__.startswith("RayTaskError") and isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause
+    return exc
+
+
+# --------------------------------------------------------------------------- stop signals
+#
+# Schedulers stop a job with SIGTERM (Kubernetes, systemd, ``timeout``, cron wrappers): it is a stop
+# request like Ctrl-C. The handler raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main
+# thread, so every command's Ctrl-C path runs: workers stopped, staging deleted, the MLflow run
+# KILLED, the rerun or resume command printed; the command then exits with :func:`exit_status`
+# (143 for SIGTERM, 130 for Ctrl-C). A second SIGTERM, or the grace period
+# (``FRCNN_STOP_GRACE_S``, default 60 s) running out, ends the process at once; what it leaves
+# is cleaned up by the next run through its lease (``pipelines/lease.py``).
+
+STOP_GRACE_ENV = "FRCNN_STOP_GRACE_S"
+DEFAULT_STOP_GRACE_S = 60.0
+_stop_signal: int | None = None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: stop as on Ctrl-C."""
+
+
+def install_stop_signals() -> None:
+    """Make SIGTERM a stop request (from the main thread; elsewhere nothing changes). Ray's start
+    keeps a handler installed here (``pipelines.runtime.init_ray``)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def stop_grace() -> float:
+    raw = os.environ.get(STOP_GRACE_ENV, "")
+    try:
+        return max(float(raw), 0.0) if raw else DEFAULT_STOP_GRACE_S
+    except ValueError:
+        return DEFAULT_STOP_GRACE_S
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _stop_signal
+    if _stop_signal is not None:
+        _hard_exit("second SIGTERM")
+    _stop_signal = signum
+    grace = stop_grace()
+    timer = threading.Timer(grace, _hard_exit, args=(f"still stopping {grace:g} s after SIGTERM",))
+    timer.daemon = True
+    timer.start()
+    print("\nSIGTERM: stopping (a second SIGTERM ends at once)", file=sys.stderr, flush=True)
+    raise Terminated()
+
+
+def _hard_exit(why: str) -> None:
+    print(f"\n{why}: ending now; the next run cleans up what is left", file=sys.stderr, flush=True)
+    os._exit(128 + signal.SIGTERM)
+
+
+def stop_requested() -> bool:
+    """A stop signal (SIGTERM) arrived in this process."""
+    return _stop_signal is not None
+
+
+def exit_status() -> int:
+    """The exit status of a stopped command: 143 after SIGTERM, 130 after Ctrl-C."""
+    return 128 + _stop_signal if _stop_signal is not None else 130

@@ -5,13 +5,14 @@
 generate (VOC layout) -> precompute train and val (Ray Data) -> train (Ray Train, MLflow) ->
 evaluate on the test split (VOC and COCO mAP, an MLflow evaluation run) -> promote to
 ``champion`` -> infer the test images twice (the second run, incremental, has nothing new).
-Everything is local: Ray on this machine, MLflow in ``<workdir>/mlflow.db``, CPU.
+Everything is local: a local Ray instance, MLflow in ``<workdir>/mlflow.db``, CPU.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -19,11 +20,26 @@ import mlflow
 
 from frcnn.config import load_config
 from frcnn.training import TrainConfig
-from pipelines.storage import init_ray
+from pipelines.runtime import init_ray
 
 from . import console, tracking
 
 DEMO_CONFIG = "demo"  # frcnn/configs/demo.yaml, shipped in the package
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """What the demo runs on: its folder, tracking store and the jobs' settings."""
+
+    work: Path
+    uri: str
+    images: int
+    seed: int
+    config_path: str
+    workers: int
+    cpus_per_worker: float
+    epochs: int | None
+    experiment: str
 
 
 def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str | None = None,
@@ -34,8 +50,9 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    config_path = str(config_path or DEMO_CONFIG)
     uri = tracking.setup(f"sqlite:///{work / 'mlflow.db'}", experiment)
+    plan = DemoPlan(work, uri, images, seed, str(config_path or DEMO_CONFIG), workers, cpus_per_worker, epochs,
+                    experiment)
     timings: dict[str, float] = {}
 
     def step(name: str):
@@ -43,8 +60,7 @@ def run_demo(workdir: str, *, images: int = 700, seed: int = 0, config_path: str
         click.secho(f"\n== {name} ({time.perf_counter() - t_start:.0f} s)", fg="cyan", bold=True)
 
     try:
-        return _steps(step, work, uri, images=images, seed=seed, config_path=config_path, workers=workers,
-                      cpus_per_worker=cpus_per_worker, epochs=epochs, experiment=experiment, t_start=t_start)
+        return _steps(step, plan, t_start)
     except KeyboardInterrupt as stop:
         raise DemoInterrupted(next(reversed(timings), "start"), uri, stop) from None
 
@@ -57,73 +73,101 @@ class DemoInterrupted(KeyboardInterrupt):
         self.step, self.uri, self.cause = step, uri, cause
 
 
-def _steps(step, work: Path, uri: str, *, images: int, seed: int, config_path: str, workers: int,
-           cpus_per_worker: float, epochs: int | None, experiment: str, t_start: float) -> dict:
-    from pipelines.synth import generate
-
-    from .data_cmds import run_precompute
-    from .evaluate import run_evaluation
-    from .infer import run_infer
-    from .models import promote
-    from .train import run_training
-
+def _steps(step, plan: DemoPlan, t_start: float) -> dict:
     step("generate")
-    data = work / "synth"  # the dataset's folder name is what run names call it (precompute-synth-train)
-    summary = generate(str(data), n_images=images, seed=seed, min_size=240, max_size=320)
-    print(f"{summary['images']} images in VOC layout at {data}: splits {summary['splits']}")
-
-    init_ray(None, workers * cpus_per_worker, log_to_driver=console.log_to_driver())
+    data = _generate(plan)
+    init_ray(None, plan.workers * plan.cpus_per_worker, log_to_driver=console.log_to_driver())
     console.quiet_ray()
-
     step("precompute")
-    shards = {}
-    for split in ("train", "val"):
-        shards[split] = str(work / "shards" / split)
-        run_precompute(str(data), split, shards[split], config_path=config_path, experiment=experiment,
-                       progress=False)
-
+    shards = _precompute(plan, data)
     step("train")
-    model_cfg, train_over = load_config(config_path)
-    if epochs:
-        train_over["epochs"] = epochs
-    trained = run_training(shards["train"], shards["val"], model_cfg=model_cfg,
-                           train_cfg=TrainConfig.from_dict(train_over), workers=workers,
-                           cpus_per_worker=cpus_per_worker, experiment=experiment,
-                           storage_path=str(work / "ray_results"), model_name="frcnn-demo")
-
+    trained = _train(plan, shards)
     step("evaluate")
     model_ref = f"models:/frcnn-demo/{trained.model_version}" if trained.model_version else trained.run_id
-    evaluation = run_evaluation(model=model_ref, data_root=str(data), split="test", experiment=experiment,
-                                batch_size=16, cpus_per_actor=max(1, int(cpus_per_worker)))
-
+    evaluation = _evaluate(plan, data, model_ref)
     step("promote")
-    promoted = None
-    if trained.model_version:
-        promoted = promote(model_ref, "champion", if_better_than="champion", metric="map50", split="test")
-
+    champion = _promote(trained, model_ref)
     step("infer")
-    incoming = work / "incoming"
+    runs = _infer(plan, data, champion)
+    return _report(plan, trained, evaluation, runs, time.perf_counter() - t_start)
+
+
+def _generate(plan: DemoPlan) -> Path:
+    from pipelines.synth import generate
+
+    data = plan.work / "synth"  # the dataset's folder name is what run names call it (precompute-synth-train)
+    summary = generate(str(data), n_images=plan.images, seed=plan.seed, min_size=240, max_size=320)
+    print(f"{summary['images']} images in VOC layout at {data}: splits {summary['splits']}")
+    return data
+
+
+def _precompute(plan: DemoPlan, data: Path) -> dict[str, str]:
+    from .data_cmds import run_precompute
+
+    shards = {}
+    for split in ("train", "val"):
+        shards[split] = str(plan.work / "shards" / split)
+        run_precompute(str(data), split, shards[split], config_path=plan.config_path, experiment=plan.experiment,
+                       progress=False)
+    return shards
+
+
+def _train(plan: DemoPlan, shards: dict[str, str]):
+    from .train import run_training
+
+    model_cfg, train_over = load_config(plan.config_path)
+    if plan.epochs:
+        train_over["epochs"] = plan.epochs
+    return run_training(shards["train"], shards["val"], model_cfg=model_cfg,
+                        train_cfg=TrainConfig.from_dict(train_over), workers=plan.workers,
+                        cpus_per_worker=plan.cpus_per_worker, experiment=plan.experiment,
+                        storage_path=str(plan.work / "ray_results"), model_name="frcnn-demo")
+
+
+def _evaluate(plan: DemoPlan, data: Path, model_ref: str):
+    from .evaluate import run_evaluation
+
+    return run_evaluation(model=model_ref, data_root=str(data), split="test", experiment=plan.experiment,
+                          batch_size=16, cpus_per_actor=max(1, int(plan.cpus_per_worker)))
+
+
+def _promote(trained, model_ref: str) -> str:
+    """Promote the trained version to ``champion`` if it beats the holder; the model to infer with."""
+    from .models import promote
+
+    if not trained.model_version:
+        return model_ref
+    promoted = promote(model_ref, "champion", if_better_than="champion", metric="map50", split="test")
+    return "models:/frcnn-demo@champion" if promoted.promoted else model_ref
+
+
+def _infer(plan: DemoPlan, data: Path, model: str) -> tuple:
+    """The test images dropped into a folder, inferred twice (the second run finds nothing new)."""
+    from .infer import run_infer
+
+    incoming = plan.work / "incoming"
     incoming.mkdir()
     test_ids = (data / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()
     for image_id in test_ids:
         shutil.copy(data / "VOCdevkit" / "VOC2007" / "JPEGImages" / f"{image_id}.jpg", incoming)
-    champion = "models:/frcnn-demo@champion" if promoted and promoted.promoted else model_ref
     # Every job of the demo in the demo's experiment (and store), inference included.
-    first = run_infer(champion, str(incoming), str(work / "detections"), incremental=True, experiment=experiment)
-    again = run_infer(champion, str(incoming), str(work / "detections"), incremental=True, experiment=experiment)
+    out = str(plan.work / "detections")
+    return tuple(run_infer(model, str(incoming), out, incremental=True, experiment=plan.experiment) for _ in range(2))
 
-    total = time.perf_counter() - t_start
+
+def _report(plan: DemoPlan, trained, evaluation, runs: tuple, total: float) -> dict:
+    first, again = runs
     m = evaluation.metrics
     click.secho("\n== results", fg="green", bold=True)
     print(f"test split ({int(m.get('images', 0))} images): VOC mAP@0.5 = {m['map50']:.3f} "
           f"(11-point {m['map50_voc07']:.3f}), COCO mAP@[.5:.95] = {m['coco_map']:.3f}, AP50 = {m['coco_ap50']:.3f}")
-    print(f"MLflow tracking store: {uri}")
+    print(f"MLflow tracking store: {plan.uri}")
     print(f"  training run:    {trained.run_id}  (model frcnn-demo version {trained.model_version})")
     print(f"  evaluation run:  {evaluation.run_id}")
     print(f"  inference runs:  {first.run_id} (new {first.summary.new}), "
           f"{again.run_id} (new {again.summary.new}, incremental)")
-    exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
-    print(f"open the UI: MLFLOW_TRACKING_URI={uri} frcnn-jobs ui, then "
+    exp_id = mlflow.get_experiment_by_name(plan.experiment).experiment_id
+    print(f"open the UI: MLFLOW_TRACKING_URI={plan.uri} frcnn-jobs ui, then "
           f"{tracking.experiment_url('http://127.0.0.1:5000', exp_id)}")
     print(f"total {total:.0f} s")
     return {"map50": m["map50"], "train_run_id": trained.run_id, "eval_run_id": evaluation.run_id,
@@ -151,7 +195,7 @@ def demo_cmd(ctx, workdir, images, epochs, workers, cpus_per_worker):
                        f"{getattr(stop.cause, 'checkpoint', None) or 'none'}", err=True)
         click.echo(f"the demo starts over with: frcnn-jobs demo --workdir {workdir}  (it replaces the folder)",
                    err=True)
-        ctx.exit(130)
+        ctx.exit(console.exit_status())
 
 
 COMMANDS = [demo_cmd]

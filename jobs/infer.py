@@ -9,9 +9,12 @@ pinned to its version at the start: that version is in every row and in the MLfl
 ``infer-<model>``, tag ``frcnn.job=infer`` plus the model's name, version, URI and training run;
 params input, output, incremental...) and logs its counts (``inputs_seen``, ``inputs_new``,
 ``inputs_failed``, ``inputs_skipped``, ``detections``, ``images_per_s``) and summary
-(``infer_summary.json``). A failure ends the run FAILED, Ctrl-C ends it KILLED; either way nothing
-is published, the staging folder is deleted and the command exits non-zero. The output layout,
-publishing protocol and incremental ledger are described in ``pipelines/infer.py``.
+(``infer_summary.json``). A failure ends the run FAILED, Ctrl-C or SIGTERM ends it KILLED (exit
+status 130 or 143); either way nothing is published, the staging folder is deleted and the
+command exits non-zero. One run at a time writes an output: while another holds it, the command
+says which run and since when and exits 75 (``--wait SECONDS`` queues behind it instead), before
+any MLflow run is started. The output layout, publishing protocol, lease and incremental ledger
+are described in ``pipelines/infer.py``.
 """
 
 from __future__ import annotations
@@ -36,40 +39,81 @@ class InferRun:
     model: Any  # jobs.models.ModelRef
 
 
+@dataclass(frozen=True)
+class InferJob:
+    """Where and how ``run_infer`` runs (everything but the model, input and output)."""
+
+    incremental: bool = False
+    concurrency: int = 1
+    gpus_per_actor: float = 0
+    cpus_per_actor: float = 1
+    batch_size: int = 8
+    score_threshold: float | None = None
+    address: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    progress: bool = True
+    wait: float = 0.0
+
+    def params(self, model_uri: str, input_uri: str, output_uri: str) -> dict[str, Any]:
+        return {"input": input_uri, "output": output_uri, "incremental": self.incremental, "model": model_uri,
+                "concurrency": self.concurrency, "gpus_per_actor": self.gpus_per_actor,
+                "cpus_per_actor": self.cpus_per_actor, "batch_size": self.batch_size,
+                "score_threshold": self.score_threshold}
+
+
 def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: bool = False,
               concurrency: int = 1, gpus_per_actor: float = 0, cpus_per_actor: float = 1, batch_size: int = 8,
               score_threshold: float | None = None, address: str | None = None,
               experiment: str = tracking.DEFAULT_EXPERIMENT, tracking_uri: str | None = None,
-              progress: bool = True) -> InferRun:
-    """Resolve the model, run inference as one MLflow run, return its id and the summary."""
-    import mlflow
+              progress: bool = True, wait: float = 0.0) -> InferRun:
+    """Resolve the model, run inference as one MLflow run, return its id and the summary.
+    ``wait``: seconds to queue behind a run that holds the output (else ``LeaseHeld`` at once)."""
+    import time
 
-    from pipelines.infer import ModelIdentity, run_inference
-    from pipelines.storage import init_ray, new_run_name
+    from pipelines.infer import ModelIdentity, output_lease
+    from pipelines.lease import wait_free
+    from pipelines.runtime import init_ray
+    from pipelines.storage import Location
 
     from .models import resolve_model
 
+    job = InferJob(incremental, concurrency, gpus_per_actor, cpus_per_actor, batch_size, score_threshold, address,
+                   experiment, tracking_uri, progress, wait)
+    t0 = time.monotonic()
+    wait_free(output_lease(Location.of(output_uri)), job.wait, where=Location.of(output_uri).shown,
+              on_wait=lambda line: print(line, flush=True) if progress else None)
     tracking.setup(tracking_uri, experiment)
     ref = resolve_model(model_uri)  # once: an alias is pinned for the whole run
     checkpoint = Path(ref.checkpoint).read_bytes()
     identity = ModelIdentity.of_checkpoint(checkpoint, uri=ref.uri, name=ref.name, version=ref.version,
                                            train_run_id=ref.run_id)
-    partition_run = new_run_name()
     init_ray(address, concurrency * cpus_per_actor, log_to_driver=console.log_to_driver())
     console.quiet_ray()
+    left = max(job.wait - (time.monotonic() - t0), 0.0)
+    return _tracked_inference(ref, identity, checkpoint, model_uri, input_uri, output_uri, job, left)
+
+
+def _tracked_inference(ref: Any, identity: Any, checkpoint: bytes, model_uri: str, input_uri: str,
+                       output_uri: str, job: InferJob, wait: float) -> InferRun:
+    import mlflow
+
+    from pipelines.infer import run_inference
+    from pipelines.storage import new_run_name
+
+    partition_run = new_run_name()
     tags = {"frcnn.model_uri": ref.uri, "frcnn.model_name": ref.name, "frcnn.model_version": ref.version,
             "frcnn.train_run_id": ref.run_id, "frcnn.model_sha256": identity.sha256, "frcnn.model_key": identity.key,
             "frcnn.partition_run": partition_run}
-    params = {"input": input_uri, "output": output_uri, "incremental": incremental, "model": model_uri,
-              "concurrency": concurrency, "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor,
-              "batch_size": batch_size, "score_threshold": score_threshold}
-    with tracking.job_run("infer", run_name=tracking.infer_run_name(ref.uri), experiment=experiment,
-                          tracking_uri=tracking_uri, tags=tags, params=params) as active:
+    with tracking.job_run("infer", run_name=tracking.infer_run_name(ref.uri), experiment=job.experiment,
+                          tracking_uri=job.tracking_uri, tags=tags,
+                          params=job.params(model_uri, input_uri, output_uri)) as active:
         run_id = active.info.run_id
         summary = run_inference(
-            input_uri, output_uri, checkpoint, identity, incremental=incremental, concurrency=concurrency,
-            gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-            score_threshold=score_threshold, infer_run_id=run_id, run_name=partition_run, progress=progress)
+            input_uri, output_uri, checkpoint, identity, incremental=job.incremental, concurrency=job.concurrency,
+            gpus_per_actor=job.gpus_per_actor, cpus_per_actor=job.cpus_per_actor, batch_size=job.batch_size,
+            score_threshold=job.score_threshold, infer_run_id=run_id, run_name=partition_run,
+            progress=job.progress, wait=wait)
         tracking.safe(mlflow.log_metrics, {
             "inputs_seen": summary.seen, "inputs_new": summary.new, "inputs_skipped": summary.skipped,
             "inputs_failed": summary.failed, "detections": summary.detections,
@@ -77,6 +121,12 @@ def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: b
         tracking.safe(mlflow.set_tag, "frcnn.partition", summary.partition)
         tracking.safe(mlflow.log_dict, summary.to_dict(), "infer_summary.json")
     return InferRun(run_id, summary, ref)
+
+
+class OutputBusy(click.ClickException):
+    """Another run holds the output: exit status 75 (EX_TEMPFAIL, "try again later")."""
+
+    exit_code = 75
 
 
 @click.command("infer")
@@ -93,18 +143,27 @@ def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: b
 @options.ACTOR_RESOURCES
 @click.option("--score-threshold", type=click.FloatRange(0, 1), default=None,
               help="Drop detections scoring below this (default: only the model's own roi.score_thresh).")
+@click.option("--wait", "wait", metavar="SECONDS", type=click.FloatRange(0), default=0, show_default=True,
+              help="When another run is writing OUTPUT, wait up to this long for it to end (default: exit 75 "
+                   "at once, naming it).")
 @options.ADDRESS
 @options.EXPERIMENT
 @click.pass_context
 def infer(ctx, model_uri, input_uri, output_uri, incremental, batch_size, concurrency, gpus_per_actor, cpus_per_actor,
-          score_threshold, address, experiment):
+          score_threshold, wait, address, experiment):
     """Detect objects in a folder, prefix or Parquet table of images; publish one partition per run."""
     from mlflow.exceptions import MlflowException
+
+    from pipelines.infer import AlreadyPublished
+    from pipelines.lease import LeaseHeld, LeaseLost
 
     try:
         res = run_infer(model_uri, input_uri, output_uri, incremental=incremental, concurrency=concurrency,
                         gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-                        score_threshold=score_threshold, address=address, experiment=experiment)
+                        score_threshold=score_threshold, address=address, experiment=experiment, wait=wait)
+    except LeaseHeld as exc:
+        hint = "; --wait SECONDS queues behind it" if not wait else f" after waiting {wait:g} s"
+        raise OutputBusy(f"{exc}{hint}") from exc
     except KeyboardInterrupt:
         from pipelines.detections import published_runs
 
@@ -118,8 +177,8 @@ def infer(ctx, model_uri, input_uri, output_uri, incremental, batch_size, concur
         rerun = ["frcnn-jobs", "infer", "--model", model_uri, "--input", input_uri, "--output", output_uri,
                  "--incremental"]
         click.echo(f"to process what is left: {shlex.join(rerun)}", err=True)
-        ctx.exit(130)
-    except (FileNotFoundError, FileExistsError, ValueError, MlflowException) as exc:
+        ctx.exit(console.exit_status())
+    except (FileNotFoundError, FileExistsError, ValueError, MlflowException, AlreadyPublished, LeaseLost) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"MLflow run {res.run_id}; model {res.model.label} ({res.model.uri})")
 

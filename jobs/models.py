@@ -4,7 +4,10 @@ A model is stored as a state dict plus its config (``frcnn.training.checkpoint_s
 pickled code: ``torch.load(..., weights_only=True)`` reads it. The registered form is an MLflow
 "model from code" pyfunc (``jobs/pyfunc_model.py``) whose only artifact is that checkpoint, so
 ``mlflow.pyfunc.load_model("models:/frcnn@champion")`` works, and so does our own loader, which
-skips MLflow's environment checks and goes straight to the checkpoint.
+skips MLflow's environment checks and goes straight to the checkpoint. The registered model carries
+its own code: a copy of ``frcnn/`` (pure PyTorch) as its ``code_paths``, and requirements pinned to
+the installed versions of what a package index serves (``model_requirements``), so a serving host
+without this project loads it (``mlflow models serve``, any environment manager).
 
 MODEL references accepted everywhere: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an MLflow
 run id (its best checkpoint, else its final one), or a checkpoint path (file or folder). One
@@ -20,6 +23,7 @@ better (every metric here is higher-is-better) or when nobody holds the alias ye
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
 import tempfile
@@ -36,6 +40,8 @@ from . import tracking
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
+# What the registered model imports (frcnn's own imports, the pyfunc's), as package-index names.
+MODEL_DISTRIBUTIONS = ("torch", "torchvision", "pillow", "numpy", "pyyaml", "pandas", "mlflow")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _REGISTRY = re.compile(r"^(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
 
@@ -112,11 +118,28 @@ def pyfunc_signature():
                         ColSpec("string", "error", required=False)]))
 
 
+def model_requirements() -> list[str]:
+    """``MODEL_DISTRIBUTIONS`` pinned to the installed versions (a local build tag such as
+    ``+cpu`` dropped: package indexes serve the plain version)."""
+    return [f"{dist}=={importlib.metadata.version(dist).split('+')[0]}" for dist in MODEL_DISTRIBUTIONS]
+
+
+def frcnn_code(folder: Path) -> str:
+    """A copy of the ``frcnn`` package (sources and bundled configs, no bytecode) under ``folder``:
+    the code the registered model carries."""
+    import frcnn
+
+    dst = folder / "frcnn"
+    shutil.copytree(Path(frcnn.__file__).parent, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(dst)
+
+
 def register_model(checkpoint_file: str, model_name: str) -> str | None:
-    """Log the pyfunc (code + checkpoint) in the active run and register it; returns the version."""
+    """Log the pyfunc (code + checkpoint + its own copy of ``frcnn``) in the active run and register
+    it; returns the version."""
     import warnings
 
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="frcnn-code-") as code, warnings.catch_warnings():
         # An input example would be encoded image bytes, and validating it loads the model in a
         # subprocess (slow); the explicit signature already describes the input.
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
@@ -125,10 +148,11 @@ def register_model(checkpoint_file: str, model_name: str) -> str | None:
             name="model",
             python_model=PYFUNC_CODE,
             artifacts={"checkpoint": checkpoint_file},
+            code_paths=[frcnn_code(Path(code))],
             registered_model_name=model_name,
             signature=pyfunc_signature(),
             # Listed, not inferred: inference would load the model in a subprocess (slow).
-            pip_requirements=["frcnn-jobs", "torch==2.14.1", "torchvision==0.29.1", "mlflow==3.17.2"],
+            pip_requirements=model_requirements(),
         )
     if info is None:
         return None
@@ -239,6 +263,75 @@ def _evaluation(client, name, version, metric, what, *, split, dataset, data_roo
     return run, float(run.data.metrics[metric])
 
 
+@dataclass(frozen=True)
+class _Comparison:
+    """What a conditional promotion compares: one metric of evaluations on one dataset and split."""
+
+    rival: str  # the alias whose holder the candidate must beat
+    metric: str
+    split: str
+    dataset: str
+    data_root: str | None
+
+
+def _candidate(client, model: str) -> tuple[str, str]:
+    """MODEL (models:/NAME/VERSION or NAME/VERSION) -> (name, version), or a PromotionError."""
+    try:
+        mv = registry_version(model, client, bare=True)
+    except (MlflowException, ValueError) as exc:
+        raise PromotionError(f"{model}: no such registered model version ({getattr(exc, 'message', exc)})") from exc
+    if mv is None:
+        raise PromotionError(f"{model}: expected a registry version, models:/NAME/VERSION or NAME/VERSION")
+    return mv.name, str(mv.version)
+
+
+def _holder(client, name: str, alias: str) -> str | None:
+    """The version holding ``alias``; None when nobody holds it."""
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _compare(client, res: PromotionResult, cmp: _Comparison, previous: str | None, out) -> None:
+    """Fill ``res`` with both evaluations and the decision: promote only a strictly better
+    candidate, or any candidate when nobody holds ``cmp.rival``."""
+    name, version, metric = res.name, res.version, cmp.metric
+    res.metric = metric
+    cand, res.candidate_value = _evaluation(client, name, version, metric, "", split=cmp.split,
+                                            dataset=cmp.dataset, data_root=cmp.data_root)
+    res.candidate_run_id = cand.info.run_id
+    incumbent = _holder(client, name, cmp.rival)
+    if incumbent is None:
+        res.promoted = True
+        res.message = (f"nobody holds @{cmp.rival} yet: promoting models:/{name}/{version} "
+                       f"({metric}={res.candidate_value:.4f}, run {res.candidate_run_id})")
+        return
+    res.incumbent_version = incumbent
+    # The incumbent is judged on the candidate's data root and years.
+    root, years = cand.data.tags.get("frcnn.data_root"), cand.data.tags.get("frcnn.years", "all")
+    inc, res.incumbent_value = _evaluation(client, name, incumbent, metric, f"the @{cmp.rival} version ",
+                                           split=cmp.split, dataset=cmp.dataset, data_root=root, years=years)
+    res.incumbent_run_id = inc.info.run_id
+    out(f"{metric} on {cmp.dataset}/{cmp.split}: candidate models:/{name}/{version} = {res.candidate_value:.4f} "
+        f"(run {res.candidate_run_id}) vs @{cmp.rival} models:/{name}/{incumbent} = "
+        f"{res.incumbent_value:.4f} (run {res.incumbent_run_id})")
+    if incumbent == version:
+        res.message = f"models:/{name}/{version} already holds @{cmp.rival}: nothing to compare"
+    elif res.candidate_value > res.incumbent_value:
+        res.promoted = True
+        res.message = f"{res.candidate_value:.4f} > {res.incumbent_value:.4f}: promoting"
+    else:
+        res.message = (f"NOT promoted: {res.candidate_value:.4f} is not better than {res.incumbent_value:.4f}; "
+                       f"@{res.alias} stays on {'version ' + previous if previous else 'nobody'}")
+
+
+def _move_alias(client, res: PromotionResult, previous: str | None) -> None:
+    client.set_registered_model_alias(res.name, res.alias, res.version)
+    done = f"models:/{res.name}@{res.alias} -> version {res.version}" + (f" (was {previous})" if previous else "")
+    res.message = f"{res.message}; {done}" if res.message else done
+
+
 def promote(model: str, alias: str, *, if_better_than: str | None = None, metric: str = "map50",
             split: str = "test", dataset: str = "voc", data_root: str | None = None,
             tracking_uri: str | None = None, client=None, verbose: bool = True) -> PromotionResult:
@@ -248,57 +341,17 @@ def promote(model: str, alias: str, *, if_better_than: str | None = None, metric
     if tracking_uri or client is None:
         mlflow.set_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
     client = client or MlflowClient()
-    try:
-        mv = registry_version(model, client, bare=True)
-    except (MlflowException, ValueError) as exc:
-        raise PromotionError(f"{model}: no such registered model version ({getattr(exc, 'message', exc)})") from exc
-    if mv is None:
-        raise PromotionError(f"{model}: expected a registry version, models:/NAME/VERSION or NAME/VERSION")
-    name, version = mv.name, str(mv.version)
-    data_root = shown(data_root) if data_root else None
+    name, version = _candidate(client, model)
     out = print if verbose else (lambda *a, **k: None)
-
-    def holder(a: str) -> str | None:
-        try:
-            return str(client.get_model_version_by_alias(name, a).version)
-        except MlflowException:
-            return None
-
-    previous = holder(alias)
+    previous = _holder(client, name, alias)
     res = PromotionResult(name, version, alias, False, "")
     if if_better_than:
-        res.metric = metric
-        cand, res.candidate_value = _evaluation(client, name, version, metric, "", split=split, dataset=dataset,
-                                                data_root=data_root)
-        res.candidate_run_id = cand.info.run_id
-        incumbent = holder(if_better_than)
-        if incumbent is None:
-            res.promoted = True
-            res.message = (f"nobody holds @{if_better_than} yet: promoting models:/{name}/{version} "
-                           f"({metric}={res.candidate_value:.4f}, run {res.candidate_run_id})")
-        else:
-            res.incumbent_version = incumbent
-            root, years = cand.data.tags.get("frcnn.data_root"), cand.data.tags.get("frcnn.years", "all")
-            inc, res.incumbent_value = _evaluation(client, name, incumbent, metric, f"the @{if_better_than} version ",
-                                                   split=split, dataset=dataset, data_root=root, years=years)
-            res.incumbent_run_id = inc.info.run_id
-            out(f"{metric} on {dataset}/{split}: candidate models:/{name}/{version} = {res.candidate_value:.4f} "
-                f"(run {res.candidate_run_id}) vs @{if_better_than} models:/{name}/{incumbent} = "
-                f"{res.incumbent_value:.4f} (run {res.incumbent_run_id})")
-            if incumbent == version:
-                res.message = f"models:/{name}/{version} already holds @{if_better_than}: nothing to compare"
-            elif res.candidate_value > res.incumbent_value:
-                res.promoted = True
-                res.message = f"{res.candidate_value:.4f} > {res.incumbent_value:.4f}: promoting"
-            else:
-                res.message = (f"NOT promoted: {res.candidate_value:.4f} is not better than {res.incumbent_value:.4f}; "
-                               f"@{alias} stays on {'version ' + previous if previous else 'nobody'}")
+        cmp = _Comparison(if_better_than, metric, split, dataset, shown(data_root) if data_root else None)
+        _compare(client, res, cmp, previous, out)
     else:
         res.promoted = True
     if res.promoted:
-        client.set_registered_model_alias(name, alias, version)
-        done = f"models:/{name}@{alias} -> version {version}" + (f" (was {previous})" if previous else "")
-        res.message = f"{res.message}; {done}" if res.message else done
+        _move_alias(client, res, previous)
     out(res.message, flush=True)
     return res
 

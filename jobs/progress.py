@@ -48,20 +48,21 @@ class Progress:
                 latest = {m.key: (m.value, m.step) for m in self.client.get_run(self.run_id).data.to_proto().metrics}
             except Exception:  # noqa: BLE001 - a tracking server that does not answer: no line this time
                 continue
-            if "loss_total" not in latest:
+            if "train/loss_total" not in latest:
                 continue
-            loss, step = latest["loss_total"]
+            loss, step = latest["train/loss_total"]
             if step == last_step:
                 continue
             now = time.monotonic()
             first = first or (now, step)
             rate = (step - first[1]) / (now - first[0]) if now > first[0] else 0.0
-            parts = [f"train {duration(now - t0)}: step {step}/{self.total_steps}",
-                     f"epoch {int(latest.get('epoch', (0, 0))[0]) + 1}/{self.epochs}", f"loss_total {loss:.3f}"]
-            if "images_per_s" in latest:
-                parts.append(f"{latest['images_per_s'][0]:.1f} images/s")
-            if "val_map50" in latest:
-                parts.append(f"val_map50 {latest['val_map50'][0]:.3f} (step {latest['val_map50'][1]})")
+            epoch = int(latest.get("system/perf/epoch", (0, 0))[0]) + 1
+            parts = [f"train {duration(now - t0)}: step {step}/{self.total_steps}", f"epoch {epoch}/{self.epochs}",
+                     f"loss_total {loss:.3f}"]
+            if "system/perf/images_per_s" in latest:
+                parts.append(f"{latest['system/perf/images_per_s'][0]:.1f} images/s")
+            if "val/map50" in latest:
+                parts.append(f"val_map50 {latest['val/map50'][0]:.3f} (step {latest['val/map50'][1]})")
             if rate > 0:
                 parts.append(f"about {duration((self.total_steps - step) / rate)} left")
             print(", ".join(parts), flush=True)

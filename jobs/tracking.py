@@ -4,7 +4,7 @@ that survives a tracking server outage.
     with tracking.job_run("evaluate", run_name=tracking.evaluate_run_name(model, split),
                           experiment=experiment, tags={...}, params={...}) as run:
         ...                                   # run.info.run_id; mlflow.log_metrics(...) as usual
-    # FINISHED on success, FAILED on an exception, KILLED on Ctrl-C (the exception goes on)
+    # FINISHED on success, FAILED on an exception, KILLED on Ctrl-C or SIGTERM (the exception goes on)
 
 With ``MLFLOW_TRACKING_URI`` unset, MLflow's default store is ``sqlite:///mlflow.db`` resolved
 against each process's current directory, and Ray workers run elsewhere: so the URI is made
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+
+from pipelines.lease import set_owner
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +147,8 @@ def job_run(job: str, *, run_name: str | None = None, experiment: str | None = N
     Sets up the store (``setup``), starts a run named ``run_name`` in ``experiment`` (or, with
     ``run_id``, resumes that run: its params are left as they are, ``tags`` are set again), tags it
     ``frcnn.job=<job>`` plus ``tags``, logs ``params``, and yields the ``mlflow.ActiveRun``. The
-    run ends FINISHED when the block completes, FAILED when it raises, KILLED on Ctrl-C
-    (``KeyboardInterrupt``); the exception always propagates. Ending a failed run never masks the
+    run ends FINISHED when the block completes, FAILED when it raises, KILLED on Ctrl-C or SIGTERM
+    (``KeyboardInterrupt``, see ``jobs.console``); the exception always propagates. Ending a failed run never masks the
     original error (a tracking server that is down only adds a warning).
     """
     uri = setup(tracking_uri, experiment)
@@ -159,14 +161,22 @@ def job_run(job: str, *, run_name: str | None = None, experiment: str | None = N
         if params and not run_id:
             log_params(params)
         log.debug("MLflow run %s (%s) in %s", active.info.run_id, run_name or job, uri)
+        set_owner(job, active.info.run_id)  # named in the leases this run takes
         yield active
-    except KeyboardInterrupt:
-        safe(mlflow.end_run, "KILLED")
+    except BaseException as exc:
+        safe(mlflow.end_run, end_status(exc))
         raise
-    except BaseException:
-        safe(mlflow.end_run, "FAILED")
-        raise
+    finally:
+        set_owner(None)
     mlflow.end_run("FINISHED")
+
+
+def end_status(exc: BaseException) -> str:
+    """KILLED for a stop request (Ctrl-C, SIGTERM: also when Ray turned it into another error on
+    the way out), FAILED for anything else."""
+    from .console import stop_requested
+
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) or stop_requested() else "FAILED"
 
 
 def log_params(params: Mapping[str, Any]) -> None:
@@ -314,3 +324,31 @@ class MetricBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---- the dataset a run used --------------------------------------------------------------------
+
+def log_dataset(name: str, source: str, digest: str, context: str) -> None:
+    """Log the run's dataset as an MLflow dataset input (``mlflow.log_input``): ``name``, the
+    ``source`` URI or path it was read from, ``digest`` (a precompute manifest's content hash) and
+    ``context`` (``train``, ``validation``, ``evaluation``...). The UI's Dataset column shows it
+    and runs can be searched by it. A tracking failure is a warning, as for other artifacts."""
+    import warnings as _warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    def log() -> None:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": a local path is local
+            src = resolve_dataset_source(source)
+        mlflow.log_input(MetaDataset(source=src, name=name, digest=digest), context=context)
+
+    safe(log)
+
+
+def log_manifest_input(manifest: Mapping[str, Any], path: str, context: str) -> None:
+    """Log a precompute output as the run's MLflow dataset: named ``<format>-<split>``, sourced at
+    its path, digested by its manifest's content hash."""
+    name = f"{manifest.get('dataset', 'voc')}-{manifest.get('split', 'data')}"
+    log_dataset(name, path, str(manifest.get("content_hash") or ""), context)

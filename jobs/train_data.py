@@ -1,12 +1,12 @@
 """The training data path: shards -> decoded rows -> each worker's batches.
 
 Driver (:func:`prepare_data`): opens the precomputed shards, decodes JPEGs and densifies the
-sparse anchor deltas in Ray Data tasks. When the decoded rows fit in a quarter of Ray's object
-store they are decoded once, before training, into numpy blocks in the object store
-(``Dataset.to_numpy_refs``) and every worker keeps them in memory: an epoch is then a permutation
-of row indices, with no Ray Data execution to restart at each epoch boundary (that restart cost
-1.3-3.3 s an epoch here, a quarter of a small epoch). Larger data streams through Ray Train's
-``get_dataset_shard`` as before, re-read and re-decoded each epoch.
+sparse anchor deltas in Ray Data tasks. When the decoded rows fit every node that may run a
+worker (:func:`memory_plan`) they are decoded once, before training, into numpy blocks in the
+object store (``Dataset.to_numpy_refs``) and every worker keeps all of them in memory: an epoch is
+then a permutation of row indices, with no Ray Data execution to restart at each epoch boundary.
+Otherwise the rows stream through Ray Train's ``get_dataset_shard``, re-read and re-decoded each
+epoch.
 
 Worker (:class:`WorkerData`): the same batches either way, as decoded numpy dicts
 (``pipelines.schema.decode_batch``'s output) ready for ``to_model_inputs``.
@@ -22,12 +22,71 @@ from typing import Any
 import numpy as np
 
 from frcnn import ModelConfig
-from frcnn.training import TrainConfig
+from frcnn.config import TrainConfig
 from pipelines.schema import decode_batch
 
 log = logging.getLogger(__name__)
 
-MEMORY_BUDGET = 0.25  # share of the object store the decoded rows may take to be held in memory
+# Share of a node's object store, and of its memory for tasks, that the decoded rows may take.
+MEMORY_BUDGET = 0.25
+
+
+@dataclass(frozen=True)
+class NodeRoom:
+    """One Ray node: its object store and task memory (bytes), CPUs and GPUs."""
+
+    object_store: float
+    memory: float
+    cpus: float
+    gpus: float = 0.0
+
+    def workers(self, total: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
+        """How many of ``total`` workers this node can host (Ray may pack that many on it)."""
+        fit = int(self.cpus // cpus_per_worker) if cpus_per_worker else total
+        if gpus_per_worker:
+            fit = min(fit, int(self.gpus // gpus_per_worker))
+        return min(total, fit)
+
+
+def memory_plan(need: float, nodes: list[NodeRoom], workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                budget: float = MEMORY_BUDGET) -> str | None:
+    """Why the decoded rows (``need`` bytes) must stream, or None when they fit in memory.
+
+    In memory, every node that hosts workers holds the blocks once in its object store (the
+    workers' reads pull them there), and each worker joins its own copy of every row into its
+    heap (``MemoryRows``). So each node that can host a worker must have ``need`` within
+    ``budget`` of its object store, and ``need`` times the workers it may host within ``budget``
+    of its task memory."""
+    hosts = [(n, n.workers(workers, cpus_per_worker, gpus_per_worker)) for n in nodes]
+    hosts = [(n, k) for n, k in hosts if k > 0] or [(n, 1) for n in nodes]
+    if not hosts:
+        return "no Ray node reports its memory"
+    for node, k in hosts:
+        if need > budget * node.object_store:
+            return (f"{need / 1e9:.1f} GB decoded > {budget:.0%} of a node's object store "
+                    f"({node.object_store / 1e9:.1f} GB)")
+        if k * need > budget * node.memory:
+            return (f"{k} worker(s) x {need / 1e9:.1f} GB decoded > {budget:.0%} of a node's memory "
+                    f"({node.memory / 1e9:.1f} GB)")
+    return None
+
+
+def cluster_nodes() -> list[NodeRoom]:
+    """The live Ray nodes' room (``ray.nodes()``: total resources per node)."""
+    import ray
+
+    return [NodeRoom(object_store=float(r.get("object_store_memory", 0)), memory=float(r.get("memory", 0)),
+                     cpus=float(r.get("CPU", 0)), gpus=float(r.get("GPU", 0)))
+            for r in (n["Resources"] for n in ray.nodes() if n.get("Alive"))]
+
+
+@dataclass(frozen=True)
+class WorkerShape:
+    """The training group: how many workers and each one's CPUs and GPUs."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
 
 
 def steps_per_epoch(rows: int, effective_batch: int) -> int:
@@ -104,8 +163,9 @@ def row_buckets(columns: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def prepare_data(data: str, val_data: str | None, model_cfg: ModelConfig, train_cfg: TrainConfig,
-                 budget: float = MEMORY_BUDGET) -> TrainData:
-    """Open (and refuse mismatched) shards, decode them in Ray Data, and decide memory vs stream."""
+                 budget: float = MEMORY_BUDGET, shape: WorkerShape = WorkerShape()) -> TrainData:
+    """Open (and refuse mismatched) shards, decode them in Ray Data, and decide memory vs stream
+    (:func:`memory_plan` for ``shape``'s workers on the live nodes)."""
     import ray
 
     from pipelines.precompute import open_precomputed
@@ -120,9 +180,9 @@ def prepare_data(data: str, val_data: str | None, model_cfg: ModelConfig, train_
         datasets["val"] = val_ds.map_batches(_decode_fn(n_pos), batch_size=train_cfg.batch_size * 4, num_cpus=0.5)
         rows["val"] = int(val_manifest["rows"])
     need = decoded_bytes_per_row(model_cfg) * sum(rows.values())
-    store = ray.available_resources().get("object_store_memory", 0)
-    if need > budget * store:
-        log.info("streaming the training data: %.0f MB decoded > %.0f %% of the object store", need / 1e6, budget * 100)
+    why = memory_plan(need, cluster_nodes(), shape.workers, shape.cpus_per_worker, shape.gpus_per_worker, budget)
+    if why is not None:
+        log.info("streaming the training data: %s", why)
         return TrainData(manifest, rows, datasets=datasets)
     log.info("decoding the training data once (%.0f MB in the object store)", need / 1e6)
     in_memory = {k: ds.to_numpy_refs() for k, ds in datasets.items()}

@@ -14,6 +14,7 @@ every worker; ``on_step`` runs after each optimizer step with a :class:`StepCont
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -26,18 +27,21 @@ import numpy as np
 import torch
 
 from frcnn import LOSS_KEYS, FasterRCNN, ModelConfig, total_loss
+from frcnn.precision import autocast, autocast_dtype
 from frcnn.training import (
+    DDP_OPTIONS,
     TrainConfig,
-    autocast_dtype,
     build_optimizer,
     checkpoint_state,
     hflip_batch,
     load_checkpoint,
     loss_mode,
     lr_factor,
+    training_model,
 )
+from pipelines.runtime import match_priority
 from pipelines.schema import to_model_inputs
-from pipelines.storage import Location, match_priority
+from pipelines.storage import Location
 
 from . import tracking
 from .models import CHECKPOINT_FILE
@@ -145,8 +149,10 @@ def rank_weight_diff(core: torch.nn.Module, world: int) -> float:
     return float(max((a - prints[0]).abs().max() for a in prints))
 
 
-def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.device, world: int) -> dict[str, float]:
-    """Validation loss and VOC mAP@0.5 (all-point) over this worker's rows, combined across ranks."""
+def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.device, world: int,
+             amp: torch.dtype | None = None) -> dict[str, float]:
+    """Validation loss and VOC mAP@0.5 (all-point) over this worker's rows, combined across ranks,
+    under the training step's autocast ``amp`` (detections stay float32)."""
     from frcnn.evaluation import evaluate_voc
 
     cfg = core.cfg
@@ -156,13 +162,15 @@ def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.devic
     gts: dict[str, dict] = {}
     for batch in batches:
         images, targets = _to_device(*to_model_inputs(batch, use_difficult), device)
-        with torch.no_grad(), loss_mode(core):
+        with torch.no_grad(), loss_mode(core), autocast(device, amp):
             losses = core(images, targets)
         loss_sum += torch.stack([losses[k].float() for k in LOSS_KEYS] + [total_loss(losses).float()])
         n_batches += 1
         scales = [float(s) for s in batch["scale"]]
         sizes = list(zip(batch["orig_height"].tolist(), batch["orig_width"].tolist(), strict=True))
-        for i, d in enumerate(core.detect(images, scales, sizes)):
+        with autocast(device, amp):
+            found = core.detect(images, scales, sizes)
+        for i, d in enumerate(found):
             iid = str(batch["image_id"][i])
             dets[iid] = {k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
             gts[iid] = {
@@ -221,122 +229,278 @@ class _Window:
         self.n, self.data_s, self.time_s, self.images = 0, 0.0, 0.0, 0
 
 
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker's loop is given. Ray Train passes ``train_loop_config`` as a plain dict:
+    the driver builds it with :meth:`to_dict`, each worker reads it back with :meth:`from_dict`
+    (keys it does not know are left to the modules that read them, such as ``jobs.train_data``)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    run_id: str  # the MLflow run rank 0 writes to
+    tracking_uri: str
+    status_folder: str  # where rank 0 leaves the outcome for the driver (jobs.train_state)
+    train_rows: int
+    has_val: bool = False
+    use_difficult: bool = False
+    torch_threads: int | None = None
+    driver_niceness: int | None = None
+    callbacks: tuple[TrainCallback, ...] = ()
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> LoopConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"model", "train", "callbacks"}
+        return cls(model=ModelConfig.from_dict(config["model"]), train=TrainConfig.from_dict(config["train"]),
+                   callbacks=tuple(config.get("callbacks") or ()),
+                   **{k: v for k, v in config.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**out, "model": self.model.to_dict(), "train": self.train.to_dict(), "callbacks": list(self.callbacks)}
+
+
+@dataclass
+class EarlyStop:
+    """``train.early_stop_patience``: validations in a row without a gain in val mAP@0.5 before
+    the run stops (0: never). Its state travels in every checkpoint's metrics, so a restarted or
+    resumed group goes on counting."""
+
+    patience: int
+    best: float = float("-inf")
+    best_epoch: int = -1
+    stale: int = 0
+
+    @classmethod
+    def resume(cls, patience: int, metrics: dict[str, Any] | None) -> EarlyStop:
+        m = metrics or {}
+        if "early_stop_best" not in m:
+            return cls(patience)
+        return cls(patience, float(m["early_stop_best"]), int(m["early_stop_best_epoch"]), int(m["early_stop_stale"]))
+
+    def update(self, map50: float, epoch: int) -> bool:
+        """Count one validation; True when the run should stop here."""
+        if map50 > self.best:
+            self.best, self.best_epoch, self.stale = map50, epoch, 0
+        else:
+            self.stale += 1
+        return 0 < self.patience <= self.stale
+
+    def metrics(self) -> dict[str, float]:
+        return {"early_stop_best": self.best, "early_stop_best_epoch": self.best_epoch, "early_stop_stale": self.stale}
+
+    def reason(self) -> str:
+        return (f"early stop: val mAP@0.5 did not improve for {self.stale} validation(s) "
+                f"(best {self.best:.4f} at epoch {self.best_epoch + 1})")
+
+
+@dataclass
+class _Worker:
+    """One worker's training state between the loop's steps."""
+
+    cfg: LoopConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # the DDP wrapper (or the bare model with one worker)
+    core: FasterRCNN
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    base_lr: float
+    per_epoch: int
+    start_epoch: int
+    step: int
+    data: WorkerData
+    early: EarlyStop
+    writer: RankZeroMetrics | None = None
+    monitor: Any = None
+    window: _Window = dataclasses.field(default_factory=lambda: _Window())
+
+    @property
+    def total_steps(self) -> int:
+        return self.per_epoch * self.cfg.train.epochs
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """The per-worker loop (``TorchTrainer``'s ``train_loop_per_worker``)."""
+    """The per-worker loop (``TorchTrainer``'s ``train_loop_per_worker``): set up, then per epoch
+    train, check the losses, validate, report or checkpoint; the outcome goes to the status file."""
+    w = _set_up(LoopConfig.from_dict(config), config)
+    outcome: dict[str, Any] = {}
+    try:
+        for epoch in range(w.start_epoch, w.cfg.train.epochs):
+            nan_step = _train_epoch(w, epoch)
+            if nan_step is not None:  # stop without a new checkpoint: the last good one stays
+                outcome = {"nan_step": nan_step}
+                break
+            if _end_epoch(w, epoch):
+                outcome = {"early_stop": {**w.early.metrics(), "epoch": epoch, "reason": w.early.reason()}}
+                break
+        if outcome and w.rank == 0:
+            write_status(w.cfg.status_folder, outcome)
+    finally:
+        if w.writer is not None:
+            w.writer.close()
+        if w.monitor is not None:
+            tracking.safe(w.monitor.finish)
+
+
+def _set_up(cfg: LoopConfig, config: dict[str, Any]) -> _Worker:
+    """Model, optimizer and data of this worker, continued from the latest checkpoint if any."""
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    mcfg = ModelConfig.from_dict(config["model"])
-    tcfg = TrainConfig.from_dict(config["train"])
-    if config.get("torch_threads"):
-        torch.set_num_threads(int(config["torch_threads"]))
-    match_priority(config.get("driver_niceness"))
+    tcfg = cfg.train
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    match_priority(cfg.driver_niceness)
     device = ray.train.torch.get_device()
     torch.manual_seed(tcfg.seed)  # identical initial weights (DDP also broadcasts rank 0's)
-
-    model = FasterRCNN(mcfg)
-    start_epoch, step = 0, 0
-    state = _resume_state(ray.train.get_checkpoint(), config["status_folder"])
-    if state is not None:
-        model.load_state_dict(state["model"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-    model = ray.train.torch.prepare_model(model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a few canvas shapes: each tuned once
+    state = _resume_state(ray.train.get_checkpoint(), cfg.status_folder)
+    model = training_model(cfg.model, state, rank)  # backbone weights: rank 0 reads them, DDP broadcasts
+    model = _wrap_ddp(model, tcfg)
     core: FasterRCNN = model.module if hasattr(model, "module") else model
-    effective_batch = tcfg.batch_size * world
-    base_lr = tcfg.lr_for(effective_batch)
+    base_lr = tcfg.lr_for(tcfg.batch_size * world)
     optimizer = build_optimizer(core, tcfg, base_lr)
     if state is not None and state.get("optimizer"):
         optimizer.load_state_dict(state["optimizer"])
+    step = state["step"] if state is not None else 0
     # Sampling and flips differ per rank and per restart; the weights stay in sync through DDP.
     torch.manual_seed(tcfg.seed * 100003 + rank * 7919 + step)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(tcfg.amp, device) == torch.float16)
+    w = _Worker(cfg, rank, world, device, model, core, optimizer, scaler, base_lr,
+                steps_per_epoch(cfg.train_rows, tcfg.batch_size * world), state["epoch"] + 1 if state else 0, step,
+                WorkerData(config, rank, world, tcfg),
+                EarlyStop.resume(tcfg.early_stop_patience, state and state.get("metrics")))
+    if rank == 0:
+        w.writer = RankZeroMetrics(cfg.tracking_uri, cfg.run_id)
+        w.monitor = _start_system_metrics(cfg)
+        if state is not None:
+            # A group restarted after a lost worker (or a --resume) records where it picked up: one
+            # point per restart in the run's system/perf/resumed_from_step chart.
+            w.writer.log({PERF + "resumed_from_step": float(step)}, step, PERF + "resumed_from_step")
+    return w
 
-    amp = autocast_dtype(tcfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    per_epoch = steps_per_epoch(config["train_rows"], effective_batch)
-    total_steps = per_epoch * tcfg.epochs
-    use_difficult = bool(config.get("use_difficult", False))
-    callbacks: list[TrainCallback] = list(config.get("callbacks") or [])
-    writer = RankZeroMetrics(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    if writer is not None and state is not None:
-        # A group restarted after a lost worker (or a --resume) records where it picked up: one
-        # point per restart in the run's "resumed_from_step" chart.
-        writer.log({"resumed_from_step": float(step)}, step, "resumed_from_step")
-    monitor = _start_system_metrics(config) if rank == 0 else None
-    data = WorkerData(config, rank, world, tcfg)
-    window = _Window()
-    nan_step = None
-    try:
-        for epoch in range(start_epoch, tcfg.epochs):
-            model.train()
-            batches = data.epoch(epoch, per_epoch)
-            while True:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                images, targets = to_model_inputs(batch, use_difficult)
-                t_data = time.perf_counter() - t0
-                flip = torch.rand(images.shape[0]) < tcfg.hflip_prob
-                images, targets = _to_device(*hflip_batch(images, targets, flip, mcfg), device)
-                for g in optimizer.param_groups:
-                    g["lr"] = base_lr * lr_factor(step, total_steps, tcfg)
-                with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    losses = model(images, targets)
-                loss = total_loss(losses)
-                window.add(torch.stack([losses[k].detach().float() for k in LOSS_KEYS] + [loss.detach().float()]),
-                           step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if tcfg.grad_clip_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(core.parameters(), tcfg.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                window.data_s += t_data
-                window.time_s += time.perf_counter() - t0
-                window.images += images.shape[0] * world
-                for cb in callbacks:
-                    cb.on_step(StepContext(rank, world, epoch, step, total_steps, core, optimizer))
-                if step % tcfg.log_every == 0 or step == total_steps:
-                    nan_step = window.check(world)
-                    if nan_step is not None:
-                        break
-                    if writer is not None:
-                        writer.log({**window.metrics(), "lr": optimizer.param_groups[0]["lr"], "epoch": epoch},
-                                   step, "loss_total")
-                    window.reset()
-            # Nothing of this epoch is validated, reported or checkpointed before its losses are checked.
-            nan_step = nan_step or window.check(world)
+
+def _train_epoch(w: _Worker, epoch: int) -> int | None:
+    """One epoch of steps; the first step with a non-finite loss, else None. The losses are
+    checked (and logged) every ``train.log_every`` steps and at the end of the epoch."""
+    tcfg = w.cfg.train
+    w.model.train()
+    batches = w.data.epoch(epoch, w.per_epoch)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        _train_step(w, batch, time.perf_counter() - t0, t0)
+        for cb in w.cfg.callbacks:
+            cb.on_step(StepContext(w.rank, w.world, epoch, w.step, w.total_steps, w.core, w.optimizer))
+        if w.step % tcfg.log_every == 0 or w.step == w.total_steps:
+            nan_step = w.window.check(w.world)
             if nan_step is not None:
-                break
-            metrics = {"epoch": epoch, "step": step, "rank_weight_diff": rank_weight_diff(core, world)}
-            last = epoch == tcfg.epochs - 1
-            checkpoint_now = (epoch + 1) % tcfg.checkpoint_every == 0 or last
-            # A checkpoint always carries val_map50: the best-k policy ranks checkpoints by it.
-            if data.val is not None and ((epoch + 1) % tcfg.val_every == 0 or checkpoint_now):
-                model.eval()
-                metrics.update(validate(core, data.validation(), use_difficult, device, world))
-                if writer is not None:
-                    writer.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step, "val_loss_total")
-            if checkpoint_now:
-                if writer is not None:
-                    # Every step up to a checkpoint is in the run before the checkpoint exists: a
-                    # group restarted (or resumed) from it logs only the steps after it.
-                    writer.flush()
-                _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, rank)
-            else:
-                ray.train.report(metrics)
-        if nan_step is not None and rank == 0:
-            # Stop without a new checkpoint: the last good one stays.
-            write_status(config["status_folder"], {"nan_step": nan_step})
-    finally:
-        if writer is not None:
-            writer.close()
-        if monitor is not None:
-            tracking.safe(monitor.finish)
+                return nan_step
+            if w.writer is not None:
+                w.writer.log(train_metrics(w.window.metrics(), w.optimizer.param_groups[0]["lr"], epoch),
+                             w.step, TRAIN + "loss_total")
+            w.window.reset()
+    # Nothing of this epoch is validated, reported or checkpointed before its losses are checked.
+    return w.window.check(w.world)
+
+
+def _train_step(w: _Worker, batch: dict[str, Any], t_data: float, t0: float) -> None:
+    """Forward, backward and an SGD step on one batch (flipped at random, with its targets)."""
+    tcfg, mcfg = w.cfg.train, w.cfg.model
+    images, targets = to_model_inputs(batch, w.cfg.use_difficult)
+    flip = torch.rand(images.shape[0]) < tcfg.hflip_prob
+    images, targets = _to_device(*hflip_batch(images, targets, flip, mcfg), w.device)
+    for g in w.optimizer.param_groups:
+        g["lr"] = w.base_lr * lr_factor(w.step, w.total_steps, tcfg)
+    amp = autocast_dtype(tcfg.amp, w.device)
+    with torch.autocast(w.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        losses = w.model(images, targets)
+    loss = total_loss(losses)
+    w.window.add(torch.stack([losses[k].detach().float() for k in LOSS_KEYS] + [loss.detach().float()]), w.step + 1)
+    w.optimizer.zero_grad(set_to_none=True)
+    w.scaler.scale(loss).backward()
+    if tcfg.grad_clip_norm > 0:
+        w.scaler.unscale_(w.optimizer)
+        torch.nn.utils.clip_grad_norm_(w.core.parameters(), tcfg.grad_clip_norm)
+    w.scaler.step(w.optimizer)
+    w.scaler.update()
+    w.step += 1
+    w.window.data_s += t_data
+    w.window.time_s += time.perf_counter() - t0
+    w.window.images += images.shape[0] * w.world
+
+
+def _end_epoch(w: _Worker, epoch: int) -> bool:
+    """Validate (when due), then report to Ray Train, with a checkpoint when due; True when early
+    stopping ends the run here (its epoch is checkpointed)."""
+    tcfg = w.cfg.train
+    metrics: dict[str, Any] = {"epoch": epoch, "step": w.step, "rank_weight_diff": rank_weight_diff(w.core, w.world)}
+    checkpoint_now = (epoch + 1) % tcfg.checkpoint_every == 0 or epoch == tcfg.epochs - 1
+    stop = False
+    # A checkpoint always carries val_map50: the best-k policy ranks checkpoints by it.
+    if w.data.val is not None and ((epoch + 1) % tcfg.val_every == 0 or checkpoint_now):
+        w.model.eval()
+        amp = autocast_dtype(tcfg.amp, w.device)
+        metrics.update(validate(w.core, w.data.validation(), w.cfg.use_difficult, w.device, w.world, amp))
+        stop = w.early.update(metrics["val_map50"], epoch)
+        checkpoint_now = checkpoint_now or stop
+        if w.writer is not None:
+            w.writer.log(val_metrics(metrics), w.step, VAL + "loss_total")
+        metrics.update(w.early.metrics())
+    if w.writer is not None:
+        w.writer.log({PERF + "rank_weight_diff": metrics["rank_weight_diff"]}, w.step, PERF + "rank_weight_diff")
+    if checkpoint_now:
+        if w.writer is not None:
+            # Every step up to a checkpoint is in the run before the checkpoint exists: a
+            # group restarted (or resumed) from it logs only the steps after it.
+            w.writer.flush()
+        _report_with_checkpoint(metrics, w.core, w.optimizer, epoch, w.step, w.cfg.model, tcfg, w.rank)
+    else:
+        import ray.train
+
+        ray.train.report(metrics)
+    return stop
+
+
+# MLflow metric names, grouped by prefix: the UI shows one section per prefix, sections and charts
+# in alphabetical order, and "system/" ones on the System metrics tab. So the Model metrics tab
+# opens on the training losses (train/), then validation (val/: its losses and map50), and
+# throughput and progress (system/perf/) sit beside CPU and memory. Each metric's latest value,
+# the run's summary, is on the run's Overview tab.
+TRAIN, VAL, PERF = "train/", "val/", "system/perf/"
+
+
+def train_metrics(window: dict[str, float], lr: float, epoch: int) -> dict[str, float]:
+    """A logging window's values under their MLflow names: ``train/loss_total``, ``train/lr``,
+    ``system/perf/images_per_s``, ``system/perf/epoch``, ..."""
+    perf = ("images_per_s", "data_wait_frac")
+    out = {TRAIN + k: v for k, v in window.items() if k not in perf}
+    out.update({PERF + k: window[k] for k in perf if k in window})
+    return {**out, TRAIN + "lr": lr, PERF + "epoch": epoch}
+
+
+def val_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """A validation's values under their MLflow names: ``val_map50`` -> ``val/map50``, ..."""
+    return {VAL + k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_")}
+
+
+def _wrap_ddp(model: FasterRCNN, tcfg: TrainConfig) -> torch.nn.Module:
+    """DDP for more than one rank (``frcnn.training.DDP_OPTIONS``; the bare model for one);
+    ``train.grad_compression: bf16`` all-reduces the gradients in bfloat16."""
+    import ray.train.torch
+
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(DDP_OPTIONS))
+    if tcfg.grad_compression == "bf16" and hasattr(model, "register_comm_hook"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return model
 
 
 def _resume_state(registered, folder: str) -> dict[str, Any] | None:
@@ -379,13 +543,13 @@ def _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, r
                          checkpoint_dir_name=checkpoint_dir_name(epoch))
 
 
-def _start_system_metrics(config: dict[str, Any]):
+def _start_system_metrics(cfg: LoopConfig):
     """CPU, memory (and GPU, where pynvml is present) of rank 0's node, into the same run."""
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
-        monitor = SystemMetricsMonitor(config["run_id"], sampling_interval=5, samples_before_logging=1)
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+        monitor = SystemMetricsMonitor(cfg.run_id, sampling_interval=5, samples_before_logging=1)
         monitor.start()
         return monitor
     except Exception as exc:  # noqa: BLE001 - system metrics are optional (psutil missing, ...)

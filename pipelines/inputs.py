@@ -1,10 +1,14 @@
 """What ``infer`` reads: a folder or prefix of images, or a Parquet table of encoded images.
 
-* a folder or object-store prefix: every ``.jpg``, ``.jpeg`` and ``.png`` file below it (recursive,
-  case-insensitive extension; names starting with ``.`` or ``_`` are skipped); the image id is the
-  path relative to the input root (``sub/dir/img.jpg``);
+* a folder or object-store prefix: every image file below it (``INPUT_EXTENSIONS``: ``.jpg``,
+  ``.jpeg``, ``.png``, ``.tif``, ``.tiff``, ``.webp``, ``.bmp``; recursive, case-insensitive
+  extension; names starting with ``.`` or ``_`` are skipped); the image id is the path relative to
+  the input root (``sub/dir/img.jpg``);
 * a Parquet table (one file, or a folder of ``*.parquet`` files holding no image): an ``image``
   column (the encoded bytes) and an id column, ``image_id`` or else ``path``.
+
+Every image is decoded by ``frcnn.images.decode_image`` (EXIF orientation applied, high bit
+depths scaled, any colour mode to RGB, decompression bombs refused per image).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import pyarrow.fs as pafs
 
 from pipelines.predict import IMAGES_SCHEMA
 from pipelines.storage import Location
-from pipelines.voc import IMAGE_EXTENSIONS
 
-__all__ = ["Inputs", "list_inputs", "table_images"]
+__all__ = ["INPUT_EXTENSIONS", "Inputs", "list_inputs", "table_images"]
+
+# What cameras, scanners and exports write, and PIL decodes.
+INPUT_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ def list_inputs(input_uri: str | Location) -> Inputs:
         rel = path[len(root.path):].lstrip("/") if path.startswith(root.path) else posixpath.basename(path)
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue  # hidden files, _staging, _SUCCESS...
-        if rel.lower().endswith(IMAGE_EXTENSIONS):
+        if rel.lower().endswith(INPUT_EXTENSIONS):
             images.append({"image_id": rel, "fs_path": path, "path": posixpath.join(root.shown, rel)})
         elif rel.endswith(".parquet"):
             tables.append(path)
@@ -63,7 +69,7 @@ def list_inputs(input_uri: str | Location) -> Inputs:
         return Inputs("files", root, images)
     if tables:
         return _table_inputs(root, tables)
-    log.warning("%s: no image (%s) and no Parquet table found", root.shown, ", ".join(IMAGE_EXTENSIONS))
+    log.warning("%s: no image (%s) and no Parquet table found", root.shown, ", ".join(INPUT_EXTENSIONS))
     return Inputs("files", root, [])
 
 

@@ -12,13 +12,15 @@ rows at a time, not the shard's.
 How problems travel
 -------------------
 The map emits *only good rows*; every problem (skipped image, per-object warning, objects of
-classes the model does not have) goes to a small ``_Ledger`` actor, in one awaited call per block
-(so nothing is in flight when the write returns). A column would have to be filtered out before
-the write and aggregated after it: Ray Data cannot tee a stream, so that is a second pass over the
-rows. The ledger de-duplicates records, so a retried task does not report a file twice. It carries
-the stop signal for ``on_error="fail"`` (the task that meets the first problem records it there
-before raising; the driver re-raises it as ``"<file>: <reason>"``) and a progress counter that the
-tasks bump without waiting (about once a second) and the driver polls for its progress lines.
+classes the model does not have) and the block's anchor-coverage counts
+(``frcnn.anchor_coverage.CoverageStats``, merged by the driver) go to a small ``_Ledger`` actor,
+in one awaited call per block (so nothing is in flight when the write returns). A column would
+have to be filtered out before the write and aggregated after it: Ray Data cannot tee a stream, so
+that is a second pass over the rows. The ledger de-duplicates records, so a retried task does not
+report a file twice. It carries the stop signal for ``on_error="fail"`` (the task that meets the
+first problem records it there before raising; the driver re-raises it as ``"<file>: <reason>"``)
+and a progress counter that the tasks bump without waiting (about once a second) and the driver
+polls for its progress lines.
 One ledger serves all the runs of a driver (a named actor): an actor start is a process start.
 """
 
@@ -34,6 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from frcnn.errors import JobError
 from pipelines.precompute_rows import get_worker, rows_to_table
 
 __all__ = ["PrecomputeError", "Progress", "get_ledger", "precompute_block"]
@@ -42,7 +45,7 @@ ROWS_PER_TABLE = 8  # images per yielded table: a few MB of rows at an 800x800 c
 _TICK_S = 1.0  # how often a task reports its progress count (fire and forget)
 
 
-class PrecomputeError(RuntimeError):
+class PrecomputeError(JobError, RuntimeError):
     """The run stopped (``on_error="fail"``) or could not produce any output."""
 
     def __init__(self, message: str, source: str | None = None, reason: str | None = None) -> None:
@@ -60,7 +63,10 @@ def precompute_block(batch: pa.Table, *, spec: dict[str, Any], ledger: Any, run_
     ``ROWS_PER_TABLE`` images), problems and counts to the ledger once, at the end."""
     import ray
 
+    from frcnn.anchor_coverage import CoverageStats
+
     worker = get_worker(spec)
+    coverage = CoverageStats.empty(worker.cfg.rpn.neg_iou, worker.cfg.rpn.pos_iou)
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     warnings: list[dict[str, str]] = []
@@ -70,18 +76,19 @@ def precompute_block(batch: pa.Table, *, spec: dict[str, Any], ledger: Any, run_
     last_tick = time.monotonic()
     items = batch.to_pylist()
     for n, item in enumerate(items, 1):
-        row, sk, wa, fatal, npos, left = worker.process(item)
-        if fatal and fail_fast:
-            rec = fatal[0]
+        result = worker.process(item)
+        if result.fatal and fail_fast:
+            rec = result.fatal[0]
             ray.get(ledger.fatal.remote(run_id, rec))
             raise PrecomputeError(f"{rec['source']}: {rec['reason']}", rec["source"], rec["reason"])
-        skipped += sk
-        warnings += wa
-        left_out.update(left)
-        if row is not None:
-            rows.append(row)
+        skipped += result.skipped
+        warnings += result.warnings
+        left_out.update(result.left_out)
+        if result.row is not None:
+            rows.append(result.row)
             written += 1
-            positives += npos
+            positives += result.positives
+            coverage.add(result.fit.best_iou, result.fit.areas, result.fit.canvas_boxes)
         if time.monotonic() - last_tick >= _TICK_S:
             ledger.tick.remote(run_id, n - ticked)
             ticked, last_tick = n, time.monotonic()
@@ -89,7 +96,7 @@ def precompute_block(batch: pa.Table, *, spec: dict[str, Any], ledger: Any, run_
             yield rows_to_table(rows)
             rows, yielded = [], True
     ray.get(ledger.report.remote(run_id, len(items), written, positives, skipped, warnings,
-                                 dict(left_out), len(items) - ticked))
+                                 dict(left_out), len(items) - ticked, coverage.to_dict()))
     if rows or not yielded:
         yield rows_to_table(rows)
 
@@ -117,8 +124,10 @@ class _Ledger:
         return self.runs[run_id]["ticked"] if run_id in self.runs else 0
 
     def report(self, run_id: str, processed: int, written: int, positives: int, skipped: list,
-               warnings: list, left_out: dict[str, int], ticks: int) -> None:
+               warnings: list, left_out: dict[str, int], ticks: int, coverage: dict | None = None) -> None:
         run = self._run(run_id)
+        if coverage is not None:  # the block's anchor-coverage counts; the driver merges them
+            run["coverage"].append(coverage)
         run["processed"] += processed
         run["written"] += written
         run["positives"] += positives
@@ -146,7 +155,7 @@ class _Ledger:
 
 def _new_run() -> dict[str, Any]:
     return {"processed": 0, "written": 0, "positives": 0, "ticked": 0, "skipped": {}, "warnings": {},
-            "left_out": {}, "first_fatal": None}
+            "left_out": {}, "first_fatal": None, "coverage": []}
 
 
 _LEDGER: dict[tuple[str, str], Any] = {}

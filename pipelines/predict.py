@@ -1,8 +1,8 @@
 """The one Ray Data prediction path, shared by ``frcnn-jobs infer`` and ``frcnn-jobs evaluate``.
 
     ds = ray.data.from_items([{"image_id": ..., "path": ..., "fs_path": ...}, ...])
-    ds = predict_dataset(ds, checkpoint_bytes, source=Location.of(root), batch_size=8,
-                         concurrency=1, cpus_per_actor=2)
+    resources = PredictorResources(batch_size=8, concurrency=1, cpus_per_actor=2)  # the CLI's options
+    ds = predict_dataset(ds, checkpoint_bytes, source=Location.of(root), resources=resources)
     # rows: PREDICTION_SCHEMA (pyarrow batches all the way: no pickled Python objects)
 
 One stage: ``Predictor``. Each call reads its batch's files through the source's pyarrow
@@ -16,8 +16,8 @@ Where it runs:
 - On CPU, Ray tasks, and each worker process keeps the last model it loaded (keyed by the
   checkpoint's digest and the settings, ``_detector``). Ray reuses its worker processes across the
   datasets of a driver, so the second evaluate or infer of a driver (the demo runs four) starts
-  with torch imported and the model loaded; the first pays for both (about 5 s on the 2-core
-  machine, most of it importing torch and torchvision), as an actor pool pays on every run: Ray
+  with torch imported and the model loaded; the first pays for both (most of
+  it importing torch and torchvision), as an actor pool pays on every run: Ray
   Data starts and ends its actors per execution.
 - On a GPU, an actor pool (Ray ends a worker after each GPU task, ``max_calls=1``, so a task could
   not keep its model). Each actor runs two calls at once: one decodes while the other holds the
@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.storage import Location, driver_niceness, match_priority, read_bytes
+from pipelines.runtime import driver_niceness, match_priority
+from pipelines.storage import Location, read_bytes
 
-__all__ = ["IMAGES_SCHEMA", "PREDICTION_SCHEMA", "Predictor", "file_items", "predict_batch", "predict_dataset",
-           "predict_images", "read_images"]
+__all__ = ["IMAGES_SCHEMA", "PREDICTION_SCHEMA", "Predictor", "PredictorResources", "file_items", "predict_batch",
+           "predict_dataset", "predict_images", "read_images"]
 
 # What the predictor takes: the id, where it came from, the encoded bytes, and why they could not
 # be read ("" when they could).
@@ -57,6 +59,37 @@ PREDICTION_SCHEMA = pa.schema([
 
 
 _CALLS_PER_ACTOR = 2
+
+
+@dataclass(frozen=True)
+class PredictorResources:
+    """What the predictors get, from the commands' ``--batch-size``, ``--concurrency``,
+    ``--cpus-per-actor`` and ``--gpus-per-actor`` (same names): images per model call, predictors
+    at once, and each one's CPUs and GPUs. The device follows the GPUs: none means CPU, even on a
+    node with GPUs (Ray does not hide them from a predictor that asked for none)."""
+
+    batch_size: int = 8
+    concurrency: int = 1
+    cpus_per_actor: float = 1
+    gpus_per_actor: float = 0
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1 or int(self.concurrency) < 1 or self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError(f"predictor resources {self}: batch_size and concurrency >= 1, cpus_per_actor > 0, "
+                             "gpus_per_actor >= 0")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_actor else "cpu"
+
+    @property
+    def threads(self) -> int | None:
+        """torch's threads in a CPU predictor (its CPUs); None on a GPU."""
+        return None if self.gpus_per_actor else max(1, round(self.cpus_per_actor))
+
+    def ray_options(self) -> dict[str, float]:
+        """``num_cpus`` / ``num_gpus`` of one predictor for ``map_batches``."""
+        return {"num_cpus": self.cpus_per_actor, **({"num_gpus": self.gpus_per_actor} if self.gpus_per_actor else {})}
 
 
 def read_images(batch: pa.Table, *, source: Location) -> pa.Table:
@@ -90,9 +123,9 @@ def _lists(arrays: list[np.ndarray], dtype, pa_type: pa.DataType) -> pa.Array:
 _LOADED: list[tuple[tuple, Any]] = []
 
 
-def _detector(checkpoint: bytes | tuple, digest: str | None, device: str | None, score_threshold: float | None,
+def _detector(checkpoint: bytes | tuple, digest: str | None, device: str, score_threshold: float | None,
               threads: int | None) -> Any:
-    """The Detector for ``checkpoint``, loaded in this process once per (digest, settings)."""
+    """The Detector for ``checkpoint`` on ``device``, loaded in this process once per (digest, settings)."""
     from frcnn.inference import Detector  # torch: loaded in the predictor, not in the write tasks
 
     key = (digest, device, score_threshold, threads)
@@ -112,11 +145,11 @@ def _detector(checkpoint: bytes | tuple, digest: str | None, device: str | None,
 class Predictor:
     """The Ray Data callable class: IMAGES_SCHEMA batches -> PREDICTION_SCHEMA batches."""
 
-    def __init__(self, checkpoint: bytes | tuple, *, source: Location | None = None,
-                 score_threshold: float | None = None, threads: int | None = None, device: str | None = None,
-                 niceness: int | None = None, digest: str | None = None, model_batch: int | None = None) -> None:
+    def __init__(self, checkpoint: bytes | tuple, *, resources: PredictorResources = PredictorResources(),
+                 source: Location | None = None, score_threshold: float | None = None, niceness: int | None = None,
+                 digest: str | None = None, model_batch: int | None = None) -> None:
         self.model_batch = model_batch
-        self.detector = _detector(checkpoint, digest, device, score_threshold, threads)
+        self.detector = _detector(checkpoint, digest, resources.device, score_threshold, resources.threads)
         self.names = pa.array(["?", *self.detector.class_names], pa.string())  # label k -> names[k]
         self.source = source
         self.niceness = niceness
@@ -177,9 +210,8 @@ def predict_batch(batch: pa.Table, **kwargs: Any) -> pa.Table:
     return Predictor(**kwargs)(batch)
 
 
-# Four batches per task: a quarter of the tasks for Ray Data to schedule (the driver's CPU per
-# run fell from about 2.9 to 2.2 s for 600 images on the 2-core machine) and still two tasks in
-# flight per actor from 64 images on.
+# Four batches per task: a quarter of the tasks for Ray Data to schedule (each costs the driver
+# CPU time), and still two tasks in flight per actor from 64 images on.
 BATCHES_PER_BLOCK = 4
 
 
@@ -192,55 +224,50 @@ def file_items(items: list[dict[str, str]], batch_size: int) -> Any:
     return ray.data.from_items(items, override_num_blocks=n_blocks)
 
 
-def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None, batch_size: int = 8,
-                    concurrency: int = 1, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
-                    score_threshold: float | None = None, actors: bool | None = None,
-                    digest: str | None = None) -> Any:
+def predict_dataset(ds: Any, checkpoint: bytes, *, source: Location | None,
+                    resources: PredictorResources = PredictorResources(), score_threshold: float | None = None,
+                    actors: bool | None = None, digest: str | None = None) -> Any:
     """Add the predict stage to ``ds``: rows holding ``fs_path`` on ``source``'s filesystem, or,
-    without ``source``, rows following IMAGES_SCHEMA (a Parquet input). ``concurrency``
-    predictors at once, with ``cpus_per_actor`` CPUs each and as many torch threads on CPU; with
-    ``gpus_per_actor``, an actor pool of ``concurrency`` actors. ``actors``: an actor pool or tasks
-    regardless of the device (default: actors on a GPU only; see the module's docstring).
-    ``digest``: the checkpoint's sha256 when the caller has it already (computed otherwise)."""
+    without ``source``, rows following IMAGES_SCHEMA (a Parquet input). ``resources.concurrency``
+    predictors at once, each with its CPUs (and as many torch threads on CPU) and GPUs; with GPUs an
+    actor pool. ``actors``: an actor pool or tasks regardless of the device (default: actors on a
+    GPU only; see the module's docstring). ``digest``: the checkpoint's sha256 when the caller has
+    it already (computed otherwise)."""
     import ray
 
-    kwargs: dict[str, Any] = {"num_cpus": cpus_per_actor}
-    if gpus_per_actor:
-        kwargs["num_gpus"] = gpus_per_actor
-    threads = None if gpus_per_actor else max(1, round(cpus_per_actor))
     # The checkpoint travels as a reference the predictor fetches, not as a (large) constructor
     # argument, which Ray stores in the object store and warns about for every restartable actor.
     ckpt = (ray.put(bytes(checkpoint)),)
-    settings = {"checkpoint": ckpt, "source": source, "score_threshold": score_threshold, "threads": threads,
+    settings = {"checkpoint": ckpt, "resources": resources, "source": source, "score_threshold": score_threshold,
                 "niceness": driver_niceness(), "digest": digest or hashlib.sha256(checkpoint).hexdigest()}
-    if not (bool(gpus_per_actor) if actors is None else actors):
+    batch, n = int(resources.batch_size), int(resources.concurrency)
+    if not (bool(resources.gpus_per_actor) if actors is None else actors):
         # A call takes a task's block (BATCHES_PER_BLOCK model batches) and overlaps their decoding
         # with the model, as the actors' two concurrent calls do.
-        return ds.map_batches(predict_batch, fn_kwargs={**settings, "model_batch": int(batch_size)},
-                              batch_size=int(batch_size) * BATCHES_PER_BLOCK, batch_format="pyarrow",
-                              zero_copy_batch=True, compute=ray.data.TaskPoolStrategy(size=int(concurrency)),
-                              **kwargs)
+        return ds.map_batches(predict_batch, fn_kwargs={**settings, "model_batch": batch},
+                              batch_size=batch * BATCHES_PER_BLOCK, batch_format="pyarrow", zero_copy_batch=True,
+                              compute=ray.data.TaskPoolStrategy(size=n), **resources.ray_options())
     return ds.map_batches(
-        Predictor, fn_constructor_kwargs=settings,
-        batch_size=int(batch_size), batch_format="pyarrow", zero_copy_batch=True,
+        Predictor, fn_constructor_kwargs=settings, batch_size=batch, batch_format="pyarrow", zero_copy_batch=True,
         # Two calls at once per actor: while one runs the model (under the Detector's lock), the
         # other decodes its batch on another core, so the model does not wait for decoding.
-        compute=ray.data.ActorPoolStrategy(size=int(concurrency), max_concurrent_calls_per_actor=_CALLS_PER_ACTOR,
+        compute=ray.data.ActorPoolStrategy(size=n, max_concurrent_calls_per_actor=_CALLS_PER_ACTOR,
                                            enable_true_multi_threading=True),
-        **kwargs)
+        **resources.ray_options())
 
 
-def predict_images(items: list[dict[str, str]], checkpoint: bytes, *, source: Location, progress: bool = False,
-                   **resources: Any) -> pa.Table:
+def predict_images(items: list[dict[str, str]], checkpoint: bytes, *, source: Location,
+                   resources: PredictorResources = PredictorResources(), progress: bool = False, **kwargs: Any
+                   ) -> pa.Table:
     """Predictions for ``items`` (image_id, path as shown, fs_path on ``source``'s filesystem),
-    collected on the driver (PREDICTION_SCHEMA, in no particular order). ``resources``: those of
-    :func:`predict_dataset`. ``progress``: a line about every 10 s."""
+    collected on the driver (PREDICTION_SCHEMA, in no particular order). ``kwargs``: the rest of
+    :func:`predict_dataset`'s. ``progress``: a line about every 10 s."""
     import time
 
     if not items:
         return PREDICTION_SCHEMA.empty_table()
-    ds = predict_dataset(file_items(items, int(resources.get("batch_size", 8))), checkpoint, source=source,
-                         **resources)
+    ds = predict_dataset(file_items(items, resources.batch_size), checkpoint, source=source, resources=resources,
+                         **kwargs)
     tables, done, t0 = [], 0, time.perf_counter()
     last = t0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -1,4 +1,4 @@
-"""Where data lives: local paths and object-store URIs, JSON files, the staged publish, Ray start.
+"""Where data lives: local paths and object-store URIs, JSON files, the staged publish.
 
 Locations
 ---------
@@ -21,20 +21,19 @@ A job that produces a folder never writes into its destination. It writes into a
   files are copied, the marker is written LAST, then staging is deleted.
 
 Readers trust only a destination holding its marker (:func:`is_published`). A killed run leaves
-its staging folder (and, on an object store, perhaps an unmarked destination); the next run of the
-same destination deletes staging of runs that started before it (:func:`clean_stale_staging`).
-A run that started later is left alone; nothing locks a destination, so two runs of the same
-destination must not overlap (the later one would delete the earlier one's staging, and the
-earlier one would then fail to publish: it never publishes half an output).
+its staging folder (and, on an object store, perhaps an unmarked destination). Who may clean that
+up is decided by leases (``pipelines/lease.py``): a writer first claims its destination
+(``lease.claim``: a lease with a heartbeat beside the staging folder), and a staging or ``.old``
+folder is deleted or restored (:func:`clean_stale_staging`) only when no live lease names its run.
+A claimed run's :func:`publish` first checks that its lease is still its own; :func:`publish` and
+:func:`discard` end the claim (:func:`register_writer`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import posixpath
 import re
@@ -47,21 +46,19 @@ import pyarrow.fs as pafs
 __all__ = [
     "STAGING_DIR",
     "Location",
-    "bounded_io_retries",
     "clean_stale_staging",
     "discard",
-    "driver_niceness",
-    "init_ray",
+    "drop_if_empty",
     "is_published",
     "is_uri",
-    "match_priority",
     "new_run_name",
     "publish",
+    "register_writer",
     "resolve_filesystem",
     "run_time",
     "shown",
     "staging_location",
-    "stop_local_ray",
+    "unregister_writer",
 ]
 
 log = logging.getLogger(__name__)
@@ -235,6 +232,28 @@ def _aside(dest: Location, run: str) -> Location:
     return dest.parent.child(STAGING_DIR, f"{dest.name}.{run}.old")
 
 
+# The runs of this process that hold a claim on a destination (``pipelines.lease.Claim``), by
+# staging folder: publish checks the claim before anything becomes visible; publish and discard
+# end it.
+_WRITERS: dict[str, Any] = {}
+
+
+def register_writer(staging: Location, writer: Any) -> None:
+    """Tie ``writer`` (``check()``, ``release()``) to ``staging``: :func:`publish` calls ``check``
+    before it makes anything visible, and ``release`` after; :func:`discard` calls ``release``."""
+    _WRITERS[staging.shown] = writer
+
+
+def unregister_writer(staging: Location) -> None:
+    _WRITERS.pop(staging.shown, None)
+
+
+def _end_writer(staging: Location) -> None:
+    writer = _WRITERS.pop(staging.shown, None)
+    if writer is not None:
+        writer.release()
+
+
 def is_published(dest: Location | str, marker_name: str) -> bool:
     """True when ``dest`` holds its marker: the only state readers may trust."""
     return Location.of(dest).child(marker_name).is_file()
@@ -251,24 +270,28 @@ def publish(staging: Location, dest: Location, marker_name: str, marker_obj: Any
     if not staging.is_dir():
         raise FileNotFoundError(f"{staging.shown}: staging folder is gone (deleted by a later run of the same "
                                 "destination?); nothing published")
+    writer = _WRITERS.get(staging.shown)
+    if writer is not None:
+        writer.check()  # a run whose lease was taken over publishes nothing
     if _can_rename(dest.fs):
         _publish_by_rename(staging, dest, marker_name, marker_obj)
     else:
         _publish_by_copy(staging, dest, marker_name, marker_obj)
-    _drop_if_empty(staging.parent)
+    _end_writer(staging)
+    drop_if_empty(staging.parent)
 
 
 def _publish_by_rename(staging: Location, dest: Location, marker_name: str, marker_obj: Any) -> None:
     staging.child(marker_name).write_json(marker_obj)
     old = None
-    if dest.exists():
-        match = _STAGED_RE.match(staging.name)
-        old = _aside(dest, match.group("run") if match else new_run_name())
-        dest.fs.move(dest.path, old.path)
-    try:
+    try:  # a stop request (Ctrl-C, SIGTERM) between the two moves puts the old output back too
+        if dest.exists():
+            match = _STAGED_RE.match(staging.name)
+            old = _aside(dest, match.group("run") if match else new_run_name())
+            dest.fs.move(dest.path, old.path)
         dest.fs.move(staging.path, dest.path)
     except BaseException:
-        if old is not None:
+        if old is not None and old.exists() and not dest.exists():
             dest.fs.move(old.path, dest.path)
         raise
     if old is not None:
@@ -294,15 +317,18 @@ def _publish_by_copy(staging: Location, dest: Location, marker_name: str, marker
 
 
 def discard(staging: Location) -> None:
-    """Delete a run's staging folder (a failed or interrupted run publishes nothing)."""
+    """Delete a run's staging folder (a failed or interrupted run publishes nothing) and end its
+    claim on the destination."""
     try:
         staging.delete()
     except OSError as exc:  # best effort: the next run of the destination deletes it
         log.warning("%s: could not delete staging (%s); the next run will", staging.shown, exc)
-    _drop_if_empty(staging.parent)
+    _end_writer(staging)
+    drop_if_empty(staging.parent)
 
 
-def _drop_if_empty(folder: Location) -> None:
+def drop_if_empty(folder: Location) -> None:
+    """Delete a ``_staging`` folder that holds nothing any more."""
     try:
         if folder.name == STAGING_DIR and folder.is_dir() and not folder.list_names():
             folder.fs.delete_dir(folder.path)
@@ -310,10 +336,13 @@ def _drop_if_empty(folder: Location) -> None:
         pass
 
 
-def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = False) -> list[str]:
+def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = False,
+                        keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Delete staging folders that runs of ``dest`` started before ``run`` left behind (killed
     runs), warning once per folder; returns what was deleted (as shown). ``any_dest``: also those
     of other destinations in the same parent (a job whose every run publishes a new folder).
+    ``keep``: runs whose folders are never touched (the runs holding a live lease, see
+    ``pipelines.lease.claim``, which is how writers call this).
 
     A folder moved aside for a replace (``.old``) whose run died before publishing is moved back
     when ``dest`` is missing: the old output is never lost to a killed replace.
@@ -323,7 +352,7 @@ def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = Fals
     removed: list[str] = []
     for name in root.list_dirs():
         match = _STAGED_RE.match(name)
-        if not match or run_time(match.group("run")) >= run_time(run):
+        if not match or match.group("run") in keep or run_time(match.group("run")) >= run_time(run):
             continue
         if match.group("dest") != dest.name and not any_dest:
             continue
@@ -337,102 +366,5 @@ def clean_stale_staging(dest: Location | str, run: str, *, any_dest: bool = Fals
         loc.delete()
         removed.append(loc.shown)
         log.warning("%s: staging left by an interrupted run; deleted", loc.shown)
-    _drop_if_empty(root)
+    drop_if_empty(root)
     return removed
-
-
-# --------------------------------------------------------------------------- Ray
-
-
-# Ray Data retries a file write whose error message holds one of ``DataContext.retried_io_errors``
-# up to 10 times with backoff up to 32 s, through a filesystem wrapper that retries each call 10
-# more times: an S3 endpoint that stops answering kept a precompute job busy for over 15 minutes in
-# the cluster rehearsal. Answers that ask to slow down or try again (throttling, 5xx) stay retried
-# by Ray Data; a connection that cannot be made is left to the S3 client's own bounded retries
-# (pyarrow's standard strategy, 3 attempts), after which the job fails and names the URI.
-_UNREACHABLE = ("AWS Error NETWORK_CONNECTION",)
-
-
-@contextlib.contextmanager
-def bounded_io_retries():
-    """Within the block, Ray Data gives up on a store it cannot connect to instead of retrying for
-    minutes (the datasets and sinks created here keep that setting when they run)."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.retried_io_errors
-    ctx.retried_io_errors = [e for e in saved if not any(u in e for u in _UNREACHABLE)]
-    try:
-        yield
-    finally:
-        ctx.retried_io_errors = saved
-
-
-def init_ray(address: str | None = None, reserved_cpus: float = 0, log_to_driver: bool = True) -> None:
-    """Join the cluster at ``address`` (the commands' ``--address``/``RAY_ADDRESS``), or start a
-    local Ray instance. Locally, ``reserved_cpus`` are what long-lived training workers or predictor
-    actors take; Ray is started with one more logical CPU than that, so that Ray Data's read,
-    decode and write tasks still get a slot beside them (with none left they would wait forever).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-        return
-    # A terminal's Ctrl-C goes to the whole process group, and the local Ray daemons (GCS, raylet,
-    # the workers they spawn) are in it: started with SIGINT ignored (inherited across exec) they
-    # leave the interrupt to the driver, which stops its job and says what to rerun. Dying of it
-    # first, they would end the driver with exit status 1 before it could.
-    import signal
-    import threading
-
-    global _STARTED_HERE
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 1), include_dashboard=False,
-                 log_to_driver=log_to_driver)
-        _STARTED_HERE = True
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-
-
-_STARTED_HERE = False
-
-
-def match_priority(niceness: int | None) -> None:
-    """Run the calling thread (and the threads it starts) at ``niceness``, the priority of the
-    command that started the job. Ray starts its workers at niceness 15 (background work); a
-    training worker or a predictor is the job itself, and at 15 every other process on the
-    node (the driver, the raylet) takes the CPU first. Raising priority needs the privilege to:
-    without it nothing changes."""
-    if niceness is None or not hasattr(os, "setpriority"):
-        return
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) > niceness:
-            os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    except OSError:
-        log.debug("priority left at niceness %s", os.getpriority(os.PRIO_PROCESS, 0))
-
-
-def driver_niceness() -> int | None:
-    """This process's niceness, for :func:`match_priority` in its workers."""
-    return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None
-
-
-def stop_local_ray() -> None:
-    """Stop the local Ray instance :func:`init_ray` started in this process (its workers with it).
-
-    An interrupted job calls it before deleting its staging: Ray Data does not wait for the tasks
-    it cancels, and a write task still running would recreate the staging folder it writes into.
-    A joined cluster is left alone (its tasks end on their own; the next run cleans their staging).
-    """
-    global _STARTED_HERE
-    import ray
-
-    if _STARTED_HERE and ray.is_initialized():
-        ray.shutdown()
-    _STARTED_HERE = False

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from frcnn.errors import DatasetError
 from pipelines.storage import Location, read_bytes, resolve_filesystem
 from pipelines.voc_xml import (
     Annotation,
@@ -60,7 +61,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # preference orde
 _YEAR_DIR_RE = re.compile(r"^VOC(\d{4})$")
 
 
-class VocLayoutError(ValueError):
+class VocLayoutError(DatasetError):
     """The directory tree does not look like a VOC dataset (message names path and gap)."""
 
 

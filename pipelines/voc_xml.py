@@ -29,6 +29,7 @@ import defusedxml
 import defusedxml.ElementTree as DET
 import numpy as np
 
+from frcnn.errors import DatasetError
 from pipelines.storage import Location
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
 # --------------------------------------------------------------------------- errors
 
 
-class AnnotationError(ValueError):
+class AnnotationError(DatasetError):
     """An annotation file that cannot be used at all (as opposed to a per-object Problem)."""
 
     def __init__(self, source: str, reason: str) -> None:

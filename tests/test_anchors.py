@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import walkthrough_port as wp
 
 from frcnn.anchors import (
     AnchorTargetCreator,
@@ -25,6 +20,7 @@ from frcnn.anchors import (
 )
 from frcnn.boxes import BoxCoder
 from frcnn.rpn import RPNHead
+from tests.oracles import walkthrough_port as wp
 
 WALK_SCALES = (8, 16, 32)
 WALK_RATIOS = (0.5, 1, 2)

@@ -8,13 +8,14 @@ import dataclasses
 import pytest
 import torch
 import torchvision
-from test_model import _one_thread  # noqa: F401 (autouse fixture: one torch thread per test)
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from frcnn import FasterRCNN, tiny_config, total_loss
 from frcnn.backbones import WeightsError, build_backbone
 from frcnn.config import BackboneConfig, CanvasConfig, ModelConfig, RoIHeadConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta_keys(ctor) -> dict[str, torch.Size]:

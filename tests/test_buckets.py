@@ -1,6 +1,6 @@
-"""Aspect-ratio canvas buckets end to end: precompute (targets per bucket against the walkthrough's
-loop port), shards and their manifest, flips, batching (one bucket per batch, equal step counts),
-training, detection.
+"""Aspect-ratio canvas buckets: the precompute's per-image code (targets per bucket against the
+walkthrough's loop port), flips, batching (one bucket per batch, equal step counts), detection.
+The Ray parts (shards and their manifest, training, streaming) are in test_buckets_pipeline.py.
 
 A scaled-down VOC recipe: the paper's rule at short side 96, long side <= 160, buckets 96x160
 (landscape), 160x96 (portrait), 96x96 (square); images 200x150, 150x200, 200x133 and 160x160.
@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import walkthrough_port as wp
 
 from frcnn import FasterRCNN
 from frcnn.anchors import assign_anchor_targets, grid_anchors, hflip_anchor_targets
@@ -28,14 +23,14 @@ from frcnn.canvas import CanvasTransform
 from frcnn.config import CanvasConfig, ModelConfig, tiny_config
 from frcnn.training import hflip_batch
 from jobs.train_data import bucket_batches, row_buckets
-from pipelines import precompute as pc
 from pipelines import schema
 from pipelines.precompute_rows import process_item
-from pipelines.synth import SYNTH_CLASSES, generate
+from pipelines.synth import SYNTH_CLASSES
 from pipelines.voc import list_split
+from tests.oracles import walkthrough_port as wp
 
 BUCKETS = ((96, 160), (160, 96), (96, 96))
-SIZES = [(200, 150), (150, 200), (200, 133), (160, 160)]  # (width, height), as synth takes them
+SIZES = ((200, 150), (150, 200), (200, 133), (160, 160))  # (width, height), as synth takes them
 
 
 def bucket_config(buckets=BUCKETS) -> ModelConfig:
@@ -49,10 +44,8 @@ def cfg() -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("bucket_synth")
-    generate(root, n_images=40, seed=11, sizes=SIZES)
-    return str(root)
+def data_root(synth_dataset) -> str:
+    return str(synth_dataset(n_images=40, seed=11, sizes=SIZES).root)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +56,7 @@ def rows(cfg, data_root):
             "root_shown": data_root}
     out = []
     for item in list_split(data_root, "trainval"):
-        row = process_item(dataclasses.asdict(item), spec)[0]
+        row = process_item(dataclasses.asdict(item), spec).row
         assert row is not None
         out.append(row)
     return out
@@ -160,78 +153,6 @@ def test_row_buckets_key_is_the_canvas():
     cols = {"canvas_height": np.array([96, 160, 96], np.int32), "canvas_width": np.array([160, 96, 96], np.int32)}
     keys = row_buckets(cols)
     assert len(set(keys.tolist())) == 3 and keys[0] != keys[1]
-
-
-@pytest.fixture(scope="module")
-def shards(ray_session, cfg, data_root, tmp_path_factory):
-    out = {}
-    for split in ("trainval", "val"):
-        out[split] = str(tmp_path_factory.mktemp("bucket_shards") / split)
-        pc.precompute(data_root, split, out[split], cfg, rows_per_shard=8, progress=False)
-    return out
-
-
-def test_shards_record_the_bucket_and_other_buckets_are_refused(shards, cfg):
-    ds, manifest = pc.open_precomputed(shards["trainval"], cfg)
-    assert manifest["targets"]["canvas_buckets"] == [list(b) for b in BUCKETS]
-    got = ds.take_all()
-    assert {(r["canvas_height"], r["canvas_width"]) for r in got} == set(BUCKETS)
-    for r in got:
-        assert schema.decode_canvas(r["image"]).shape[:2] == (r["canvas_height"], r["canvas_width"])
-    other = bucket_config(BUCKETS + ((96, 128),))
-    with pytest.raises(schema.ManifestMismatch, match=r"canvas_buckets=\[\[96, 160\].*canvas_buckets=\[\[96, 160\]"):
-        pc.open_precomputed(shards["trainval"], other)
-    # Shards with buckets, a config without (one 160x160 canvas, the same rule): refused.
-    one = cfg.replace(canvas=CanvasConfig(height=160, width=160, short_side=96, max_long_side=160))
-    with pytest.raises(schema.ManifestMismatch, match=r"canvas_buckets=\[\[96, 160\].*canvas_buckets=None"):
-        pc.open_precomputed(shards["trainval"], one)
-    # And the other way: shards without buckets, a config with them.
-    plain = {**manifest, "targets": {k: v for k, v in manifest["targets"].items() if k != "canvas_buckets"}}
-    with pytest.raises(schema.ManifestMismatch, match="canvas_buckets=None"):
-        schema.check_manifest(plain, cfg.target_fields(), "shards")
-
-
-def test_training_with_buckets_on_two_workers(shards, cfg, tmp_path, monkeypatch):
-    """A real run_training: 2 workers, batches of 2, rows on three buckets. A mixed batch would
-    fail the step (``to_model_inputs`` refuses it); ranks with unequal step counts would hang."""
-    from mlflow.tracking import MlflowClient
-
-    from frcnn.training import TrainConfig
-    from jobs.train import run_training
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    tc = TrainConfig(epochs=2, batch_size=2, log_every=2, warmup_steps=1, base_lr=0.01)
-    res = run_training(shards["trainval"], shards["val"], model_cfg=cfg, train_cfg=tc, workers=2, cpus_per_worker=1,
-                       experiment="buckets", storage_path=str(tmp_path / "ray"), model_name=None)
-    rows = pc.open_precomputed(shards["trainval"], cfg)[1]["rows"]
-    steps = rows // 4 * 2
-    client = MlflowClient(uri)
-    hist = client.get_metric_history(res.run_id, "loss_total")
-    assert max(m.step for m in hist) == steps and all(np.isfinite(m.value) for m in hist)
-    assert "val_map50" in res.metrics
-
-
-def test_streamed_shard_batches_hold_one_bucket(shards, cfg):
-    """The streaming path (data too large for memory): the real Ray Data decode of rows on three
-    buckets, regrouped per bucket on the worker, exactly ``steps`` batches."""
-    from frcnn.training import TrainConfig
-    from jobs.train_data import WorkerData, _decode_fn, _positions
-
-    ds, manifest = pc.open_precomputed(shards["trainval"], cfg)
-    data = WorkerData.__new__(WorkerData)  # as a worker builds it, with this shard in place of get_dataset_shard's
-    data.rank, data.world, data.tcfg, data.bucketed = 0, 1, TrainConfig(batch_size=3), True
-    data.train = ds.map_batches(_decode_fn(_positions(cfg)), batch_size=5)
-    steps = manifest["rows"] // 3
-    batches = list(data.epoch(0, steps))
-    assert len(batches) == steps
-    for batch in batches:
-        images, targets = schema.to_model_inputs(batch)
-        hw = tuple(images.shape[-2:])
-        assert images.shape[0] == 3 and hw in BUCKETS
-        assert targets["anchor_labels"].shape == (3, cfg.anchor_positions()[hw])
-    assert len({tuple(b["canvas_height"].tolist() + b["canvas_width"].tolist()) for b in batches}) > 1
 
 
 def _jpeg(w: int, h: int, seed: int) -> bytes:

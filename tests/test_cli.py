@@ -135,17 +135,72 @@ def test_every_command_module_imports():
     assert {"synth", "precompute", "train", "evaluate", "promote", "infer", "ui", "demo"} <= set(main.commands)
 
 
-def test_demo_ctrl_c_says_where_it_stopped_and_exits_130(tmp_path, monkeypatch):
-    import pipelines.synth
-    from jobs.demo import demo_cmd
+# ---- errors: one line through one path, the traceback only with -v -------------------------------
 
-    def interrupted(*args, **kwargs):  # Ctrl-C while the first stage runs
-        raise KeyboardInterrupt
+def _one_error_line(result, exit_code: int = 1) -> str:
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output, result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert line.startswith("Error: "), line
+    return line.removeprefix("Error: ")
 
-    monkeypatch.setattr(pipelines.synth, "generate", interrupted)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    result = CliRunner().invoke(demo_cmd, ["--workdir", str(tmp_path / "demo")])
-    assert result.exit_code == 130, result.output
-    assert "interrupted during generate" in result.output
-    assert f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}" in result.output
-    assert f"frcnn-jobs demo --workdir {tmp_path / 'demo'}" in result.output
+
+@pytest.mark.parametrize("command", [["train", "--data", "shards"], ["precompute", "--data-root", "voc", "--out", "o"]])
+def test_a_config_that_is_not_a_mapping_is_one_line_in_train_and_precompute(command, tmp_path, restore_console):
+    from jobs.cli import main
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    args = [*command, "--config", str(listed)]
+    line = _one_error_line(CliRunner().invoke(main, args))
+    assert line == f"{listed}: expected a mapping with model: and train: sections, got list"
+    verbose = CliRunner().invoke(main, ["-v", *args])
+    assert verbose.exit_code == 1
+    assert "Traceback" in verbose.output and "frcnn.errors.ConfigError" in verbose.output
+    assert verbose.output.rstrip().endswith(f"Error: {line}")
+
+
+def test_synth_into_a_file_is_one_line(tmp_path, restore_console):
+    from jobs.cli import main
+
+    (tmp_path / "afile").write_text("")
+    line = _one_error_line(CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "afile" / "sub")]))
+    assert "Not a directory" in line and str(tmp_path / "afile" / "sub") in line
+
+
+def _probe_group(error: BaseException) -> click.Group:
+    from jobs.cli import _Commands
+
+    @click.group(cls=_Commands)
+    def group():
+        pass
+
+    @group.command()
+    def probe():
+        raise error
+
+    return group
+
+
+def test_anticipated_errors_become_one_line_and_bugs_keep_their_traceback(restore_console):
+    import ray.exceptions
+    from mlflow.exceptions import MlflowException
+
+    from frcnn.errors import DatasetError, JobError
+    from pipelines.precompute_rows import StorageReadError
+
+    bad = DatasetError("voc/Annotations/000001.xml: not well-formed XML")
+    assert _one_error_line(CliRunner().invoke(_probe_group(bad), ["probe"])) == str(bad)
+    # An error raised in a Ray task reaches the driver wrapped, its text holding the remote traceback.
+    remote = StorageReadError("s3://bucket/voc/1.jpg: cannot read: Connection reset by peer")
+    wrapped = ray.exceptions.RayTaskError("read_images", "Traceback (most recent call last):\n  ...", remote)
+    wrapped = wrapped.as_instanceof_cause()
+    assert isinstance(wrapped, JobError) and console.anticipated(wrapped)
+    assert _one_error_line(CliRunner().invoke(_probe_group(wrapped), ["probe"])) == str(remote)
+    refused = MlflowException("Run 'abc' not found\n(the tracking store answered 404)")
+    assert console.anticipated(refused)
+    assert (_one_error_line(CliRunner().invoke(_probe_group(refused), ["probe"]))
+            == "Run 'abc' not found (the tracking store answered 404)")
+    # Anything else is a bug: not turned into a line, Click's runner sees the exception itself.
+    bug = CliRunner().invoke(_probe_group(KeyError("boxes")), ["probe"])
+    assert bug.exit_code == 1 and isinstance(bug.exception, KeyError) and not console.anticipated(bug.exception)

@@ -9,7 +9,6 @@ session fixture ``ray_session`` of ``tests/conftest.py``.
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -25,38 +24,14 @@ from jobs.ui import ui_command
 from pipelines.groundtruth import load_ground_truth
 from pipelines.synth import SYNTH_CLASSES, generate
 
+pytestmark = pytest.mark.integration
+
 ARTIFACTS = {"per_class.csv", "pr_curves.png", "detections_grid.png", "detections.parquet"}
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_images=20, min_size=96, max_size=200)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> str:
-    """An MLflow sqlite store with its tables created once (creating them takes seconds)."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    client = MlflowClient(f"sqlite:///{path}")
-    client.search_experiments()
-    client.search_registered_models()
-    return str(path)
-
-
-@pytest.fixture()
-def store(empty_db, tmp_path, monkeypatch) -> str:
-    """A fresh store per test: a copy of the empty one."""
-    import mlflow
-
-    shutil.copyfile(empty_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return uri
+def synth(synth_dataset) -> str:
+    return str(synth_dataset(n_images=20, seed=0, min_size=96, max_size=200).root)
 
 
 def _checkpoint(path, class_names=SYNTH_CLASSES) -> str:
@@ -80,12 +55,12 @@ def _write_dets(path, rows) -> str:
 # --------------------------------------------------------------------------- evaluate a model
 
 
-def test_evaluate_checkpoint_logs_a_tagged_run_with_artifacts(ray_session, synth, store, tmp_path, capsys):
+def test_evaluate_checkpoint_logs_a_tagged_run_with_artifacts(ray_session, synth, tracking_uri, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     ckpt = _checkpoint(tmp_path / "checkpoint.pt")
     res = run_evaluation(ckpt, data_root=synth, split="test", experiment="eval-test", batch_size=2)
-    client = MlflowClient(store)
+    client = MlflowClient(tracking_uri)
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == f"evaluate-{tmp_path.name}-test"
     tags = run.data.tags
@@ -104,11 +79,11 @@ def test_evaluate_checkpoint_logs_a_tagged_run_with_artifacts(ray_session, synth
     assert res.run_id in out and "map50=" in out and "ellipse" in out
 
 
-def test_cli_ctrl_c_while_predicting_kills_the_run_and_says_what_to_rerun(ray_session, store, tmp_path):
+def test_cli_ctrl_c_while_predicting_kills_the_run_and_says_what_to_rerun(ray_session, tracking_uri, tmp_path):
     """Ctrl-C (SIGINT to the real ``frcnn-jobs evaluate`` process) while it predicts (after its
     first progress line): exit 130, the run KILLED with no metrics or artifacts, and the exact
     command to rerun. (A Ctrl-C during Ray's own start is ignored: the daemons it spawns must
-    start with SIGINT ignored, see ``pipelines.storage.init_ray``.)"""
+    start with SIGINT ignored, see ``pipelines.runtime.init_ray``.)"""
     import os
     import queue
     import signal
@@ -123,7 +98,7 @@ def test_cli_ctrl_c_while_predicting_kills_the_run_and_says_what_to_rerun(ray_se
     root = tmp_path / "voc"
     generate(root, n_images=1200, min_size=96, max_size=200)  # trainval: 1,020 images, ~20 s to predict
     ckpt = _checkpoint(tmp_path / "model.pt")
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": store}
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": tracking_uri}
     exe = Path(sys.executable).with_name("frcnn-jobs")
     cmd = [str(exe), "evaluate", "--model", ckpt, "--data-root", str(root), "--split", "trainval",
            "--batch-size", "2", "--experiment", "ctrl-c"]
@@ -149,23 +124,23 @@ def test_cli_ctrl_c_while_predicting_kills_the_run_and_says_what_to_rerun(ray_se
     assert proc.returncode == 130, text
     assert "interrupted: the evaluation run is KILLED, no metrics or version tags were recorded" in text, text
     assert f"rerun: frcnn-jobs evaluate --model {ckpt} --data-root {root} --split trainval" in text, text
-    client = MlflowClient(store)
+    client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
     assert run.info.status == "KILLED", run.info
     assert "map50" not in run.data.metrics and not client.list_artifacts(run.info.run_id)
 
 
-def test_evaluate_refuses_a_model_of_other_classes(synth, store, tmp_path):
+def test_evaluate_refuses_a_model_of_other_classes(synth, tracking_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
     ckpt = _checkpoint(tmp_path / "other.pt", class_names=("a", "b", "c", "d", "e"))
     with pytest.raises(EvaluationError, match="model class.*'a', 'b', 'c', 'd', 'e' not in the dataset"):
         run_evaluation(ckpt, data_root=synth, split="test", experiment="eval-test")
-    exp = MlflowClient(store).get_experiment_by_name("eval-test")
-    assert not MlflowClient(store).search_runs([exp.experiment_id])  # refused before any run
+    exp = MlflowClient(tracking_uri).get_experiment_by_name("eval-test")
+    assert not MlflowClient(tracking_uri).search_runs([exp.experiment_id])  # refused before any run
 
 
-def test_evaluate_registered_version_tags_run_and_registry(synth, store, tmp_path, monkeypatch):
+def test_evaluate_registered_version_tags_run_and_registry(synth, tracking_uri, tmp_path, monkeypatch):
     """A registry reference is resolved once (alias -> version), recorded in the run's tags, and the
     version gets the numbers as tags. Inference is replaced by perfect detections (no Ray here)."""
     import mlflow
@@ -175,10 +150,10 @@ def test_evaluate_registered_version_tags_run_and_registry(synth, store, tmp_pat
     from jobs import tracking
     from jobs.models import register_model
 
-    tracking.setup(store, "registry-test")
+    tracking.setup(tracking_uri, "registry-test")
     with mlflow.start_run() as train_run:
         assert register_model(_checkpoint(tmp_path / "checkpoint.pt"), "frcnn") == "1"
-    client = MlflowClient(store)
+    client = MlflowClient(tracking_uri)
     client.set_registered_model_alias("frcnn", "champion", "1")
 
     def perfect(gt, checkpoint, data_root, **kwargs):
@@ -204,7 +179,7 @@ def _perfect(gt) -> dict:
             for i, g in gt.boxes.items()}
 
 
-def test_a_model_of_some_of_the_classes_is_scored_on_them(synth, store, tmp_path, monkeypatch):
+def test_a_model_of_some_of_the_classes_is_scored_on_them(synth, tracking_uri, tmp_path, monkeypatch):
     """A model trained on two of the five classes, in its own order: its labels are its classes,
     ground truth of the other three is left out of the scoring and counted."""
     import xml.etree.ElementTree as ET  # the generated XML, parsed here as an independent count
@@ -250,7 +225,7 @@ def test_one_models_uri_parser():
 # --------------------------------------------------------------------------- evaluate a detections file
 
 
-def test_detections_file_perfect_then_half(synth, store, tmp_path):
+def test_detections_file_perfect_then_half(synth, tracking_uri, tmp_path):
     gt = load_ground_truth(synth, "trainval")
     perfect = [(i, g["boxes"], g["labels"]) for i, g in gt.boxes.items()]
     res = run_evaluation(detections=_write_dets(tmp_path / "perfect.parquet", perfect), data_root=synth,
@@ -285,7 +260,7 @@ def test_detections_file_perfect_then_half(synth, store, tmp_path):
     assert 0 < res.metrics["coco_map"] < 1.0
 
 
-def test_detections_from_an_infer_output_folder(synth, store, tmp_path):
+def test_detections_from_an_infer_output_folder(synth, tracking_uri, tmp_path):
     """infer's layout: published run=... partitions (with _SUCCESS), _errors/ tables, ids that are paths
     under the input folder, model columns. An unpublished partition is never read."""
     from mlflow.tracking import MlflowClient
@@ -318,17 +293,17 @@ def test_detections_from_an_infer_output_folder(synth, store, tmp_path):
     assert res.metrics["images_with_errors"] == 1 and res.metrics["images_missing"] == 0
     lost = int((~gt.boxes[ids[0]]["difficult"]).sum())  # the unreadable image's objects are misses
     assert (res.metrics["map50"] == 1.0) == (lost == 0)
-    tags = MlflowClient(store).get_run(res.run_id).data.tags
+    tags = MlflowClient(tracking_uri).get_run(res.run_id).data.tags
     assert (tags["frcnn.model_name"], tags["frcnn.model_version"]) == ("frcnn", "7")
 
 
-def test_detections_file_with_unknown_ids_is_refused(synth, store, tmp_path):
+def test_detections_file_with_unknown_ids_is_refused(synth, tracking_uri, tmp_path):
     path = _write_dets(tmp_path / "other.parquet", [("nope", [[0, 0, 5, 5]], [1])])
     with pytest.raises(EvaluationError, match="none of its 1 image ids"):
         run_evaluation(detections=path, data_root=synth, split="test", experiment="eval-test")
 
 
-def test_cli_evaluate_detections(synth, store, tmp_path):
+def test_cli_evaluate_detections(synth, tracking_uri, tmp_path):
     from click.testing import CliRunner
 
     from jobs.cli import main
@@ -360,20 +335,20 @@ def _holder(client, alias="champion") -> str:
     return str(client.get_model_version_by_alias("frcnn", alias).version)
 
 
-def test_promote_if_better_than(store, tmp_path, capsys):
+def test_promote_if_better_than(tracking_uri, tmp_path, capsys):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from jobs import tracking
     from jobs.models import register_model
 
-    tracking.setup(store, "promote-test")
+    tracking.setup(tracking_uri, "promote-test")
     ckpt = _checkpoint(tmp_path / "checkpoint.pt")
     with mlflow.start_run():
         assert register_model(ckpt, "frcnn") == "1"
     with mlflow.start_run():
         assert register_model(ckpt, "frcnn") == "2"
-    client = MlflowClient(store)
+    client = MlflowClient(tracking_uri)
     v1 = client.get_model_version("frcnn", "1")
     for _ in (3, 4):  # same files, registered again without a second upload
         client.create_model_version("frcnn", v1.source, run_id=v1.run_id)
@@ -419,9 +394,9 @@ def test_promote_if_better_than(store, tmp_path, capsys):
     assert res.exit_code == 1 and "no FINISHED evaluation run" in res.output
 
 
-def test_ui_command(store):
+def test_ui_command(tracking_uri):
     cmd = ui_command(port=5123, host="0.0.0.0")
     assert cmd[1:4] == ["-m", "mlflow", "ui"]
-    assert cmd[cmd.index("--backend-store-uri") + 1] == store
+    assert cmd[cmd.index("--backend-store-uri") + 1] == tracking_uri
     assert cmd[cmd.index("--port") + 1] == "5123" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert cmd[cmd.index("--workers") + 1] == "1"

@@ -1,7 +1,7 @@
 """Tests for frcnn.evaluation (VOC + COCO AP) and frcnn.visualize.
 
 Hand cases pin devkit semantics with answers computed in the comments; a
-randomised comparison against ``tests/voc_devkit_port.py`` (an independent
+randomised comparison against ``tests/oracles/voc_devkit_port.py`` (an independent
 scalar port of py-faster-rcnn's ``voc_eval``) covers the general case; COCO
 numbers are checked against a COCOeval run built independently here.
 """
@@ -20,11 +20,7 @@ from PIL import Image
 from frcnn.coco import evaluate_coco
 from frcnn.evaluation import VocResult, evaluate_voc, voc_ap
 from frcnn.visualize import draw_detections, image_grid, plot_pr_curves
-
-try:  # `tests` importable as a package (rootdir on sys.path) ...
-    from tests import voc_devkit_port as port
-except ImportError:  # ... or pytest's rootdir-less "prepend" import of tests/
-    import voc_devkit_port as port  # type: ignore[no-redef]
+from tests.oracles import voc_devkit_port as port
 
 
 # --------------------------------------------------------------------------- #

@@ -33,7 +33,7 @@ from pipelines import infer
 from pipelines.storage import Location
 from pipelines.synth import SYNTH_CLASSES, render_image
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_cpu_predictor_tasks_keep_each_checkpoint_apart_and_match_the_actor_pool
     two checkpoints must each get their own model's detections (the in-process Detector's), and the
     GPU's actor pool, forced on CPU, the same ones."""
     from frcnn.inference import Detector
-    from pipelines.predict import predict_images
+    from pipelines.predict import PredictorResources, predict_images
 
     cfg = tiny_config(num_classes=5, class_names=SYNTH_CLASSES, canvas=128)
     torch.manual_seed(1)
@@ -183,7 +183,8 @@ def test_cpu_predictor_tasks_keep_each_checkpoint_apart_and_match_the_actor_pool
     assert any(not np.array_equal(want["a"][k].scores, want["b"][k].scores) for k in want["a"])  # told apart
 
     for name, actors in [("a", False), ("b", False), ("a", False), ("b", False), ("a", True)]:
-        table = predict_images(items, models[name], source=source, batch_size=3, actors=actors)
+        table = predict_images(items, models[name], source=source, resources=PredictorResources(batch_size=3),
+                               actors=actors)
         assert sorted(table.column("image_id").to_pylist()) == sorted(p.stem for p in paths)
         for row in table.to_pylist():
             w = want[name][row["image_id"]]
@@ -368,7 +369,8 @@ def _start_and_stop(args: list[str], out: Path, sig: int, env: dict) -> tuple[in
     return proc.returncode, text
 
 
-def test_cli_interrupted_and_killed_runs_publish_nothing_and_the_next_run_completes(ckpt, tmp_path, monkeypatch):
+def test_cli_interrupted_and_killed_runs_publish_nothing_and_the_next_run_completes(ckpt, tmp_path, tracking_uri,
+                                                                                   monkeypatch):
     """Real faults on the real command: Ctrl-C (SIGINT) and ``kill -9`` of ``frcnn-jobs infer``
     once rows sit in staging. Neither publishes anything; Ctrl-C deletes its staging and marks the
     MLflow run KILLED; the next run (alias resolved once, tracked) redoes every input and deletes
@@ -384,11 +386,9 @@ def test_cli_interrupted_and_killed_runs_publish_nothing_and_the_next_run_comple
     from jobs.cli import main
     from jobs.models import register_model
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = tracking_uri
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "infer-test")
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("train")
     with mlflow.start_run() as train_run:
         assert register_model(ckpt[0], "frcnn") == "1"
@@ -410,7 +410,9 @@ def test_cli_interrupted_and_killed_runs_publish_nothing_and_the_next_run_comple
     assert infer.published_runs(str(out)) == [] and not list(out.glob("_staging/*"))
     _, text = _start_and_stop(args, out, signal.SIGKILL, env)
     assert infer.published_runs(str(out)) == [] and infer.read_published(str(out)).num_rows == 0
-    [staging] = list((out / "_staging").iterdir())  # what a kill leaves
+    # what a kill leaves: its staging folder and its lease (whose pid is gone: expired)
+    [staging] = [p for p in (out / "_staging").iterdir() if p.is_dir()]
+    assert (out / "_staging" / "output.lease").is_file()
     assert list(staging.glob("part-*.parquet"))
 
     res = CliRunner().invoke(main, args)
@@ -439,32 +441,14 @@ def test_cli_interrupted_and_killed_runs_publish_nothing_and_the_next_run_comple
 
 # --------------------------------------------------------------------------- known shapes
 
-def test_trained_model_finds_known_shapes_in_original_pixels(tmp_path):
-    """A tiny model overfitted on four 128x128 canvases (tests/test_model.py's recipe), then the
+def test_trained_model_finds_known_shapes_in_original_pixels(tiny_trained_model, tmp_path):
+    """A tiny model overfitted on four 128x128 canvases (the tiny_trained_model fixture), then the
     same pictures saved at 2x and 1.5x: the job must return each known box, scaled to the saved
     image's pixels, with the right class."""
-    import sys
-
     from torchvision.ops import box_iou
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_model import make_images, make_model
-
-    from frcnn import total_loss
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        images, boxes, labels = make_images(4)
-        model = make_model(seed=0).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-        for _ in range(200):
-            loss = total_loss(model(images, {"boxes": boxes, "labels": labels}))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    trained = tiny_trained_model(4, 200)
+    model, images, boxes, labels = trained.model, trained.images, trained.boxes, trained.labels
     ckpt = tmp_path / "checkpoint.pt"
     torch.save(checkpoint_state(model.eval(), None, 0, 0, model.cfg, TrainConfig()), ckpt)
 

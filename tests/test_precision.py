@@ -18,13 +18,19 @@ at worst) is for other CPUs' bfloat16 kernels.
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
-from test_model import _one_thread, make_images, make_model  # noqa: F401 (_one_thread: autouse fixture)
+from PIL import Image
 from torchvision.ops import roi_align
 
-from frcnn import LOSS_KEYS, FasterRCNN, roi_heads, total_loss
+from frcnn import LOSS_KEYS, FasterRCNN, roi_heads
 from frcnn.config import AnchorConfig, CanvasConfig, ModelConfig, RoIHeadConfig, RPNConfig
+from frcnn.inference import Detector
+from tests.shapes import make_images, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 U_BF16 = 2.0**-8
 RTOL = 4 * U_BF16
@@ -32,20 +38,10 @@ LOW = (torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(tiny_trained_model):
     """A tiny detector overfitted on two generated canvases (80 SGD steps, float32)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    images, boxes, labels = make_images(2)
-    model = make_model(seed=0).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-    for _ in range(80):
-        loss = total_loss(model(images, {"boxes": boxes, "labels": labels}))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(before)
-    return model, images, boxes, labels
+    t = tiny_trained_model(n_images=2, steps=80)
+    return t.model.train(), t.images, t.boxes, t.labels
 
 
 def _step_losses(model: FasterRCNN, images, boxes, labels, dtype, seed: int = 0) -> dict[str, float]:
@@ -180,6 +176,12 @@ def test_bf16_detections_match_float32_within_a_pixel(trained):
         ref = model(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(images)
+    _assert_detections_close(ref, low, boxes)
+
+
+def _assert_detections_close(ref, low, boxes) -> None:
+    """Every confident (> 0.5) float32 detection has a bf16 one of its label within a pixel and
+    RTOL in score, and every object is found."""
     n_confident = 0
     for r, lo in zip(ref, low, strict=True):
         confident = r["scores"] > 0.5
@@ -193,6 +195,29 @@ def test_bf16_detections_match_float32_within_a_pixel(trained):
             assert abs(float(lo["scores"][same][j]) - float(score)) <= RTOL
             n_confident += 1
     assert n_confident >= sum(b.shape[0] for b in boxes)  # every object found with score > 0.5
+
+
+def test_detector_runs_under_the_amp_it_is_given(trained):
+    """``Detector``'s autocast (bf16 by default on CUDA; asked for here on CPU): the backbone runs
+    in bf16, and its detections match float32's as the training step's do."""
+    model, images, boxes, labels = trained
+    pngs = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    seen = []
+    hook = model.backbone[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        ref = Detector(model, amp="off").predict(pngs)
+        low = Detector(model, amp="bf16").predict(pngs)
+        assert Detector(model).amp is None  # auto: float32 on CPU
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    as_torch = [{"boxes": torch.from_numpy(d.boxes), "scores": torch.from_numpy(d.scores),
+                 "labels": torch.from_numpy(d.labels)} for d in (ref, low) for d in d]
+    _assert_detections_close(as_torch[:len(ref)], as_torch[len(ref):], boxes)
 
 
 def test_float16_losses_are_float32_and_close(trained):
@@ -212,8 +237,9 @@ def test_gpu_check_runs_in_tiny_mode(tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--tiny", "--json", str(out)]) == 0
     table = capsys.readouterr().out
+    # Inference as Detector runs it: float32 on the CPU (bf16 on CUDA)
     for row in ("losses fall, bf16", "losses fall, fp32", "bf16 vs fp32 loss curves", "train images/s, bf16",
-                "infer images/s, bf16"):
+                "infer images/s, float32"):
         assert row in table
     assert "| NO " not in table
     import json
@@ -221,3 +247,17 @@ def test_gpu_check_runs_in_tiny_mode(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [len(result["curves"][k]) for k in ("bf16", "fp32")] == [12, 12]
     assert set(result["speed"]["train_ips"]) == {"ours", "torchvision"}
+    assert result["speed"]["infer_dtype"] == {"ours": "torch.float32", "torchvision": "torch.float32"}
+
+
+def test_gpu_check_multi_gpu_mode_trains_the_recipe_without_downloads(tmp_path):
+    """``--gpus N`` trains the recipe's config with random weights (no network on the device
+    machines) on the generated dataset's classes."""
+    from benchmarks.gpu_check import recipe_file
+    from frcnn.config import load_config
+    from pipelines.synth import SYNTH_CLASSES
+
+    model, train = load_config(recipe_file(tmp_path))
+    recipe, recipe_train = load_config("vgg16_voc")
+    assert model.backbone.weights is None and model.class_names == tuple(SYNTH_CLASSES)
+    assert (model.canvas, model.backbone.name, model.roi.head, train) == (recipe.canvas, "vgg16", "vgg", recipe_train)

@@ -20,11 +20,13 @@ from frcnn.boxes import BoxCoder
 from frcnn.config import AnchorConfig, ModelConfig, tiny_config
 from pipelines import precompute as pc
 from pipelines.schema import MANIFEST_NAME, ManifestMismatch, batch_to_tensors, decode_canvas
-from pipelines.synth import SYNTH_CLASSES, generate
-from pipelines.voc import VOC_CLASSES, list_split, parse_annotation
+from pipelines.synth import SYNTH_CLASSES
+from pipelines.voc import list_split, parse_annotation
 
 REPO = Path(__file__).resolve().parents[1]
 CANVAS = 128
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +35,8 @@ def cfg() -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, n_images=24, seed=3, min_size=64, max_size=128)
-    return str(root)
+def synth_root(synth_dataset) -> str:
+    return str(synth_dataset(n_images=24, seed=3, min_size=64, max_size=128).root)
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,6 @@ def good(ray_session, synth_root, cfg, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pre") / "trainval")
     summary = pc.precompute(synth_root, "trainval", out, cfg, rows_per_shard=8, progress=False)
     return out, summary
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -377,13 +372,6 @@ def test_cli_synth_then_precompute(ray_session, tmp_path, tracking_uri, monkeypa
     assert r.exit_code == 1 and "does not exist" in r.output
 
 
-def test_config_files_match_the_code():
-    assert ModelConfig.from_yaml(REPO / "frcnn" / "configs" / "tiny.yaml") == tiny_config(5, SYNTH_CLASSES)
-    voc = ModelConfig.from_yaml("vgg16_voc")  # the VOC recipe: VOC's classes, the paper's scale rule
-    assert (voc.num_classes, voc.class_names) == (20, VOC_CLASSES)
-    assert (voc.canvas.short_side, voc.canvas.max_long_side) == (600, 1000)
-
-
 # --------------------------------------------------------------------------- classes
 
 
@@ -563,8 +551,8 @@ def test_a_store_that_fails_to_read_stops_the_run_a_missing_file_is_skipped(synt
             "use_difficult": False, "drop_empty": False, "jpeg_quality": 95, "data_root": synth_root,
             "root_shown": synth_root}
     worker = ImageWorker(spec)
-    row, skipped, *_ = worker.process(dict(vars(item)))
-    assert row is not None and skipped == []  # the stage itself works on this item
+    result = worker.process(dict(vars(item)))
+    assert result.row is not None and result.skipped == ()  # the stage itself works on this item
 
     def failing(error):
         def read(path):
@@ -577,21 +565,12 @@ def test_a_store_that_fails_to_read_stops_the_run_a_missing_file_is_skipped(synt
     with pytest.raises(StorageReadError, match=f"{item.image_path}: cannot read: Connection reset"):
         worker.process(dict(vars(item)))
     worker.read = failing(FileNotFoundError(item.image_path))
-    row, skipped, *_ = worker.process(dict(vars(item)))
-    assert row is None and [(s["source"], s["reason"]) for s in skipped] == [(item.image_path, "image file not found")]
+    result = worker.process(dict(vars(item)))
+    assert result.row is None
+    assert [(s["source"], s["reason"]) for s in result.skipped] == [(item.image_path, "image file not found")]
 
 
 # --------------------------------------------------------------------------- an object store that goes away
-
-
-def _rehearsal_module():
-    """infra/rehearsal/rehearse.py (a script, not a package): its cuttable TCP relay."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rehearse", REPO / "infra" / "rehearsal" / "rehearse.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture()
@@ -602,18 +581,20 @@ def s3_behind_a_relay(tmp_path):
 
     import boto3
 
-    rh = _rehearsal_module()
-    moto_port, relay_port = rh.free_ports(2)
+    from infra.rehearsal.relay import Relay, free_ports, port_open
+    from infra.rehearsal.stack import wait_for
+
+    moto_port, relay_port = free_ports(2)
     keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     log = open(tmp_path / "moto.log", "wb")
     moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        rh.wait_for("moto", lambda: rh._port_open(moto_port), 30)
+        wait_for("moto", lambda: port_open(moto_port), 30)
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
         s3.create_bucket(Bucket="frcnn")
-        relay = rh.Relay(relay_port, moto_port)
+        relay = Relay(relay_port, moto_port)
         yield s3, relay, {**keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay_port}"}
         relay.cut()
     finally:

@@ -15,9 +15,9 @@ N_IMAGES = 40
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("synth")
-    return root, generate(root, n_images=N_IMAGES, seed=3)
+def dataset(synth_dataset) -> tuple[Path, dict]:
+    synth = synth_dataset(n_images=N_IMAGES, seed=3, min_size=160, max_size=400)  # generate()'s default sizes
+    return synth.root, synth.summary
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -13,20 +13,15 @@ from mlflow.tracking import MlflowClient
 
 from jobs import tracking
 
-
-@pytest.fixture(scope="module")
-def _db(tmp_path_factory):
-    # One SQLite store for the module (creating one runs MLflow's migrations: seconds); each test
-    # has its own experiment.
-    return f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def store(_db, monkeypatch):
+def store(tracking_uri, monkeypatch):
+    """The shared fresh store, named only by the ``tracking_uri`` each call passes (no environment
+    variable to fall back on)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield _db
-    while mlflow.active_run():  # a failing test must not leave a run open for the next one
-        mlflow.end_run()
+    return tracking_uri
 
 
 def test_job_run_finished_with_name_tags_params_and_experiment_kind(store):

@@ -20,9 +20,11 @@ import torch
 from frcnn import LOSS_KEYS, FasterRCNN, tiny_config
 from frcnn.training import TrainConfig, load_checkpoint, model_from_checkpoint
 from jobs.train_loop import StepContext, TrainCallback
-from pipelines.synth import SYNTH_CLASSES, generate
+from pipelines.synth import SYNTH_CLASSES
 
 CANVAS = 128
+
+pytestmark = pytest.mark.integration
 
 
 class DieOnce(TrainCallback):
@@ -62,26 +64,24 @@ def callbacks_by_value(ray_session):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):
+def shards(tmp_path_factory, ray_session, synth_dataset):
     from pipelines.precompute import precompute
 
     root = tmp_path_factory.mktemp("train_data")
     # 40 images: 28 train (7 steps an epoch at 2 workers x 2), 6 val.
-    generate(str(root / "voc"), n_images=40, seed=3, min_size=120, max_size=200)
+    voc = str(synth_dataset(n_images=40, seed=3, min_size=120, max_size=200).root)
     cfg = tiny_config(5, SYNTH_CLASSES, canvas=CANVAS)
     out = {}
     for split in ("train", "val"):
         out[split] = str(root / f"shards_{split}")
-        precompute(str(root / "voc"), split, out[split], cfg, progress=False)
+        precompute(voc, split, out[split], cfg, progress=False)
     return out
 
 
-@pytest.fixture()
-def tracking_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own folder (what a run writes beside the command stays there)."""
     monkeypatch.chdir(tmp_path)
-    return uri
 
 
 def _history(client, run_id, key):
@@ -143,13 +143,13 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     assert params["train.epochs"] == "40" and params["job.workers"] == "2" and params["job.effective_batch"] == "4"
 
     # Step history: every step logged once, although steps 71-75 were done twice.
-    hist = _history(client, res.run_id, "loss_total")
+    hist = _history(client, res.run_id, "train/loss_total")
     steps = [s for s, _ in hist]
     assert steps == list(range(1, 40 * 7 + 1))
     # The restarted group recorded where it picked up: the checkpoint of step 70, once.
-    assert _history(client, res.run_id, "resumed_from_step") == [(70, 70.0)]
-    for key in ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls", "loss_roi_loc", "lr", "images_per_s",
-                "data_wait_frac", "val_map50", "val_loss_total"):
+    assert _history(client, res.run_id, "system/perf/resumed_from_step") == [(70, 70.0)]
+    for key in ("train/loss_rpn_cls", "train/loss_rpn_loc", "train/loss_roi_cls", "train/loss_roi_loc", "train/lr",
+                "system/perf/images_per_s", "system/perf/data_wait_frac", "val/map50", "val/loss_total"):
         assert client.get_metric_history(res.run_id, key), key
 
     # Training lowers every loss: the trained weights against the initial ones (train_loop seeds
@@ -170,7 +170,7 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     # The logged histories of the other three fall too: mean over the second half of the steps
     # below the first half's (single 4-image steps are too noisy to compare one by one).
     for key in ("loss_rpn_cls", "loss_rpn_loc", "loss_roi_cls"):
-        vals = [v for _, v in _history(client, res.run_id, key)]
+        vals = [v for _, v in _history(client, res.run_id, f"train/{key}")]
         half = len(vals) // 2
         assert np.mean(vals[half:]) < np.mean(vals[:half]), (key, vals)
 
@@ -199,9 +199,9 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     res2 = run_training(shards["train"], shards["val"], train_cfg=TrainConfig(**{**tc.to_dict(), "epochs": 42}),
                         workers=2, cpus_per_worker=1, experiment="t", resume=res.run_id, model_name=None)
     assert res2.run_id == res.run_id
-    steps2 = [s for s, _ in _history(client, res.run_id, "loss_total")]
+    steps2 = [s for s, _ in _history(client, res.run_id, "train/loss_total")]
     assert steps2 == list(range(1, 42 * 7 + 1))
-    assert _history(client, res.run_id, "resumed_from_step") == [(70, 70.0), (280, 280.0)]
+    assert _history(client, res.run_id, "system/perf/resumed_from_step") == [(70, 70.0), (280, 280.0)]
     assert res2.metrics["epoch"] == 41
 
 
@@ -229,7 +229,7 @@ def test_nan_loss_stops_with_the_step(shards, tracking_uri, tmp_path, callbacks_
     assert state["step"] == 14 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert sorted(p.name for p in Path(good).parent.glob("epoch-*")) == ["epoch-0000"]
     # Nothing computed after the NaN was logged: windows at steps 4, 8, 12 and 16, all finite.
-    hist = _history(client, run.info.run_id, "loss_total")
+    hist = _history(client, run.info.run_id, "train/loss_total")
     assert [s for s, _ in hist] == [4, 8, 12, 16] and all(np.isfinite(v) for _, v in hist)
 
 
@@ -268,9 +268,11 @@ def test_progress_lines_come_from_the_mlflow_run(tracking_uri, capsys):
     with mlflow.start_run() as run:
         with Progress(tracking_uri, run.info.run_id, total_steps=100, epochs=4, interval=0.05):
             time.sleep(0.3)  # nothing logged yet: no line
-            mlflow.log_metrics({"loss_total": 1.5, "epoch": 1, "images_per_s": 12.0}, step=25)
+            mlflow.log_metrics({"train/loss_total": 1.5, "system/perf/epoch": 1, "system/perf/images_per_s": 12.0},
+                               step=25)
             time.sleep(0.5)
-            mlflow.log_metrics({"loss_total": 0.75, "epoch": 2, "images_per_s": 14.0, "val_map50": 0.5}, step=60)
+            mlflow.log_metrics({"train/loss_total": 0.75, "system/perf/epoch": 2, "system/perf/images_per_s": 14.0,
+                                "val/map50": 0.5}, step=60)
             time.sleep(0.5)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2, lines  # one line per new step, not one per poll
@@ -310,7 +312,7 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sigint").experiment_id])
     assert run.info.status == "KILLED" and run.info.run_name == "train-tiny-synth-1w"
-    logged = max((s for s, _ in _history(client, run.info.run_id, "loss_total")), default=0)
+    logged = max((s for s, _ in _history(client, run.info.run_id, "train/loss_total")), default=0)
     reached = int(re.search(r"reached step (\d+)/168;", err).group(1))
     ckpt = re.search(r"last checkpoint: (\S+)", err).group(1)
     assert re.fullmatch(r"epoch-\d{4}", Path(ckpt).name) and Path(ckpt).parent.parent == storage, err
@@ -326,4 +328,48 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     assert done.returncode == 0, (done.stdout, done.stderr)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
-    assert [s for s, _ in _history(client, run.info.run_id, "loss_total")] == list(range(1, 169))
+    assert [s for s, _ in _history(client, run.info.run_id, "train/loss_total")] == list(range(1, 169))
+
+
+def test_sigterm_stops_like_ctrl_c_and_a_second_attempt_is_refused_meanwhile(shards, tracking_uri, tmp_path):
+    """SIGTERM to the driver alone (what Kubernetes, systemd or ``timeout`` send) is a stop request:
+    exit status 143, the run KILLED, the ``--resume`` command printed. While the first attempt lives,
+    ``--resume`` of the same run is refused with one line naming it, and the live run stays RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "train.yaml"
+    config.write_text("train: {checkpoint_every: 1, log_every: 1, warmup_steps: 1, batch_size: 2}\n")
+    storage = tmp_path / "ray"
+    exe = str(Path(sys.executable).parent / "frcnn-jobs")
+    cmd = [exe, "train", "--data", shards["train"], "--workers", "1", "--config", str(config), "--epochs", "12",
+           "--experiment", "sigterm", "--storage-path", str(storage), "--model-name", "sigterm-test",
+           "--progress-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    client = MlflowClient(tracking_uri)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(storage.glob("train-*/epoch-0001")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        (run,) = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
+        again = subprocess.run([*cmd, "--resume", run.info.run_id], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+        [line] = [x for x in again.stderr.splitlines() if x.strip()]
+        assert line.startswith(f"Error: train run {run.info.run_id}: in use by train (MLflow run "
+                               f"{run.info.run_id}) started "), line
+        assert client.get_run(run.info.run_id).info.status == "RUNNING" and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, (out, err)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert f"MLflow run {run.info.run_id} is KILLED" in err and "Traceback" not in err, err
+    resume = shlex.split(re.search(r"continue with:\n  (.+)", err).group(1))
+    if "--address" in resume:  # RAY_ADDRESS set in the environment is repeated as --address
+        del resume[resume.index("--address"):resume.index("--address") + 2]
+    assert resume == ["frcnn-jobs", *cmd[1:], "--resume", run.info.run_id]
+    assert not (storage / "_staging").exists()  # the run's lease is released

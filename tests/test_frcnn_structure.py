@@ -1,0 +1,72 @@
+"""frcnn/'s module graph has no cycle, and a backbone is added in one place (the registry)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import frcnn
+from frcnn import FasterRCNN, backbones
+from frcnn.config import AnchorConfig, BackboneConfig, CanvasConfig, ModelConfig, RoIHeadConfig, RPNConfig
+
+PACKAGE = Path(frcnn.__file__).parent
+
+
+def _imports(path: Path) -> set[str]:
+    """The frcnn modules ``path`` imports, at module level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                out.update(n.split(".")[0] for n in names)
+            elif node.module and node.module.startswith("frcnn."):
+                out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("frcnn."))
+    return out
+
+
+def test_frcnn_has_no_import_cycle():
+    graph = {p.stem: _imports(p) & {q.stem for q in PACKAGE.glob("*.py")} for p in PACKAGE.glob("*.py")}
+    graph.pop("__init__")
+    done, path = set(), []
+
+    def visit(mod: str) -> None:
+        if mod in path:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(mod):] + [mod])}")
+        if mod in done:
+            return
+        path.append(mod)
+        for dep in sorted(graph.get(mod, ())):
+            visit(dep)
+        path.pop()
+        done.add(mod)
+
+    for mod in sorted(graph):
+        visit(mod)
+    assert "training" not in graph["config"] and "roi_heads" not in graph["rpn"]
+
+
+def test_a_registered_backbone_builds_a_detector(monkeypatch):
+    monkeypatch.setattr(backbones, "BACKBONES", dict(backbones.BACKBONES))  # the registry, restored after
+
+    @backbones.register_backbone("two_convs")
+    def _two_convs(cfg, roi, own_head, load_weights):
+        body = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 4, 1), nn.ReLU())
+        return backbones.BackboneParts(body, 16, 16, (2, 4))
+
+    cfg = ModelConfig(num_classes=2, canvas=CanvasConfig(height=64, width=64),
+                      anchors=AnchorConfig(scales=(1.0, 2.0), ratios=(1.0,)), backbone=BackboneConfig(name="two_convs"),
+                      rpn=RPNConfig(mid_channels=8, pre_nms_top_n_test=20, post_nms_top_n_test=10, min_size=1.0),
+                      roi=RoIHeadConfig(representation_size=8, dropout=0.0))
+    model = FasterRCNN(cfg).eval()
+    assert model.backbone[2].out_channels == 16
+    dets = model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    assert dets[0]["boxes"].shape[1] == 4
+    with pytest.raises(ValueError, match="unknown backbone 'nope': vgg16, resnet50, mobilenet_v3, tiny, two_convs"):
+        FasterRCNN(ModelConfig(backbone=BackboneConfig(name="nope")))
