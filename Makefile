@@ -37,9 +37,9 @@ demo: $(STAMP)
 	$(BIN)/frcnn-jobs demo --workdir runs/demo
 
 # infra/'s shape on one machine with the real engines and four faults (infra/README.md);
-# `make test-cluster` (and so `make test`) runs it too (tests/test_cluster_rehearsal.py).
+# `make test-cluster` (and so `make test`) runs it too (tests/cluster/, marker `cluster`).
 cluster-rehearsal: $(STAMP)
-	$(BIN)/python infra/rehearsal/rehearse.py
+	$(BIN)/python -m pytest tests/cluster -m cluster -v
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --device $(DEVICE)

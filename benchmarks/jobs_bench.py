@@ -175,7 +175,7 @@ def run_train(quick: bool, ws: Workspace, work: Path) -> dict[str, Any]:
 
     images = 64 if quick else 256
     epochs = 2 if quick else 3
-    rounds = 1  # a run takes minutes on the shared machine; the bare loop is measured before and after it
+    rounds = 1  # a run takes minutes; the bare loop is measured before and after it
     shards = ws.train_shards(images)
     tcfg = train_config(epochs)
     if quick:  # 8 steps an epoch: log often enough to span an epoch boundary

@@ -64,6 +64,14 @@ def _anchor_targets(ctx: Context) -> dict:
     return {"1": anchor_targets.run(ctx.quick)}
 
 
+@row("coco_ingest", ("10",), ("<= 1.5x",),
+     "COCO instances ingest (train2017-sized file) against json.load: CPU time and peak memory")
+def _coco_ingest(ctx: Context) -> dict:
+    from . import coco_ingest_bench
+
+    return {"10": coco_ingest_bench.run(ctx.quick)}
+
+
 @row("detector", ("4", "5", "4g", "5g"), (">= 1.1x", ">= 1.0x", ">= 1.1x", ">= 1.0x"),
      "training and inference images/s against torchvision's FasterRCNN (CPU; GPU with --device cuda)")
 def _detector(ctx: Context) -> dict:

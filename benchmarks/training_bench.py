@@ -86,7 +86,7 @@ def run(quick: bool, shards: str, work: Path, images: int) -> dict[str, Any]:
     }
     row7 = {
         "id": "7",
-        "what": "training throughput from 1 to 2 workers on this machine",
+        "what": "training throughput from 1 to 2 workers on one machine",
         "baseline": f"1 worker: {one['images_per_s_mean']:.2f} img/s",
         "figure": f"{scale:.2f}x ({two['images_per_s_mean']:.2f} img/s with 2 workers)",
         "goal": "none (ratio stated)", "met": None, "value": scale,

@@ -1,5 +1,10 @@
-"""COCO box AP of detections through pycocotools' ``COCOeval``, on ``frcnn.evaluation``'s data
-contract (0-based xyxy original pixels, labels 1..C, ``difficult`` flags).
+"""COCO box AP of detections through pycocotools' ``COCOeval``, two ways:
+
+- ``evaluate_coco``: on ``frcnn.evaluation``'s data contract (0-based xyxy original pixels, labels
+  1..C, ``difficult`` flags), for any dataset;
+- ``coco_results`` + ``evaluate_coco_results``: a standard COCO results list (original image and
+  category ids, ``[x, y, w, h]``) scored against the original instances document, crowd handled
+  by COCOeval itself; rescoring the same results with pycocotools by hand gives the same numbers.
 
 This module must stay free of ray / mlflow / click imports.
 """
@@ -14,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import _check_class_names, _FlatDet, _FlatGT, _flatten_det, _flatten_gt
+from .evaluation import FlatDet, FlatGT, check_class_names, flatten_det, flatten_gt
 
-__all__ = ["evaluate_coco"]
+__all__ = ["coco_results", "evaluate_coco", "evaluate_coco_results"]
 
 _COCO_KEYS = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 
@@ -45,7 +50,7 @@ def _coco_api(dataset: dict[str, list[dict[str, Any]]]) -> Any:
 
 
 def _coco_datasets(
-    gt: _FlatGT, det: _FlatDet, names: list[str]
+    gt: FlatGT, det: FlatDet, names: list[str]
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     images = [{"id": i + 1} for i in range(len(gt.image_ids))]
     categories = [{"id": k, "name": n} for k, n in enumerate(names, start=1)]
@@ -104,9 +109,9 @@ def evaluate_coco(
     a metric with no ground truth in its range is reported by COCOeval as -1,
     returned here as NaN (so empty ground truth gives all NaN).
     """
-    names = _check_class_names(class_names)
-    gt = _flatten_gt(ground_truth, len(names))
-    det = _flatten_det(detections, gt, len(names))
+    names = check_class_names(class_names)
+    gt = flatten_gt(ground_truth, len(names))
+    det = flatten_det(detections, gt, len(names))
     if not names or not (gt.labels.size and (~gt.difficult).any()):
         # Nothing to score against; COCOeval would report -1 everywhere anyway.
         return {k: math.nan for k in _COCO_KEYS}
@@ -115,6 +120,50 @@ def evaluate_coco(
 
     gt_dataset, det_dataset = _coco_datasets(gt, det, names)
     coco_eval = COCOeval(_coco_api(gt_dataset), _coco_api(det_dataset), iouType="bbox")
+    with _quiet():
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = [float(s) for s in coco_eval.stats[: len(_COCO_KEYS)]]
+    return {k: (math.nan if s < 0 else s) for k, s in zip(_COCO_KEYS, stats)}
+
+
+def coco_results(detections: Mapping[str, Mapping[str, Any]], image_ids: Mapping[str, Any],
+                 category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Detections per image (``boxes`` (N, 4) xyxy, ``scores``, ``labels`` 1..C) -> the COCO
+    results format: ``{"image_id": image_ids[key], "category_id": category_ids[label - 1],
+    "bbox": [x, y, w, h], "score"}``, best first per image. Images not in ``image_ids`` are left out."""
+    out: list[dict[str, Any]] = []
+    for key, det in detections.items():
+        if key not in image_ids:
+            continue
+        boxes = np.asarray(det["boxes"], np.float64).reshape(-1, 4)
+        scores = np.asarray(det["scores"], np.float64).reshape(-1)
+        labels = np.asarray(det["labels"]).reshape(-1)
+        xywh = _xywh(boxes)
+        for k in np.argsort(-scores, kind="stable"):
+            out.append({"image_id": image_ids[key], "category_id": int(category_ids[int(labels[k]) - 1]),
+                        "bbox": [round(float(v), 3) for v in xywh[k]], "score": round(float(scores[k]), 5)})
+    return out
+
+
+def evaluate_coco_results(instances: dict[str, Any], results: list[dict[str, Any]],
+                          category_ids: Sequence[int] | None = None) -> dict[str, float]:
+    """``COCOeval`` (bbox, default parameters) of ``results`` against the ``instances`` document
+    (all its images; ``category_ids``: the categories scored, default all). Returns ``map``,
+    ``ap50``, ``ap75``, ``ap_small|medium|large`` (``stats[0:6]``; -1 as NaN), which is what
+    ``COCO(file).loadRes(results)`` through ``COCOeval`` gives by hand."""
+    from pycocotools.cocoeval import COCOeval
+
+    gt = _coco_api(instances)
+    if results:
+        with _quiet():
+            dt = gt.loadRes(results)
+    else:  # loadRes refuses an empty list: no detections at all
+        dt = _coco_api({"images": instances["images"], "categories": instances["categories"], "annotations": []})
+    coco_eval = COCOeval(gt, dt, iouType="bbox")
+    if category_ids is not None:
+        coco_eval.params.catIds = sorted(int(c) for c in category_ids)
     with _quiet():
         coco_eval.evaluate()
         coco_eval.accumulate()

@@ -1,6 +1,6 @@
 """Typed configuration: one frozen dataclass per stage, loadable from YAML.
 
-Defaults are the walkthrough's numbers (``shared/seed/NOTES.md``): VGG16 at stride 16, an
+Defaults are the numbers of the Faster R-CNN walkthrough the detector follows: VGG16 at stride 16, an
 800x800 canvas, 9 anchors (ratios 0.5/1/2 x scales 8/16/32), 256 anchors sampled per image,
 12000/2000 (train) and 6000/300 (test) proposals, 128 RoIs at most 25 % foreground, 7x7 pooling.
 
@@ -142,6 +142,7 @@ class RoIHeadConfig:
 class ModelConfig:
     num_classes: int = 20  # foreground classes; the head predicts num_classes + 1
     class_names: tuple[str, ...] = ()
+    category_ids: tuple[int, ...] = ()  # the dataset's id of each class (COCO), when it has ids
     canvas: CanvasConfig = field(default_factory=CanvasConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -186,6 +187,8 @@ class ModelConfig:
             raise ValueError(
                 f"{len(self.class_names)} class names given for num_classes={self.num_classes}"
             )
+        if self.category_ids and len(self.category_ids) != self.num_classes:
+            raise ValueError(f"{len(self.category_ids)} category ids given for num_classes={self.num_classes}")
         _check_canvas(self.canvas, s)
         fmt, mean = self.backbone.input_format, self.canvas.mean
         if fmt not in ("torchvision", "caffe"):

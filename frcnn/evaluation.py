@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VocResult", "voc_ap", "evaluate_voc"]
+__all__ = ["FlatDet", "FlatGT", "VocResult", "check_class_names", "evaluate_voc", "flatten_det", "flatten_gt", "voc_ap"]
 
 # The devkit guards precision against 0/0 with float64 eps (py-faster-rcnn).
 _EPS = np.finfo(np.float64).eps
@@ -53,7 +53,7 @@ _EPS = np.finfo(np.float64).eps
 # Input normalisation
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
-class _FlatGT:
+class FlatGT:
     """All ground truth of a split, concatenated in ``ground_truth`` order."""
 
     image_ids: list[str]
@@ -64,10 +64,10 @@ class _FlatGT:
 
 
 @dataclass(frozen=True)
-class _FlatDet:
+class FlatDet:
     """All detections, concatenated in ``ground_truth`` image order, input order within."""
 
-    image_index: np.ndarray  # (D,) int64 index into _FlatGT.image_ids
+    image_index: np.ndarray  # (D,) int64 index into FlatGT.image_ids
     boxes: np.ndarray  # (D, 4) float64
     scores: np.ndarray  # (D,) float64
     labels: np.ndarray  # (D,) int64
@@ -93,7 +93,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, what: str, image_id: str
         )
 
 
-def _flatten_gt(ground_truth: Mapping[str, Mapping[str, Any]], num_classes: int) -> _FlatGT:
+def flatten_gt(ground_truth: Mapping[str, Mapping[str, Any]], num_classes: int) -> FlatGT:
     image_ids = list(ground_truth)
     boxes, labels, difficult, counts = [], [], [], [0]
     for image_id in image_ids:
@@ -111,7 +111,7 @@ def _flatten_gt(ground_truth: Mapping[str, Mapping[str, Any]], num_classes: int)
         labels.append(lab)
         difficult.append(diff)
         counts.append(len(b))
-    return _FlatGT(
+    return FlatGT(
         image_ids=image_ids,
         boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4)),
         labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
@@ -120,9 +120,9 @@ def _flatten_gt(ground_truth: Mapping[str, Mapping[str, Any]], num_classes: int)
     )
 
 
-def _flatten_det(
-    detections: Mapping[str, Mapping[str, Any]], gt: _FlatGT, num_classes: int
-) -> _FlatDet:
+def flatten_det(
+    detections: Mapping[str, Mapping[str, Any]], gt: FlatGT, num_classes: int
+) -> FlatDet:
     known = set(gt.image_ids)
     unknown = [image_id for image_id in detections if image_id not in known]
     if unknown:
@@ -144,7 +144,7 @@ def _flatten_det(
         scores.append(s)
         labels.append(lab)
         counts.append(len(b))
-    return _FlatDet(
+    return FlatDet(
         image_index=np.concatenate(index) if index else np.zeros(0, np.int64),
         boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4)),
         scores=np.concatenate(scores) if scores else np.zeros(0),
@@ -153,7 +153,7 @@ def _flatten_det(
     )
 
 
-def _check_class_names(class_names: Sequence[str]) -> list[str]:
+def check_class_names(class_names: Sequence[str]) -> list[str]:
     names = [str(n) for n in class_names]
     if len(set(names)) != len(names):
         raise ValueError(f"class_names must be unique, got {names}")
@@ -244,7 +244,7 @@ def _voc_iou(det_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
     return inters / uni
 
 
-def _best_gt_per_detection(det: _FlatDet, gt: _FlatGT) -> tuple[np.ndarray, np.ndarray]:
+def _best_gt_per_detection(det: FlatDet, gt: FlatGT) -> tuple[np.ndarray, np.ndarray]:
     """For each detection: max IoU over same-class GT of its image, and that GT's row.
 
     The devkit's ``jmax`` is the arg-max over *all* GT of the class in the image,
@@ -312,9 +312,9 @@ def evaluate_voc(
     """
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
-    names = _check_class_names(class_names)
-    gt = _flatten_gt(ground_truth, len(names))
-    det = _flatten_det(detections, gt, len(names))
+    names = check_class_names(class_names)
+    gt = flatten_gt(ground_truth, len(names))
+    det = flatten_det(detections, gt, len(names))
     ovmax, gt_row = _best_gt_per_detection(det, gt)
 
     ap: dict[str, float] = {}

@@ -1,14 +1,18 @@
 """``frcnn-jobs synth`` and ``frcnn-jobs precompute``: dataset commands.
 
-    frcnn-jobs synth --out data/synth --images 600
+    frcnn-jobs synth --out data/synth --images 600 [--format voc|coco|yolo]
     frcnn-jobs precompute --dataset voc --data-root data/synth --split trainval --out data/pre/trainval
+    frcnn-jobs precompute --dataset coco --data-root data/coco --split train2017 --out data/pre/train
+    frcnn-jobs precompute --dataset coco --annotations ann.json --images imgs/ --split train --out data/pre/train
+    frcnn-jobs precompute --dataset yolo --data-root data/yolo/data.yaml --split train --out data/pre/train
     frcnn-jobs precompute --dataset voc --data-root s3://frcnn/raw/VOCdevkit --split trainval \\
         --year 2007,2012 --config vgg16_voc --out s3://frcnn/precomputed/voc0712-trainval
 
 ``run_precompute`` is the importable function behind the command: it validates the inputs (no
 MLflow run for a command line that cannot work), starts or joins Ray, opens an MLflow run
-(``frcnn.job=precompute``), runs ``pipelines.precompute.precompute`` and logs its numbers and
-manifest. Without ``--config`` the model config is ``frcnn/configs/tiny.yaml``'s recipe
+(``frcnn.job=precompute``), runs ``pipelines.precompute.precompute`` and logs its numbers, its
+manifest and its dataset (``mlflow.log_input``: name, source, the manifest's content hash).
+Without ``--config`` the model config is ``frcnn/configs/tiny.yaml``'s recipe
 (``tiny_config``) sized to the dataset's classes.
 """
 
@@ -18,14 +22,19 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from frcnn.config import ModelConfig, Overrides, tiny_config
+from pipelines.datasets import DatasetSource
 from pipelines.runtime import init_ray
+from pipelines.storage import Location
 
 from . import console, options, tracking
+
+if TYPE_CHECKING:
+    from pipelines.precompute import PrecomputeOptions
 
 
 @dataclass
@@ -34,116 +43,117 @@ class PrecomputeRun:
     summary: Any  # pipelines.precompute.PrecomputeSummary
 
 
-def resolve_config(data_root: str, config_path: str | None = None,
-                   class_names: Sequence[str] | None = None, overrides: Overrides | None = None) -> ModelConfig:
+def resolve_config(data_root: str | None, config_path: str | None = None,
+                   class_names: Sequence[str] | None = None, overrides: Overrides | None = None, *,
+                   dataset_classes: Sequence[str] | None = None) -> ModelConfig:
     """``_resolve_config`` with the ``model.*`` settings of ``--set`` applied."""
-    return (overrides or Overrides()).model(_resolve_config(data_root, config_path, class_names))
+    return (overrides or Overrides()).model(_resolve_config(data_root, config_path, class_names, dataset_classes))
 
 
-def _resolve_config(data_root: str, config_path: str | None = None,
-                    class_names: Sequence[str] | None = None) -> ModelConfig:
+def _resolve_config(data_root: str | None, config_path: str | None = None,
+                    class_names: Sequence[str] | None = None, dataset_classes: Sequence[str] | None = None
+                    ) -> ModelConfig:
     """The model config the targets are computed for.
 
-    ``class_names`` (``--classes``) are the dataset's classes (default: ``classes.txt`` in the VOC
-    year folder, else VOC's 20). ``config_path`` (a file or a packaged name): its class names are
-    the model's when set (``pipelines.precompute`` then leaves out the dataset's other classes and
-    refuses a model class the dataset lacks); an empty ``class_names`` takes the dataset's.
-    Default: ``tiny_config`` for the dataset's classes.
+    ``class_names`` (``--classes``) are the dataset's classes (default: ``dataset_classes``, the
+    reader's list, else the VOC data root's ``classes.txt``, else VOC's 20). ``config_path`` (a
+    file or a packaged name): its class names are the model's when set (``pipelines.precompute``
+    then leaves out the dataset's other classes and refuses a model class the dataset lacks); an
+    empty ``class_names`` takes the dataset's. Default: ``tiny_config`` for the dataset's classes.
     """
-    from pipelines.voc import load_class_names
+    def names() -> tuple[str, ...]:
+        from pipelines.voc import load_class_names
+
+        return tuple(class_names or dataset_classes or load_class_names(data_root))
 
     if config_path:
         cfg = ModelConfig.from_yaml(config_path)
         if cfg.class_names:
             return cfg
-        names = tuple(class_names) if class_names else load_class_names(data_root)
-        if len(names) != cfg.num_classes:
+        if len(names()) != cfg.num_classes:
             raise ValueError(f"{config_path}: num_classes={cfg.num_classes}, but the dataset has "
-                             f"{len(names)} classes {list(names)}; set class_names in the config to train "
+                             f"{len(names())} classes {list(names())}; set class_names in the config to train "
                              "on some of them")
-        return cfg.replace(class_names=names)
-    names = tuple(class_names) if class_names else load_class_names(data_root)
-    return tiny_config(num_classes=len(names), class_names=names)
+        return cfg.replace(class_names=names())
+    return tiny_config(num_classes=len(names()), class_names=names())
 
 
-def run_precompute(
-    data_root: str,
-    split: str,
-    out: str,
-    *,
-    dataset: str = "voc",
-    years: Sequence[str] | None = None,
-    config_path: str | None = None,
-    overrides: Overrides | None = None,
-    class_names: Sequence[str] | None = None,
-    on_error: str = "skip",
-    overwrite: bool = False,
-    use_difficult: bool = False,
-    drop_empty: bool = False,
-    rows_per_shard: int = 256,
-    jpeg_quality: int = 95,
-    experiment: str | None = None,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    progress: bool = True,
-) -> PrecomputeRun:
+def run_precompute(data: str | DatasetSource, split: str, out: str, *, config_path: str | None = None,
+                   overrides: Overrides | None = None, options: PrecomputeOptions | None = None,
+                   experiment: str | None = None, address: str | None = None, tracking_uri: str | None = None,
+                   dataset: str = "voc", years: Sequence[str] | None = None,
+                   class_names: Sequence[str] | None = None, **option_values: Any) -> PrecomputeRun:
     """Precompute one split, tracked as an MLflow run; returns the run id and the summary.
 
+    ``data``: a :class:`~pipelines.datasets.DatasetSource`, or a data root of format ``dataset``.
+    ``options`` (or its fields as keywords): :class:`~pipelines.precompute.PrecomputeOptions`.
     Raises (before any MLflow run exists) on bad input: ``FileExistsError`` for an existing
-    ``out`` without ``overwrite``, ``ValueError``/``VocLayoutError`` for configs, classes or
+    ``out`` without ``overwrite``, ``ValueError`` (``LayoutError``...) for configs, classes or
     datasets that do not fit. A run that fails (``on_error="fail"``: ``PrecomputeError``
     ``"<file>: <reason>"``) ends FAILED, one interrupted (Ctrl-C) ends KILLED; the error goes on.
     """
-    import mlflow
-
     from pipelines import precompute as pc
-    from pipelines.schema import MANIFEST_NAME
-    from pipelines.storage import Location
-    from pipelines.voc import load_class_names
+    from pipelines.datasets import open_split
 
-    if dataset != "voc":
-        raise ValueError(f"unknown dataset {dataset!r}; supported: voc")
-    pc.check_output(out, overwrite)
-    cfg = resolve_config(data_root, config_path, class_names, overrides)
-    pc.model_classes(cfg, tuple(class_names) if class_names else load_class_names(data_root), data_root)
+    opts = options or pc.PrecomputeOptions(**option_values)
+    source = data if isinstance(data, DatasetSource) else DatasetSource(dataset, root=str(data))
+    source = pc.as_source(source, years, class_names)
+    pc.check_output(out, opts.overwrite)
+    reader = open_split(source, split)  # a layout error, before any MLflow run
+    cfg = resolve_config(source.root, config_path, class_names, overrides, dataset_classes=reader.classes)
+    names = pc.model_classes(cfg, reader.classes, source.shown)
+    if reader.category_ids:  # kept in the model: detections can go back out with the dataset's ids
+        ids = dict(zip(reader.classes, reader.category_ids))
+        cfg = cfg.replace(class_names=names, category_ids=tuple(ids[n] for n in names))
     init_ray(address, log_to_driver=console.log_to_driver())
-
-    params = {
-        **cfg.flat("model"),
-        "precompute.dataset": dataset, "precompute.data_root": data_root, "precompute.split": split,
-        "precompute.out": out, "precompute.years": ",".join(years) if years else "all",
-        "precompute.classes": ",".join(class_names) if class_names else "dataset",
-        "precompute.config": config_path or "tiny (default)",
-        "precompute.set": " ".join(overrides.args() if overrides else ()), "precompute.on_error": on_error,
-        "precompute.overwrite": overwrite, "precompute.use_difficult": use_difficult,
-        "precompute.drop_empty": drop_empty, "precompute.rows_per_shard": rows_per_shard,
-        "precompute.jpeg_quality": jpeg_quality, "precompute.config_hash": cfg.target_hash(),
-    }
-    name = tracking.precompute_run_name(Location.of(data_root).name, split)
+    name = tracking.precompute_run_name(Location.of(source.root or source.annotations).name, split)
     with tracking.job_run("precompute", run_name=name, experiment=experiment, tracking_uri=tracking_uri,
                           tags={"frcnn.data": out, "frcnn.config_hash": cfg.target_hash()},
-                          params=params) as run:
-        run_id = run.info.run_id
-        if progress:
-            print(f"MLflow run {run_id} ({name})", flush=True)
-        summary = pc.precompute(
-            data_root, split, out, cfg, years=years, classes=class_names, on_error=on_error,
-            overwrite=overwrite, use_difficult=use_difficult, drop_empty=drop_empty,
-            rows_per_shard=rows_per_shard, jpeg_quality=jpeg_quality, progress=progress)
-        tracking.safe(mlflow.log_metrics, {
-            "images_written": summary.rows,
-            "images_skipped": len(summary.skipped),
-            "warnings": len(summary.warnings),
-            "objects_left_out": sum(summary.left_out.values()),
-            "positives_per_image": summary.positives_per_image,
-            "images_per_s": summary.images_per_s,
-            "shards": len(summary.shards),
-        })
-        tracking.safe(mlflow.log_dict, summary.manifest, MANIFEST_NAME)
-        _log_coverage(summary, f"{Location.of(data_root).name} {split}")
-    if progress:
-        print(f"MLflow run {run_id}: {summary.rows} images written to {summary.out}", flush=True)
-    return PrecomputeRun(run_id, summary)
+                          params=_precompute_params(source, split, out, cfg, config_path, opts)) as run:
+        if opts.progress:
+            print(f"MLflow run {run.info.run_id} ({name})", flush=True)
+        summary = pc.precompute(source, split, out, cfg, opts)
+        _log_precompute(summary, source, split)
+        _log_coverage(summary, f"{Location.of(source.root or source.annotations).name} {split}")
+    if opts.progress:
+        print(f"MLflow run {run.info.run_id}: {summary.rows} images written to {summary.out}", flush=True)
+    return PrecomputeRun(run.info.run_id, summary)
+
+
+def _precompute_params(source: DatasetSource, split: str, out: str, cfg: ModelConfig, config_path: str | None,
+                       opts: PrecomputeOptions, overrides: Overrides | None = None) -> dict[str, Any]:
+    return {
+        **cfg.flat("model"),
+        "precompute.dataset": source.format, "precompute.data_root": source.root,
+        "precompute.annotations": source.annotations, "precompute.images": source.images,
+        "precompute.split": split, "precompute.out": out,
+        "precompute.years": ",".join(source.years) if source.years else "all",
+        "precompute.classes": ",".join(source.classes) if source.classes else "dataset",
+        "precompute.config": config_path or "tiny (default)",
+        "precompute.set": " ".join(overrides.args() if overrides else ()), "precompute.on_error": opts.on_error,
+        "precompute.overwrite": opts.overwrite, "precompute.use_difficult": opts.use_difficult,
+        "precompute.drop_empty": opts.drop_empty, "precompute.rows_per_shard": opts.rows_per_shard,
+        "precompute.jpeg_quality": opts.jpeg_quality, "precompute.config_hash": cfg.target_hash(),
+    }
+
+
+def _log_precompute(summary, source: DatasetSource, split: str) -> None:
+    """The run's numbers, its manifest and its dataset (``mlflow.log_input``)."""
+    import mlflow
+
+    from pipelines.schema import MANIFEST_NAME
+
+    tracking.safe(mlflow.log_metrics, {
+        "images_written": summary.rows,
+        "images_skipped": len(summary.skipped),
+        "warnings": len(summary.warnings),
+        "objects_left_out": sum(summary.left_out.values()),
+        "positives_per_image": summary.positives_per_image,
+        "images_per_s": summary.images_per_s,
+        "shards": len(summary.shards),
+    })
+    tracking.safe(mlflow.log_dict, summary.manifest, MANIFEST_NAME)
+    tracking.log_manifest_input(summary.manifest, summary.out, "precompute")
 
 
 def _log_coverage(summary: Any, title: str) -> None:
@@ -168,28 +178,30 @@ def _log_coverage(summary: Any, title: str) -> None:
 
 @click.command("synth")
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="PATH",
-              help="Folder to write (VOCdevkit/VOC2007 layout, with classes.txt).")
+              help="Folder to write (the --format layout; voc: VOCdevkit/VOC2007 with classes.txt).")
+@click.option("--format", "fmt", type=click.Choice(("voc", "coco", "yolo")), default="voc", show_default=True,
+              help="Layout: voc (VOCdevkit), coco (annotations/instances_<split>.json + <split>/), "
+                   "yolo (data.yaml + images/ + labels/).")
 @click.option("--images", type=click.IntRange(1), default=600, show_default=True, help="Number of images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends only on (seed, i).")
 @click.option("--min-size", type=click.IntRange(32), default=160, show_default=True, help="Smallest image side.")
 @click.option("--max-size", type=click.IntRange(32), default=400, show_default=True, help="Largest image side.")
-def synth_cmd(out: str, images: int, seed: int, min_size: int, max_size: int) -> None:
-    """Generate the synthetic shapes dataset (five classes, VOC layout; no download)."""
+def synth_cmd(out: str, fmt: str, images: int, seed: int, min_size: int, max_size: int) -> None:
+    """Generate the synthetic shapes dataset (five classes, in VOC, COCO or YOLO layout; no download)."""
     from pipelines import synth
 
     if min_size > max_size:
         raise click.BadParameter(f"--min-size {min_size} > --max-size {max_size}", param_hint="--min-size")
-    info = synth.generate(out, n_images=images, seed=seed, min_size=min_size, max_size=max_size)
+    info = synth.generate(out, n_images=images, seed=seed, min_size=min_size, max_size=max_size, format=fmt)
     click.echo(f"wrote {info['images']} images ({info['objects']} objects, {info['empty_images']} empty) "
-               f"to {info['voc_dir']}; splits: "
+               f"to {info['voc_dir']} ({fmt} layout); splits: "
                + ", ".join(f"{k}={v}" for k, v in info["splits"].items()))
 
 
 @click.command("precompute")
-@click.option("--dataset", type=click.Choice(["voc"]), default="voc", show_default=True, help="Dataset layout.")
-@click.option("--data-root", required=True, metavar="PATH_OR_URI",
-              help="Folder holding VOCdevkit/, VOCdevkit/ itself or one VOC20XX/ (local, s3://, gs://...).")
-@click.option("--split", default="trainval", show_default=True, help="ImageSets/Main/<split>.txt.")
+@options.dataset_options
+@click.option("--split", default="trainval", show_default=True,
+              help="voc: ImageSets/Main/<split>.txt; coco: instances_<split>.json; yolo: the data.yaml key.")
 @click.option("--out", required=True, metavar="PATH_OR_URI", help="Output folder (published atomically).")
 @options.YEAR
 @options.CONFIG
@@ -206,21 +218,23 @@ def synth_cmd(out: str, images: int, seed: int, min_size: int, max_size: int) ->
               help="JPEG quality of the stored canvases.")
 @options.EXPERIMENT
 @options.ADDRESS
-def precompute_cmd(dataset, data_root, split, out, years, config_path, overrides, class_names, on_error, overwrite,
-                   use_difficult, drop_empty, rows_per_shard, jpeg_quality, experiment, address) -> None:
+def precompute_cmd(dataset, data_root, annotations, images_dir, split, out, years, config_path, overrides,
+                   class_names, on_error, overwrite, use_difficult, drop_empty, rows_per_shard, jpeg_quality,
+                   experiment, address) -> None:
     """Decode, resize and label anchors once, with Ray Data: Parquet shards + manifest for training."""
-    from pipelines.precompute import PrecomputeError
-    from pipelines.voc import VocLayoutError
+    from pipelines.precompute import PrecomputeError, PrecomputeOptions
 
+    source = options.dataset_source(dataset, data_root, annotations, images_dir, years, class_names)
+    opts = PrecomputeOptions(on_error=on_error, overwrite=overwrite, use_difficult=use_difficult,
+                             drop_empty=drop_empty, rows_per_shard=rows_per_shard, jpeg_quality=jpeg_quality)
     try:
-        run_precompute(data_root, split, out, dataset=dataset, years=years, config_path=config_path,
-                       overrides=overrides, class_names=class_names, on_error=on_error, overwrite=overwrite,
-                       use_difficult=use_difficult, drop_empty=drop_empty, rows_per_shard=rows_per_shard,
-                       jpeg_quality=jpeg_quality, experiment=experiment, address=address)
-    except (PrecomputeError, FileExistsError, FileNotFoundError, VocLayoutError, ValueError) as exc:
+        run_precompute(source, split, out, config_path=config_path, overrides=overrides, options=opts,
+                       experiment=experiment, address=address)
+    except (PrecomputeError, FileExistsError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # storage gone mid-run (an S3 endpoint that stops answering): name the URIs
-        raise click.ClickException(f"precompute of {data_root} into {out} failed, nothing published: {exc}") from exc
+        raise click.ClickException(f"precompute of {source.shown} into {out} failed, nothing published: "
+                                   f"{exc}") from exc
     except KeyboardInterrupt:
         click.echo("Interrupted: the MLflow run is marked KILLED and its staging folder deleted. "
                    f"Rerun with: frcnn-jobs {shlex.join(sys.argv[1:])}", err=True)

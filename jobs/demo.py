@@ -5,7 +5,7 @@
 generate (VOC layout) -> precompute train and val (Ray Data) -> train (Ray Train, MLflow) ->
 evaluate on the test split (VOC and COCO mAP, an MLflow evaluation run) -> promote to
 ``champion`` -> infer the test images twice (the second run, incremental, has nothing new).
-Everything is local: Ray on this machine, MLflow in ``<workdir>/mlflow.db``, CPU.
+Everything is local: a local Ray instance, MLflow in ``<workdir>/mlflow.db``, CPU.
 """
 
 from __future__ import annotations

@@ -22,10 +22,9 @@ tags ``map50_<split>``, ``map50_voc07_<split>``, ``coco_map_<split>`` and ``eval
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import posixpath
-import re
 import shlex
 import shutil
 import tempfile
@@ -39,15 +38,12 @@ import click
 import numpy as np
 
 from . import console, options, tracking
+from .eval_detections import EvaluationError, detections_from_file, per_image_detections
 
 log = logging.getLogger(__name__)
 
 GRID_IMAGES = 12
 VERSION_TAG_METRICS = ("map50", "map50_voc07", "coco_map")
-
-
-class EvaluationError(ValueError):
-    """An evaluation that cannot be run as asked (wrong classes, bad detections file...)."""
 
 
 @dataclass
@@ -57,108 +53,6 @@ class EvaluationResult:
     per_class: list[dict[str, Any]]  # class, num_gt, num_det, ap_voc, ap_voc07
     model: Any = None  # jobs.models.ModelRef, None for a detections file
     tags: dict[str, str] = field(default_factory=dict)
-
-
-def _per_image(table, remap: dict[int, int] | None = None) -> dict[str, dict[str, Any]]:
-    """PREDICTION/OUTPUT_SCHEMA rows -> image id -> {"boxes" (N, 4), "scores", "labels"}."""
-    from pipelines.detections import list_column
-
-    boxes = list_column(table.column("boxes"), np.float32)
-    scores = list_column(table.column("scores"), np.float32)
-    labels = list_column(table.column("labels"), np.int32)
-    out = {}
-    for k, image_id in enumerate(table.column("image_id").to_pylist()):
-        if boxes[k].size != 4 * scores[k].size or scores[k].size != labels[k].size:
-            raise EvaluationError(f"image {image_id!r}: {boxes[k].size} box values, {scores[k].size} scores, "
-                                  f"{labels[k].size} labels (need 4 box values per score and label)")
-        lab = labels[k] if remap is None else np.array([remap.get(int(x), -1) for x in labels[k]], np.int32)
-        out[str(image_id)] = {"boxes": boxes[k].reshape(-1, 4), "scores": scores[k], "labels": lab}
-    return out
-
-
-def split_id(image_id: str, known: set[str]) -> str:
-    """A detections row's id as the split names it: infer names an image by its path under the
-    input (``000001.jpg``, ``VOC2007/JPEGImages/000001.jpg``), the split by the bare id (``000001``,
-    or ``2007/000001`` when several years are joined)."""
-    if image_id in known:
-        return image_id
-    parts = image_id.replace("\\", "/").split("/")
-    stem = posixpath.splitext(parts[-1])[0]
-    years = [m.group(1) for p in parts[:-1] if (m := re.match(r"^VOC(\d{4})$", p))]
-    for key in ([f"{years[-1]}/{stem}"] if years else []) + [stem]:
-        if key in known:
-            return key
-    return image_id
-
-
-def detections_from_file(path: str, gt) -> tuple[dict, set[str], dict[str, int], dict[str, str]]:
-    """``(detections per split image, ids with errors, counts, the model that made them)``."""
-    import pyarrow.compute as pc
-
-    from pipelines.detections import MODEL_COLUMNS, read_detections
-
-    try:
-        dets_table, errors_table = read_detections(path)
-    except ValueError as exc:
-        raise EvaluationError(str(exc)) from exc
-    runs = dets_table.column("run").to_pylist()
-    order = sorted(range(dets_table.num_rows), key=lambda k: runs[k] or "")  # newer partitions win
-    dets_table = dets_table.take(order)
-    names = [n for n in dets_table.column("class_names").to_pylist() if n]
-    remap = None
-    if names:  # infer's rows name each label: map the model's labels onto the ground truth's
-        pairs = {(int(lab), name) for labs, ns in zip(dets_table.column("labels").to_pylist(),
-                                                      dets_table.column("class_names").to_pylist()) if ns
-                 for lab, name in zip(labs, ns)}
-        unknown = sorted({n for _, n in pairs if n not in gt.class_names})
-        if unknown:
-            raise EvaluationError(f"{path}: detections of class(es) {unknown} the dataset does not have "
-                                  f"(its classes: {list(gt.class_names)}); pass --classes if its list differs")
-        remap = {lab: gt.class_names.index(n) + 1 for lab, n in pairs}
-    models = {tuple(r[c] for c in MODEL_COLUMNS) for r in dets_table.select(list(MODEL_COLUMNS)).to_pylist()}
-    models = {m for m in models if any(v is not None for v in m)}
-    if len(models) > 1:
-        shown = sorted(f"{m[0]}/{m[1]}" if m[0] else f"sha256 {str(m[3])[:12]}" for m in models)
-        raise EvaluationError(f"{path}: detections of {len(models)} models ({', '.join(shown)}); point "
-                              f"--detections at one run=... partition or file")
-    known = set(gt.image_ids)
-    ids = [split_id(str(i), known) for i in dets_table.column("image_id").to_pylist()]
-    runs = dets_table.column("run").to_pylist()
-    seen: dict[str, Any] = {}
-    for image_id, run in zip(ids, runs):
-        if image_id in seen and seen[image_id] == run:
-            raise EvaluationError(f"{path}: image_id {image_id!r} appears more than once"
-                                  + (f" in {run}" if run else ""))
-        seen[image_id] = run
-    import pyarrow as pa
-
-    dets_table = dets_table.set_column(0, "image_id", pa.array(ids, pa.string()))
-    try:
-        per_image = _per_image(dets_table, remap)
-    except EvaluationError as exc:
-        raise EvaluationError(f"{path}: {exc}") from exc
-    dets = {i: d for i, d in per_image.items() if i in known}
-    errors = {split_id(str(i), known) for i in pc.drop_null(errors_table.column("image_id")).to_pylist()}
-    errors = {i for i in errors if i in known and i not in dets}
-    extra = len(set(per_image) - known)
-    if per_image and not dets:
-        raise EvaluationError(f"{path}: none of its {len(per_image)} image ids is in the split (e.g. "
-                              f"{next(iter(per_image))!r}; the split has e.g. {gt.image_ids[0]!r})")
-    for image_id, d in dets.items():
-        bad = (d["labels"] < 1) | (d["labels"] > len(gt.class_names))
-        if bad.any():
-            raise EvaluationError(f"{path}: image {image_id!r}: label {int(d['labels'][bad][0])} outside "
-                                  f"1..{len(gt.class_names)} (classes {list(gt.class_names)})")
-    missing = len(known - set(dets) - errors)
-    if extra:
-        log.warning("%s: %d image(s) not in the split ignored", path, extra)
-    if missing:
-        log.warning("%s: %d image(s) of the split have no detections row; counted as no detections", path, missing)
-    made_by = {c: str(v) for c, v in zip(MODEL_COLUMNS, next(iter(models), ())) if v is not None}
-    first = dets_table.column("train_run_id").drop_null().to_pylist()[:1]
-    if first:
-        made_by["train_run_id"] = first[0]
-    return dets, errors, {"images_missing": missing, "images_extra": extra}, made_by
 
 
 def predict_split(gt, checkpoint: bytes, data_root: str, *, address: str | None = None, progress: bool = False,
@@ -195,7 +89,7 @@ def predict_split(gt, checkpoint: bytes, data_root: str, *, address: str | None 
     for row in failed.select(["image_id", "error"]).to_pylist()[:5]:
         log.warning("image %s: %s", row["image_id"], row["error"])
     errors |= set(failed.column("image_id").to_pylist())
-    dets = _per_image(table.filter(pc.invert(bad)))
+    dets = per_image_detections(table.filter(pc.invert(bad)))
     return dets, errors, {"images_per_s": len(items) / max(elapsed, 1e-9), "inference_s": elapsed}
 
 
@@ -251,144 +145,278 @@ def _tag_model_version(client, name: str, version: str, split: str, metrics: Map
     tracking.safe(client.set_model_version_tag, name, version, f"eval_run_{split}", run_id)
 
 
-def run_evaluation(model: str | None = None, detections: str | None = None, *, data_root: str,
+@dataclass(frozen=True)
+class EvalRequest:
+    """What to evaluate: ``model`` or ``detections`` (exactly one) on ``split`` of ``source``.
+    ``on_error``: ``fail`` stops at an annotation that cannot be read, ``skip`` leaves its image out
+    (counted and logged to the run)."""
+
+    source: Any  # pipelines.datasets.DatasetSource
+    split: str = "test"
+    model: str | None = None
+    detections: str | None = None
+    on_error: str = "fail"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Where the run goes and how predictions are made (predictor resources as ``infer``'s)."""
+
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    address: str | None = None
+    batch_size: int = 8
+    concurrency: int = 1
+    gpus_per_actor: float = 0
+    cpus_per_actor: float = 1
+    grid_images: int = GRID_IMAGES
+    verbose: bool = True
+
+    def resources(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "concurrency": self.concurrency,
+                "gpus_per_actor": self.gpus_per_actor, "cpus_per_actor": self.cpus_per_actor}
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """The model (``ref``, checkpoint bytes, config) or the detections file being evaluated."""
+
+    ref: Any = None
+    checkpoint: bytes = b""
+    cfg: Any = None
+
+
+def run_evaluation(model: str | None = None, detections: str | None = None, *, data_root: str | None = None,
                    split: str = "test", dataset: str = "voc", years: Sequence[str] | None = None,
-                   classes: Sequence[str] | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
-                   address: str | None = None, batch_size: int = 8, concurrency: int = 1, gpus_per_actor: float = 0,
-                   cpus_per_actor: float = 1, tracking_uri: str | None = None, grid_images: int = GRID_IMAGES,
-                   verbose: bool = True) -> EvaluationResult:
-    """Evaluate a MODEL reference (predicting with Ray Data) or a detections path on a VOC split
-    (``classes``: the dataset's names, default its ``classes.txt``); log one MLflow run; return
-    its id, metrics and per-class rows."""
-    import mlflow
+                   classes: Sequence[str] | None = None, source: Any = None, on_error: str = "fail",
+                   **option_values: Any) -> EvaluationResult:
+    """Evaluate a MODEL reference (predicting with Ray Data) or a detections path on a split
+    (``source``: a ``DatasetSource``, or ``data_root`` of format ``dataset``; ``classes``: the
+    dataset's names); log one MLflow run; return its id, metrics and per-class rows.
+    ``option_values``: the fields of :class:`EvalOptions`."""
+    from pipelines.datasets import DatasetSource
+
+    if source is None:
+        source = DatasetSource(dataset, root=data_root)
+    source = dataclasses.replace(source, years=tuple(map(str, years)) if years else source.years,
+                                 classes=tuple(classes) if classes else source.classes)
+    return evaluate(EvalRequest(source, split, model, detections, on_error), EvalOptions(**option_values))
+
+
+def evaluate(req: EvalRequest, opts: EvalOptions) -> EvaluationResult:
+    """The evaluation as named steps: what is evaluated, the ground truth, the run, the report."""
     from mlflow.tracking import MlflowClient
 
+    if (req.model is None) == (req.detections is None):
+        raise EvaluationError("give exactly one of a model (--model) or a detections file (--detections)")
+    if req.on_error not in ("fail", "skip"):
+        raise EvaluationError(f"on_error must be 'fail' or 'skip', got {req.on_error!r}")
+    uri = tracking.setup(opts.tracking_uri, opts.experiment)
+    client = MlflowClient(uri)
+    subject = _subject(req, client)
+    gt = _ground_truth(req, subject)
+    counts, made_by, dets, errors = {}, {}, {}, set()
+    if req.detections is not None:
+        dets, errors, counts, made_by = detections_from_file(req.detections, gt)
+    tags, params = _describe(req, opts, subject, gt, counts, made_by)
+    name = tracking.evaluate_run_name(subject.ref.uri if subject.ref else made_by.get("model_uri") or "detections",
+                                      req.split)
+    with tracking.job_run("evaluate", run_name=name, experiment=opts.experiment, tracking_uri=opts.tracking_uri,
+                          tags=tags, params=params) as run:
+        extra: dict[str, float] = {}
+        if subject.ref is not None:
+            root = req.source.images or req.source.root or req.source.annotations
+            dets, errors, extra = predict_split(gt, subject.checkpoint, root, address=opts.address,
+                                                progress=opts.verbose, **opts.resources())
+        scores, metrics = _score(gt, dets, errors, counts, extra)
+        _log_run(req, opts, gt, dets, errors, scores, metrics)
+        if tags.get("frcnn.model_name") and tags.get("frcnn.model_version"):
+            _tag_model_version(client, tags["frcnn.model_name"], tags["frcnn.model_version"], req.split, metrics,
+                               run.info.run_id)
+    if opts.verbose:
+        _print_report(req, subject, gt, scores, metrics, errors, run.info.run_id, uri)
+    return EvaluationResult(run.info.run_id, metrics, scores.per_class, subject.ref,
+                            {k: str(v) for k, v in tags.items() if v})
+
+
+def _subject(req: EvalRequest, client) -> _Subject:
     from frcnn.inference import load_model
-    from frcnn.report import format_table, score_detections, write_per_class_csv
-    from frcnn.visualize import plot_pr_curves
-    from pipelines.groundtruth import ClassMismatch, load_ground_truth
-    from pipelines.storage import shown
 
     from .models import resolve_model
 
-    if (model is None) == (detections is None):
-        raise EvaluationError("give exactly one of a model (--model) or a detections file (--detections)")
-    uri = tracking.setup(tracking_uri, experiment)
-    client = MlflowClient(uri)
-    ref, ckpt, cfg = None, b"", None
-    if model is not None:
-        ref = resolve_model(model, client)  # once: an alias is pinned to its version now
-        ckpt = Path(ref.checkpoint).read_bytes()
-        cfg = load_model(ckpt).cfg
+    if req.model is None:
+        return _Subject()
+    ref = resolve_model(req.model, client)  # once: an alias is pinned to its version now
+    ckpt = Path(ref.checkpoint).read_bytes()
+    return _Subject(ref, ckpt, load_model(ckpt).cfg)
+
+
+def _ground_truth(req: EvalRequest, subject: _Subject):
+    from pipelines.groundtruth import ClassMismatch, GroundTruthError, load_ground_truth
+
+    cfg = subject.cfg
     try:
-        gt = load_ground_truth(data_root, split, years, model_classes=cfg.class_names if cfg else None,
-                               classes=classes, dataset=dataset)
-    except ClassMismatch as exc:
+        gt = load_ground_truth(req.source, req.split, model_classes=cfg.class_names if cfg else None,
+                               on_error=req.on_error)
+    except (ClassMismatch, GroundTruthError) as exc:
         raise EvaluationError(str(exc)) from exc
     if cfg is not None and cfg.num_classes != len(gt.class_names):
         raise EvaluationError(f"the model predicts {cfg.num_classes} classes but was saved without their names; "
                               f"the dataset has {len(gt.class_names)}: {list(gt.class_names)}")
-    counts, made_by = {}, {}
-    if detections is not None:
-        dets, errors, counts, made_by = detections_from_file(detections, gt)
-    root_shown = shown(data_root)
-    years_tag = ",".join(map(str, years)) if years else "all"
-    tags: dict[str, Any] = {"frcnn.dataset": dataset, "frcnn.split": split, "frcnn.data_root": root_shown,
-                            "frcnn.years": years_tag}
+    return gt
+
+
+def _describe(req: EvalRequest, opts: EvalOptions, subject: _Subject, gt, counts: dict,
+              made_by: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's tags (what it evaluated) and params."""
+    years = ",".join(req.source.years) if req.source.years else "all"
+    tags: dict[str, Any] = {"frcnn.dataset": req.source.format, "frcnn.split": req.split,
+                            "frcnn.data_root": req.source.shown, "frcnn.years": years}
+    ref = subject.ref
     if ref is not None:
         tags.update({"frcnn.model_uri": ref.uri, "frcnn.checkpoint": ref.checkpoint, "frcnn.model_name": ref.name,
                      "frcnn.model_version": ref.version, "frcnn.train_run_id": ref.run_id})
     else:
         # Detections written by `infer` name their model: a complete set is that model's evaluation
         # (`promote` finds it like one made with --model); a partial one would under-score it.
-        tags["frcnn.detections"] = detections
+        tags["frcnn.detections"] = req.detections
         prefix = "frcnn." if not counts["images_missing"] else "frcnn.detections_"
         if made_by and counts["images_missing"]:
-            log.warning("%s: %d split image(s) without a row: not recorded as an evaluation of %s", detections,
+            log.warning("%s: %d split image(s) without a row: not recorded as an evaluation of %s", req.detections,
                         counts["images_missing"], made_by.get("model_uri") or made_by.get("model_sha256"))
         tags.update({f"{prefix}{k}": made_by.get(k) for k in ("model_uri", "model_name", "model_version",
                                                              "train_run_id") if made_by.get(k)})
-    params: dict[str, Any] = {"model": model, "detections": detections, "dataset": dataset, "data_root": root_shown,
-                              "split": split, "years": years_tag, "images": len(gt),
-                              "classes": ",".join(gt.class_names)}
-    if cfg is not None:
-        params.update({"batch_size": batch_size, "concurrency": concurrency, "gpus_per_actor": gpus_per_actor,
-                       "cpus_per_actor": cpus_per_actor, "address": address, "score_thresh": cfg.roi.score_thresh,
+    params: dict[str, Any] = {"model": req.model, "detections": req.detections, "dataset": req.source.format,
+                              "data_root": req.source.shown, "split": req.split, "years": years, "images": len(gt),
+                              "classes": ",".join(gt.class_names), "on_error": req.on_error}
+    if subject.cfg is not None:
+        cfg = subject.cfg
+        params.update({**opts.resources(), "address": opts.address, "score_thresh": cfg.roi.score_thresh,
                        "nms_thresh": cfg.roi.nms_thresh, "detections_per_img": cfg.roi.detections_per_img,
                        "canvas": ",".join(f"{h}x{w}" for h, w in cfg.canvas.sizes)})  # the buckets, or one
-    name = tracking.evaluate_run_name(ref.uri if ref else made_by.get("model_uri") or "detections", split)
-    with tracking.job_run("evaluate", run_name=name, experiment=experiment, tracking_uri=tracking_uri, tags=tags,
-                          params=params) as run:
-        run_id = run.info.run_id
-        extra: dict[str, float] = {}
-        if ref is not None:
-            dets, errors, extra = predict_split(gt, ckpt, data_root, address=address, progress=verbose,
-                                                batch_size=batch_size,
-                                                concurrency=concurrency, gpus_per_actor=gpus_per_actor,
-                                                cpus_per_actor=cpus_per_actor)
-        scores = score_detections(dets, gt.boxes, gt.class_names)
-        metrics = {**scores.metrics, "images": float(len(gt)), "images_with_errors": float(len(errors)),
-                   "num_detections": float(sum(len(d["scores"]) for d in dets.values())),
-                   "objects_left_out": float(sum(gt.left_out.values())), **extra}
-        if detections is not None:
-            metrics["images_missing"] = float(counts["images_missing"])
+    return tags, params
+
+
+def _score(gt, dets: dict, errors: set[str], counts: dict, extra: dict[str, float]):
+    """VOC and COCO AP (``frcnn.report``); on a COCO dataset, COCO AP comes from COCOeval on the
+    original annotation file (``coco_results.json``, see ``coco_scores``)."""
+    from frcnn.report import score_detections
+
+    scores = score_detections(dets, gt.boxes, gt.class_names)
+    metrics = {**scores.metrics, "images": float(len(gt)), "images_with_errors": float(len(errors)),
+               "images_skipped": float(len(gt.skipped)),
+               "num_detections": float(sum(len(d["scores"]) for d in dets.values())),
+               "objects_left_out": float(sum(gt.left_out.values())), **extra}
+    if "images_missing" in counts:
+        metrics["images_missing"] = float(counts["images_missing"])
+    return scores, metrics
+
+
+def coco_scores(gt, dets: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, float]]:
+    """A COCO dataset's detections as a results JSON (original image and category ids) and
+    COCOeval's numbers for it against the original annotation file (all its images: one left out
+    of the split, or unreadable, counts as an image without detections)."""
+    import json
+
+    from frcnn.coco import coco_results, evaluate_coco_results
+    from pipelines.datasets.coco import load_json
+    from pipelines.storage import Location
+
+    instances = load_json(Location.of(gt.source).read_bytes(), gt.source)
+    results = coco_results(dets, gt.original_ids, gt.category_ids)
+    text = json.dumps(results)  # before scoring: pycocotools' loadRes adds fields to the records
+    return text, evaluate_coco_results(instances, results, gt.category_ids)
+
+
+def _log_run(req: EvalRequest, opts: EvalOptions, gt, dets: dict, errors: set[str], scores,
+             metrics: dict[str, float]) -> None:
+    """Metrics, the dataset input and the artifacts (per-class CSV, PR curves, grid, detections;
+    on a COCO dataset ``coco_results.json``; images left out: ``skipped.json``)."""
+    import json
+
+    import mlflow
+
+    from frcnn.report import write_per_class_csv
+    from frcnn.visualize import plot_pr_curves
+
+    tmp = tempfile.mkdtemp(prefix="frcnn-eval-")
+    try:
+        if gt.category_ids:
+            results, coco = coco_scores(gt, dets)
+            metrics.update({f"coco_{k}": float(v) for k, v in coco.items()})
+            Path(tmp, "coco_results.json").write_text(results, encoding="utf-8")
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
-        tmp = tempfile.mkdtemp(prefix="frcnn-eval-")
-        try:
-            write_per_class_csv(scores.per_class, f"{tmp}/per_class.csv")
-            plot_pr_curves(scores.voc, f"{tmp}/pr_curves.png")
-            draw_grid(gt, dets, errors, f"{tmp}/detections_grid.png", grid_images)
-            write_detections(dets, errors, gt.image_ids, gt.class_names, f"{tmp}/detections.parquet")
-            mlflow.log_artifacts(tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if tags.get("frcnn.model_name") and tags.get("frcnn.model_version"):
-            _tag_model_version(client, tags["frcnn.model_name"], tags["frcnn.model_version"], split, metrics, run_id)
-    if verbose:
-        print(f"evaluation of {ref.label if ref else detections} on {dataset} {split} ({len(gt)} images)", flush=True)
-        print(format_table(scores.per_class, metrics), flush=True)
-        if errors:
-            print(f"warning: {len(errors)} image(s) could not be read; counted as images without detections")
-        if gt.left_out:
-            print(f"note: {sum(gt.left_out.values())} ground-truth object(s) of classes the model does not have "
-                  f"were left out of the scoring ({', '.join(f'{k} {v}' for k, v in sorted(gt.left_out.items()))})")
-        print(f"MLflow evaluation run {run_id} (tracking {uri})", flush=True)
-    return EvaluationResult(run_id, metrics, scores.per_class, ref, {k: str(v) for k, v in tags.items() if v})
+        tracking.log_dataset(f"{req.source.format}-{req.split}", gt.source, gt.digest, "evaluation")
+        if gt.skipped:
+            Path(tmp, "skipped.json").write_text(json.dumps(gt.skipped, indent=1), encoding="utf-8")
+        write_per_class_csv(scores.per_class, f"{tmp}/per_class.csv")
+        plot_pr_curves(scores.voc, f"{tmp}/pr_curves.png")
+        draw_grid(gt, dets, errors, f"{tmp}/detections_grid.png", opts.grid_images)
+        write_detections(dets, errors, gt.image_ids, gt.class_names, f"{tmp}/detections.parquet")
+        mlflow.log_artifacts(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_report(req: EvalRequest, subject: _Subject, gt, scores, metrics: dict[str, float], errors: set[str],
+                  run_id: str, uri: str) -> None:
+    from frcnn.report import format_table
+
+    print(f"evaluation of {subject.ref.label if subject.ref else req.detections} on {req.source.format} "
+          f"{req.split} ({len(gt)} images)", flush=True)
+    print(format_table(scores.per_class, metrics), flush=True)
+    if errors:
+        print(f"warning: {len(errors)} image(s) could not be read; counted as images without detections")
+    if gt.skipped:
+        print(f"warning: {len(gt.skipped)} image(s) left out: their annotation could not be read "
+              f"(first: {gt.skipped[0]['source']}: {gt.skipped[0]['reason']}; all in skipped.json)")
+    if gt.left_out:
+        print(f"note: {sum(gt.left_out.values())} ground-truth object(s) of classes the model does not have "
+              f"were left out of the scoring ({', '.join(f'{k} {v}' for k, v in sorted(gt.left_out.items()))})")
+    print(f"MLflow evaluation run {run_id} (tracking {uri})", flush=True)
 
 
 @click.command("evaluate")
 @options.MODEL
 @click.option("--detections", metavar="PATH", default=None,
               help="Evaluate detections (a Parquet file, a folder of parts, or an `infer` output) instead of a model.")
-@click.option("--dataset", type=click.Choice(("voc",)), default="voc", show_default=True)
-@click.option("--data-root", required=True, metavar="PATH", help="VOC data root (local path or URI).")
-@click.option("--split", default="test", show_default=True, help="ImageSets/Main/<split>.txt")
+@options.dataset_options
+@click.option("--split", default="test", show_default=True,
+              help="voc: ImageSets/Main/<split>.txt; coco: instances_<split>.json; yolo: the data.yaml key.")
 @options.YEAR
 @options.CLASSES
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="fail: stop at an annotation that cannot be read; skip: leave its image out (counted, "
+                   "listed in the run's skipped.json).")
 @options.EXPERIMENT
 @options.ADDRESS
 @options.ACTOR_RESOURCES
 @click.pass_context
-def evaluate_cmd(ctx, model_uri, detections, dataset, data_root, split, years, class_names, experiment, address,
-                 batch_size, concurrency, gpus_per_actor, cpus_per_actor):
-    """Evaluate a model (or detections) on a split: VOC and COCO AP, tracked as its own MLflow run."""
+def evaluate_cmd(ctx, model_uri, detections, dataset, data_root, annotations, images_dir, split, years, class_names,
+                 on_error, experiment, address, batch_size, concurrency, gpus_per_actor, cpus_per_actor):
+    """Evaluate a model (or detections) on a split: VOC and COCO AP, tracked as its own MLflow run.
+    On --dataset coco, COCO AP is pycocotools' COCOeval against the original annotation file, and
+    the detections are logged as a COCO results JSON (coco_results.json)."""
     from mlflow.exceptions import MlflowException
-
-    from pipelines.voc import VocLayoutError
 
     if (model_uri is None) == (detections is None):
         raise click.UsageError("give exactly one of --model or --detections")
+    source = options.dataset_source(dataset, data_root, annotations, images_dir, years, class_names)
+    req = EvalRequest(source, split, model_uri, detections, on_error)
     try:
-        run_evaluation(model_uri, detections, data_root=data_root, split=split, dataset=dataset, years=years,
-                       classes=class_names, experiment=experiment, address=address, batch_size=batch_size,
-                       concurrency=concurrency, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
+        evaluate(req, EvalOptions(experiment=experiment, address=address, batch_size=batch_size,
+                                  concurrency=concurrency, gpus_per_actor=gpus_per_actor,
+                                  cpus_per_actor=cpus_per_actor))
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the evaluation run is KILLED, no metrics or version tags were recorded; rerun: "
                    + shlex.join(["frcnn-jobs", "evaluate", *(["--model", model_uri] if model_uri else
                                                             ["--detections", detections]),
-                                 "--data-root", data_root, "--split", split]), err=True)
+                                 *(["--dataset", dataset] if dataset != "voc" else []),
+                                 *(["--data-root", data_root] if data_root else []),
+                                 *(["--annotations", annotations, "--images", images_dir] if annotations else []),
+                                 "--split", split]), err=True)
         ctx.exit(console.exit_status())
-    except (EvaluationError, VocLayoutError, FileNotFoundError, MlflowException) as exc:
+    except (EvaluationError, ValueError, FileNotFoundError, MlflowException) as exc:
         raise click.ClickException(str(getattr(exc, "message", None) or exc)) from exc
 
 

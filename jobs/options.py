@@ -130,3 +130,41 @@ def ACTOR_RESOURCES(fn: Callable) -> Callable:
     for option in (CPUS_PER_ACTOR, GPUS_PER_ACTOR, CONCURRENCY, BATCH_SIZE):
         fn = option(fn)
     return fn
+
+
+DATASET = click.option(
+    "--dataset", type=click.Choice(("voc", "coco", "yolo")), default="voc", show_default=True,
+    help="Dataset layout: voc (VOCdevkit), coco (instances JSON + images), yolo (Ultralytics data.yaml).")
+DATA_ROOT = click.option(
+    "--data-root", default=None, metavar="PATH_OR_URI",
+    help="voc: folder holding VOCdevkit/, VOCdevkit/ or one VOC20XX/; coco: folder with "
+         "annotations/instances_<split>.json and <split>/; yolo: data.yaml or its folder (local, s3://...).")
+ANNOTATIONS = click.option(
+    "--annotations", default=None, metavar="FILE", help="coco: the instances JSON (instead of --data-root).")
+IMAGES = click.option(
+    "--images", "images_dir", default=None, metavar="DIR", help="coco: the images' folder (with --annotations).")
+
+
+def dataset_options(fn):
+    """``--dataset``, ``--data-root``, ``--annotations``, ``--images``, in this order."""
+    for option in (IMAGES, ANNOTATIONS, DATA_ROOT, DATASET):
+        fn = option(fn)
+    return fn
+
+
+def dataset_source(dataset: str, data_root: str | None, annotations: str | None, images_dir: str | None,
+                   years=None, class_names=None):
+    """The options as a ``pipelines.datasets.DatasetSource`` (usage errors as ``click.UsageError``)."""
+    from pipelines.datasets import DatasetSource
+
+    if not data_root and not annotations:
+        alt = " or --annotations FILE --images DIR" if dataset == "coco" else ""
+        raise click.UsageError(f"give --data-root{alt}")
+    if (annotations or images_dir) and dataset != "coco":
+        raise click.UsageError("--annotations and --images are for --dataset coco")
+    if annotations and not images_dir and not data_root:
+        raise click.UsageError("--annotations FILE needs --images DIR")
+    if years and dataset != "voc":
+        raise click.UsageError("--year is for --dataset voc")
+    return DatasetSource(dataset, root=data_root, annotations=annotations, images=images_dir,
+                         years=tuple(years) if years else None, classes=tuple(class_names) if class_names else None)

@@ -324,3 +324,31 @@ class MetricBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---- the dataset a run used --------------------------------------------------------------------
+
+def log_dataset(name: str, source: str, digest: str, context: str) -> None:
+    """Log the run's dataset as an MLflow dataset input (``mlflow.log_input``): ``name``, the
+    ``source`` URI or path it was read from, ``digest`` (a precompute manifest's content hash) and
+    ``context`` (``train``, ``validation``, ``evaluation``...). The UI's Dataset column shows it
+    and runs can be searched by it. A tracking failure is a warning, as for other artifacts."""
+    import warnings as _warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    def log() -> None:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": a local path is local
+            src = resolve_dataset_source(source)
+        mlflow.log_input(MetaDataset(source=src, name=name, digest=digest), context=context)
+
+    safe(log)
+
+
+def log_manifest_input(manifest: Mapping[str, Any], path: str, context: str) -> None:
+    """Log a precompute output as the run's MLflow dataset: named ``<format>-<split>``, sourced at
+    its path, digested by its manifest's content hash."""
+    name = f"{manifest.get('dataset', 'voc')}-{manifest.get('split', 'data')}"
+    log_dataset(name, path, str(manifest.get("content_hash") or ""), context)

@@ -199,7 +199,11 @@ def _setup(data: str, val_data: str | None, model_cfg: ModelConfig | None, train
     """Read the data, start Ray, and work out the run's tags and params."""
     from pipelines.schema import read_manifest_at
 
-    model_cfg = model_cfg or ModelConfig.from_dict(read_manifest_at(data)["model_config"])
+    manifest = read_manifest_at(data)
+    model_cfg = model_cfg or ModelConfig.from_dict(manifest["model_config"])
+    if (manifest.get("category_ids") and not model_cfg.category_ids
+            and list(model_cfg.class_names) == list(manifest["class_names"])):  # the dataset's ids, kept in the model
+        model_cfg = model_cfg.replace(category_ids=tuple(manifest["category_ids"]))
     init_ray(job.address, job.workers * job.cpus_per_worker, log_to_driver=console.log_to_driver())
     console.quiet_ray()
     prepared = prepare_data(data, val_data, model_cfg, train_cfg,
@@ -263,6 +267,11 @@ def _train(setup: _Setup, job: TrainJob, run_id: str, resumed: bool) -> tuple[An
     ray_name = f"train-{run_id}"
     if not resumed:
         tracking.safe(mlflow.set_tag, "frcnn.ray_run_name", ray_name)
+        tracking.log_manifest_input(setup.prepared.manifest, setup.data, "train")
+        if setup.val_data:
+            from pipelines.schema import read_manifest_at
+
+            tracking.log_manifest_input(read_manifest_at(setup.val_data), setup.val_data, "validation")
     print(f"MLflow run {run_id} (tracking {setup.uri})", flush=True)
     folder = run_folder(setup.storage_path, ray_name).shown
     clear_status(folder)

@@ -16,8 +16,8 @@ from . import tracking
 def ui_command(port: int = 5000, host: str = "127.0.0.1", tracking_uri: str | None = None) -> list[str]:
     """The ``mlflow ui`` command line for the resolved tracking store (run by this interpreter)."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    # One worker: the UI is for one user, and MLflow's default of 4 uvicorn workers on a loaded
-    # 2-core laptop was seen dying and respawning in a loop.
+    # One worker: the UI is for one user, and MLflow's default of 4 uvicorn workers can die and
+    # respawn in a loop on a small, loaded machine.
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
             "--workers", "1"]
 

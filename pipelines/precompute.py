@@ -68,14 +68,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from frcnn.config import ModelConfig
-from pipelines import lease, runtime, storage
+from pipelines import lease, runtime, schema, storage
+from pipelines.datasets import DatasetSource, items_digest, open_split
 from pipelines.precompute_job import PrecomputeError, Progress, get_ledger, precompute_block
 from pipelines.precompute_rows import process_item, rows_to_table
 from pipelines.storage import Location
-from pipelines.voc import list_split, load_class_names
 
 __all__ = [
     "PrecomputeError",
+    "PrecomputeOptions",
     "PrecomputeSummary",
     "check_output",
     "model_classes",
@@ -187,135 +188,201 @@ def _below_error(record: logging.LogRecord) -> bool:
 # --------------------------------------------------------------------------- the job
 
 
-def precompute(
-    data_root: str,
-    split: str,
-    out: str,
-    cfg: ModelConfig,
-    *,
-    years: Sequence[str] | None = None,
-    classes: Sequence[str] | None = None,
-    on_error: str = "skip",
-    overwrite: bool = False,
-    use_difficult: bool = False,
-    drop_empty: bool = False,
-    rows_per_shard: int = 256,
-    jpeg_quality: int = 95,
-    progress: bool = True,
-) -> PrecomputeSummary:
-    """Precompute canvas images and RPN anchor targets of one VOC split into Parquet shards.
+@dataclass(frozen=True)
+class PrecomputeOptions:
+    """How a split is precomputed (the defaults are the CLI's).
+
+    ``on_error``: ``"skip"`` reports problems in the manifest and goes on, ``"fail"`` raises
+    :class:`PrecomputeError` ``"<file>: <reason>"`` at the first one and publishes nothing.
+    ``overwrite``: replace an existing ``out`` once the new output is complete (else refused before
+    any work). ``rows_per_shard``: at most this many rows per Parquet file (one task per shard).
+    ``progress``: progress lines while running and a summary at the end."""
+
+    on_error: str = "skip"
+    overwrite: bool = False
+    use_difficult: bool = False
+    drop_empty: bool = False
+    rows_per_shard: int = 256
+    jpeg_quality: int = 95
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("skip", "fail"):
+            raise ValueError(f"on_error must be 'skip' or 'fail', got {self.on_error!r}")
+        if int(self.rows_per_shard) < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if not 1 <= int(self.jpeg_quality) <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+
+
+def as_source(data: str | DatasetSource, years: Sequence[str] | str | None = None,
+              classes: Sequence[str] | None = None) -> DatasetSource:
+    """A data root (VOC) or a :class:`DatasetSource`, with ``years``/``classes`` applied."""
+    if isinstance(years, str):
+        years = [y for y in years.split(",") if y.strip()]
+    if isinstance(data, DatasetSource):
+        return dataclasses.replace(data, years=tuple(years) if years else data.years,
+                                   classes=tuple(classes) if classes else data.classes)
+    return DatasetSource("voc", root=str(data), years=tuple(years) if years else None,
+                         classes=tuple(classes) if classes else None)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the run works on, fixed before any work: the split's items and the spec tasks get."""
+
+    source: DatasetSource
+    split: str
+    reader: Any  # pipelines.datasets.base.Reader
+    items: list
+    names: tuple[str, ...]
+    spec: dict[str, Any]
+
+
+def precompute(data: str | DatasetSource, split: str, out: str, cfg: ModelConfig,
+               options: PrecomputeOptions | None = None, *, years: Sequence[str] | None = None,
+               classes: Sequence[str] | None = None, **option_values: Any) -> PrecomputeSummary:
+    """Precompute canvas images and RPN anchor targets of one split into Parquet shards.
 
     CLI: ``frcnn-jobs precompute --dataset voc --data-root DATA --split trainval --out OUT``.
 
-    ``data_root`` and ``out`` are local paths or URIs (``s3://``, ``gs://``...). ``classes``: the
-    dataset's class names (default: ``classes.txt``, else VOC's 20); the model's are
-    ``cfg.class_names`` when set (see the module docstring). ``on_error``: ``"skip"`` reports
-    problems in the manifest and goes on, ``"fail"`` raises :class:`PrecomputeError`
-    ``"<file>: <reason>"`` at the first one and publishes nothing. An existing ``out`` is refused
-    (``FileExistsError``) before any work unless ``overwrite``; it is replaced only once the new
-    output is complete. ``rows_per_shard``: at most this many rows per Parquet file (one task per
-    shard). ``progress``: progress lines while running and a summary at the end. Uses the running
-    Ray instance, or starts a local one.
+    ``data``: a VOC data root, or a :class:`~pipelines.datasets.DatasetSource` (voc, coco, yolo);
+    local paths or URIs (``s3://``, ``gs://``...), as ``out``. ``classes``: the dataset's class
+    names when its own list is not to be used; the model's are ``cfg.class_names`` when set (see
+    the module docstring). ``options`` (or its fields as keywords): :class:`PrecomputeOptions`.
+    Uses the running Ray instance, or starts a local one.
     """
-    import ray
-
-    from pipelines import schema
-
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
-    if int(rows_per_shard) < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    if not 1 <= int(jpeg_quality) <= 100:
-        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
-    if isinstance(years, str):
-        years = [y for y in years.split(",") if y.strip()]
-
-    dest = check_output(out, overwrite)  # refuse before any work
-    dataset_classes = tuple(classes) if classes else load_class_names(data_root)
-    names = model_classes(cfg, dataset_classes, storage.shown(data_root))
-    items = list_split(data_root, split, years)
-    if not items:
-        raise ValueError(f"{data_root}: split {split!r} is empty")
+    opts = options or PrecomputeOptions(**option_values)
+    dest = check_output(out, opts.overwrite)  # refuse before any work
+    plan = _plan(as_source(data, years, classes), split, cfg, opts)
     run = storage.new_run_name()
     staging = storage.staging_location(dest, run)
-
     runtime.init_ray()
+    t0 = time.perf_counter()
+    manifest, coverage, coverage_warning = _run_and_publish(plan, cfg, opts, dest, staging, run, t0)
+    seconds = time.perf_counter() - t0
+    summary = PrecomputeSummary(
+        out=dest.shown, rows=manifest["rows"], shards=manifest["shards"], skipped=manifest["skipped"],
+        warnings=manifest["warnings"], positives_per_image=manifest["positives_per_image"], seconds=seconds,
+        images_per_s=len(plan.items) / seconds, manifest=manifest, left_out=manifest["left_out"], coverage=coverage)
+    if coverage_warning:
+        log.warning("%s", coverage_warning)
+    if opts.progress:
+        _print_summary(summary)
+    return summary
+
+
+def _plan(source: DatasetSource, split: str, cfg: ModelConfig, opts: PrecomputeOptions) -> _Plan:
+    reader = open_split(source, split)
+    names = model_classes(cfg, reader.classes, source.shown)
+    items = reader.items()
+    if not items:
+        raise ValueError(f"{source.shown}: split {split!r} is empty")
+    if reader.problems and opts.on_error == "fail":
+        first = reader.problems[0]
+        raise PrecomputeError(f"{first['source']}: image {first['image_id']}: {first['reason']}",
+                              first["source"], first["reason"])
+    root = source.root or source.images or source.annotations
     spec = {
         "cfg": cfg.to_dict(),
         "class_names": list(names),
-        "dataset_classes": list(dataset_classes),
-        "use_difficult": use_difficult,
-        "drop_empty": drop_empty,
-        "jpeg_quality": int(jpeg_quality),
-        "data_root": str(data_root),
-        "root_shown": storage.shown(data_root),
+        "dataset_classes": list(reader.classes),
+        "use_difficult": opts.use_difficult,
+        "drop_empty": opts.drop_empty,
+        "jpeg_quality": int(opts.jpeg_quality),
+        "data_root": str(root),
+        "root_shown": storage.shown(root),
     }
+    return _Plan(source, split, reader, items, names, spec)
+
+
+def _shard_rows(n_items: int, rows_per_shard: int) -> int:
+    """One input block per shard: the map fuses with the write, so one task reads, processes and
+    writes one shard. A few blocks per CPU, so that no CPU idles behind a long last one."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(int(rows_per_shard), max(_MIN_SHARD_ROWS, math.ceil(n_items / (_BLOCKS_PER_CPU * cpus)))))
+
+
+def _run_and_publish(plan: _Plan, cfg: ModelConfig, opts: PrecomputeOptions, dest: Location,
+                     staging: Location, run: str, t0: float):
+    """Write the shards into ``staging``, then publish them with their manifest (and the anchor
+    coverage): ``(manifest, coverage, coverage warning)``. On any failure
+    (Ctrl-C included) the staging folder is deleted and nothing is published."""
     ledger = get_ledger()
-    t0 = time.perf_counter()
     collected = False
     try:
         lease.claim(dest, run)  # refused while a live run writes dest; cleans what dead runs left
         staging.create_dir()
-        # One input block per shard: the map fuses with the write, so one task reads, processes
-        # and writes one shard. A few blocks per CPU, so that no CPU idles behind a long last one.
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        shard_rows = max(1, min(int(rows_per_shard),
-                                max(_MIN_SHARD_ROWS, math.ceil(len(items) / (_BLOCKS_PER_CPU * cpus)))))
-        ds = ray.data.from_items([dataclasses.asdict(i) for i in items],
-                                 override_num_blocks=math.ceil(len(items) / shard_rows))
-        ds = ds.map_batches(precompute_block, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"spec": spec, "ledger": ledger, "run_id": run,
-                                       "fail_fast": on_error == "fail"})
-        lines = Progress(ledger, run, len(items)) if progress else contextlib.nullcontext()
-        with _ray_data_output(log.isEnabledFor(logging.DEBUG)), runtime.bounded_io_retries(), lines:
-            try:
-                ds.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=shard_rows,
-                                 max_rows_per_file=shard_rows, schema=schema.SCHEMA)
-            except Exception as exc:
-                collected = True
-                first = ray.get(ledger.finish.remote(run))["first_fatal"]
-                if first is not None:
-                    raise PrecomputeError(f"{first['source']}: {first['reason']}", first["source"],
-                                          first["reason"]) from None
-                io_error = _first_io_error(exc)
-                if io_error is not None:  # the store: one line naming the output and the store's answer
-                    reason = str(io_error).split("; Details:")[0].strip()
-                    raise PrecomputeError(f"{dest.shown}: storage error, nothing published: {reason}",
-                                          dest.shown, reason) from None
-                raise PrecomputeError(f"precompute of {data_root} split {split!r} failed: {exc}") from exc
+        shard_rows = _shard_rows(len(plan.items), opts.rows_per_shard)
+        try:
+            _write_shards(plan, staging, shard_rows, ledger, run, opts)
+        except Exception as exc:  # noqa: BLE001 - Ray wraps a task's error: turned into one line here
+            collected = True
+            err = _write_error(exc, _collect(ledger, run)["first_fatal"], dest, plan)
+            raise err from err.__cause__
         collected = True
-        result = ray.get(ledger.finish.remote(run))
-        manifest = _manifest(staging, result, data_root, split, years, dataset_classes, names, cfg, items,
-                             use_difficult=use_difficult, drop_empty=drop_empty, jpeg_quality=jpeg_quality,
-                             rows_per_shard=rows_per_shard, seconds=time.perf_counter() - t0)
+        result = _collect(ledger, run)
+        manifest = _manifest(staging, result, plan, cfg, opts, seconds=time.perf_counter() - t0)
         coverage, coverage_warning = anchor_coverage(result["coverage"], cfg)
         manifest["anchor_coverage"] = {**coverage.metrics(), "warning": coverage_warning}
-        storage.publish(staging, dest, schema.MANIFEST_NAME, manifest, replace=overwrite)
+        storage.publish(staging, dest, schema.MANIFEST_NAME, manifest, replace=opts.overwrite)
+        return manifest, coverage, coverage_warning
     except BaseException as exc:
         if not collected:
             ledger.finish.remote(run)  # drop whatever the run reported
         if isinstance(exc, KeyboardInterrupt):
             runtime.stop_local_ray()  # no write task may outlive the staging folder it writes into
         storage.discard(staging)
-        if progress and isinstance(exc, KeyboardInterrupt):
+        if opts.progress and isinstance(exc, KeyboardInterrupt):
             print(f"precompute interrupted: nothing published to {dest.shown}"
                   + (" (the existing output is unchanged)" if dest.exists() else ""), flush=True)
         raise
 
-    seconds = time.perf_counter() - t0
-    summary = PrecomputeSummary(
-        out=dest.shown, rows=manifest["rows"], shards=manifest["shards"], skipped=manifest["skipped"],
-        warnings=manifest["warnings"], positives_per_image=manifest["positives_per_image"], seconds=seconds,
-        images_per_s=len(items) / seconds, manifest=manifest, left_out=manifest["left_out"], coverage=coverage)
-    if coverage_warning:
-        log.warning("%s", coverage_warning)
-    if progress:
-        print(summary, flush=True)
-        for r in summary.skipped[:20]:
-            print(f"  skipped {r['source']}: {r['reason']}")
-        if len(summary.skipped) > 20:
-            print(f"  ... {len(summary.skipped) - 20} more in {schema.MANIFEST_NAME}")
-    return summary
+
+def _collect(ledger, run: str) -> dict[str, Any]:
+    """The run's records from the ledger (which forgets the run)."""
+    import ray
+
+    return ray.get(ledger.finish.remote(run))
+
+
+def _write_shards(plan: _Plan, staging: Location, shard_rows: int, ledger, run: str,
+                  opts: PrecomputeOptions) -> None:
+    """The Ray Data job: items -> ``precompute_block`` -> Parquet; a failure becomes one line."""
+    import ray
+
+    ds = ray.data.from_items([dataclasses.asdict(i) for i in plan.items],
+                             override_num_blocks=math.ceil(len(plan.items) / shard_rows))
+    ds = ds.map_batches(precompute_block, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"spec": plan.spec, "ledger": ledger, "run_id": run,
+                                   "fail_fast": opts.on_error == "fail"})
+    lines = Progress(ledger, run, len(plan.items)) if opts.progress else contextlib.nullcontext()
+    with _ray_data_output(log.isEnabledFor(logging.DEBUG)), runtime.bounded_io_retries(), lines:
+        ds.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=shard_rows,
+                         max_rows_per_file=shard_rows, schema=schema.SCHEMA)
+
+
+def _write_error(exc: Exception, first: dict[str, str] | None, dest: Location, plan: _Plan) -> Exception:
+    """The one-line error of a failed write: the first fatal record, the store's answer, or Ray's."""
+    if first is not None:
+        return PrecomputeError(f"{first['source']}: {first['reason']}", first["source"], first["reason"])
+    io_error = _first_io_error(exc)
+    if io_error is not None:  # the store: one line naming the output and the store's answer
+        reason = str(io_error).split("; Details:")[0].strip()
+        return PrecomputeError(f"{dest.shown}: storage error, nothing published: {reason}", dest.shown, reason)
+    err = PrecomputeError(f"precompute of {plan.source.shown} split {plan.split!r} failed: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _print_summary(summary: PrecomputeSummary) -> None:
+    print(summary, flush=True)
+    for r in summary.skipped[:20]:
+        print(f"  skipped {r['source']}: {r['reason']}")
+    if len(summary.skipped) > 20:
+        print(f"  ... {len(summary.skipped) - 20} more in {schema.MANIFEST_NAME}")
 
 
 def anchor_coverage(parts: Sequence[dict[str, Any]], cfg: ModelConfig):
@@ -345,40 +412,41 @@ def _first_io_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _manifest(staging: Location, result: dict[str, Any], data_root: str, split: str, years, dataset_classes,
-              names, cfg: ModelConfig, items, *, use_difficult: bool, drop_empty: bool, jpeg_quality: int,
-              rows_per_shard: int, seconds: float) -> dict[str, Any]:
-    from pipelines import schema
-
-    shards = staging.list_files(".parquet")
+def _manifest(staging: Location, result: dict[str, Any], plan: _Plan, cfg: ModelConfig, opts: PrecomputeOptions,
+              seconds: float) -> dict[str, Any]:
     rows = 0
+    shards = staging.list_files(".parquet")
     for name in shards:
         with staging.fs.open_input_file(staging.child(name).path) as f:
             rows += pq.read_metadata(f).num_rows
+    skipped = plan.reader.problems + result["skipped"]
     if rows == 0:
-        first = (result["skipped"] or [{"source": data_root, "reason": "no image"}])[0]
-        raise PrecomputeError(f"no image of {data_root} split {split!r} could be precomputed "
-                              f"({len(result['skipped'])} skipped; first: {first['source']}: {first['reason']})")
-    return {
+        first = (skipped or [{"source": plan.source.shown, "reason": "no image"}])[0]
+        raise PrecomputeError(f"no image of {plan.source.shown} split {plan.split!r} could be precomputed "
+                              f"({len(skipped)} skipped; first: {first['source']}: {first['reason']})")
+    manifest = {
         "format_version": FORMAT_VERSION,
-        "dataset": "voc",
-        "split": split,
-        "data_root": storage.shown(data_root),
-        "years": list(years) if years else None,
-        "class_names": list(names),
-        "dataset_classes": list(dataset_classes),
+        "dataset": plan.source.format,
+        "split": plan.split,
+        "data_root": plan.source.shown,
+        "source": plan.reader.describe(),
+        "years": list(plan.source.years) if plan.source.years else None,
+        "class_names": list(plan.names),
+        "dataset_classes": list(plan.reader.classes),
+        "category_ids": _category_ids(plan),
         "targets": cfg.target_fields(),
         "config_hash": cfg.target_hash(),
         "model_config": cfg.to_dict(),
-        "use_difficult": bool(use_difficult),
-        "drop_empty": bool(drop_empty),
-        "jpeg_quality": int(jpeg_quality),
-        "rows_per_shard": int(rows_per_shard),
+        "use_difficult": bool(opts.use_difficult),
+        "drop_empty": bool(opts.drop_empty),
+        "jpeg_quality": int(opts.jpeg_quality),
+        "rows_per_shard": int(opts.rows_per_shard),
         "columns": schema.SCHEMA.names,
         "rows": rows,
         "shards": shards,
-        "split_entries": len(items),
-        "skipped": result["skipped"],
+        "split_entries": len(plan.items),
+        "split_digest": items_digest(plan.items),
+        "skipped": skipped,
         "warnings": result["warnings"],
         "left_out": result["left_out"],
         "positives_per_image": result["positives"] / max(result["written"], 1),
@@ -386,6 +454,14 @@ def _manifest(staging: Location, result: dict[str, Any], data_root: str, split: 
         "package_version": _package_version(),
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    manifest["content_hash"] = schema.content_hash(manifest)
+    return manifest
+
+
+def _category_ids(plan: _Plan) -> list[int] | None:
+    """The dataset's id of each model class (COCO), so detections go back out with it."""
+    ids = dict(zip(plan.reader.classes, plan.reader.category_ids))
+    return [ids[n] for n in plan.names] if ids else None
 
 
 def open_precomputed(path: str, cfg: ModelConfig):
@@ -395,8 +471,6 @@ def open_precomputed(path: str, cfg: ModelConfig):
     :class:`schema.ManifestMismatch` naming the field, shards made for another target config.
     """
     import ray
-
-    from pipelines import schema
 
     loc = Location.of(path)
     fs, root = loc.fs, loc.path

@@ -14,7 +14,6 @@ boxes are stored, with their flags). Rows are the ``pipelines.schema.SCHEMA`` co
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +23,9 @@ import pyarrow as pa
 
 from frcnn.config import ModelConfig
 from frcnn.errors import StorageError
+from pipelines.datasets import parse_item
 from pipelines.storage import read_bytes, resolve_filesystem
-from pipelines.voc_xml import AnnotationError, parse_annotation
+from pipelines.voc_xml import AnnotationError
 
 __all__ = ["BoxFit", "ImageResult", "ImageWorker", "get_worker", "process_item", "record", "rows_to_table"]
 
@@ -120,7 +120,8 @@ class ImageWorker:
         self.cfg = cfg
         self.class_names = tuple(spec["class_names"])
         # Dataset classes the model does not have: their objects are left out and counted.
-        self.left_out = frozenset(spec.get("dataset_classes") or ()) - set(self.class_names)
+        self.dataset_classes = tuple(spec.get("dataset_classes") or ())
+        self.left_out = frozenset(self.dataset_classes) - set(self.class_names)
         self.use_difficult = bool(spec["use_difficult"])
         self.drop_empty = bool(spec["drop_empty"])
         self.jpeg_quality = int(spec["jpeg_quality"])
@@ -161,24 +162,17 @@ class ImageWorker:
                            notes.left_out, fit)
 
     def _annotation(self, item: dict[str, Any], notes: _Notes):
-        """Read and parse the entry's annotation (its problems noted, its left-out objects counted)."""
-        ann_path, img_path = item["annotation_path"], item["image_path"]
-        stem = posixpath.splitext(posixpath.basename(ann_path))[0]
+        """Read and parse the entry's annotation in its dataset's format (``pipelines.datasets``):
+        its problems noted, its left-out objects counted."""
+        ann_path = item["annotation_path"]
         try:
-            xml = self.read(ann_path)
-        except FileNotFoundError:
-            if img_path is None:
-                raise _Skip(ann_path, f"split entry {stem!r} has no annotation file and no image file") from None
-            raise _Skip(ann_path, "annotation file not found") from None
-        except OSError as exc:  # the store failing is not bad input: skipping would publish a short dataset
-            raise StorageReadError(f"{ann_path}: cannot read: {exc}") from exc
-        if img_path is None:
-            expected = posixpath.join(item["year_dir"], "JPEGImages", f"{stem}.jpg")
-            raise _Skip(expected, "no image file for this split entry (looked for .jpg, .jpeg, .png)")
-        try:
-            ann, problems = parse_annotation(xml, ann_path, self.class_names, notes.image_id, self.left_out)
+            ann, problems = parse_item(item, self.read, self.class_names, self.left_out, self.dataset_classes)
         except AnnotationError as exc:
             raise _Skip(exc.source, exc.reason) from None
+        except FileNotFoundError as exc:
+            raise _Skip(ann_path, f"file not found: {exc}") from None
+        except OSError as exc:  # the store failing is not bad input: skipping would publish a short dataset
+            raise StorageReadError(f"{ann_path}: cannot read: {exc}") from exc
         notes.left_out.update(ann.left_out)
         for p in problems:
             notes.problem(p.source, p.reason)

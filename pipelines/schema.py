@@ -191,3 +191,17 @@ def batch_to_tensors(batch: Mapping[str, Any], num_anchor_positions: int | Mappi
                      use_difficult: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """Rows -> model inputs in one call (``decode_batch`` then ``to_model_inputs``)."""
     return to_model_inputs(decode_batch(batch, num_anchor_positions), use_difficult)
+
+
+_VOLATILE = ("content_hash", "created_at", "seconds", "package_version", "shards")
+
+
+def content_hash(manifest: Mapping[str, Any]) -> str:
+    """The manifest's content hash: what was precomputed (the split listing's digest, classes,
+    target config, counts and problems), not when, how fast or under which shard file names.
+    Two precomputes of the same data for the same config share it (MLflow's dataset digest)."""
+    import hashlib
+    import json
+
+    kept = {k: v for k, v in manifest.items() if k not in _VOLATILE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:32]

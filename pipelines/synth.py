@@ -108,8 +108,8 @@ def _crop_to_content(mask: np.ndarray) -> np.ndarray:
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Smooth gradient + soft colour blobs + faint stripes + noise, uint8 ``(h, w, 3)``."""
-    # The low-frequency colour field is computed on a coarse grid and upsampled:
-    # full-resolution (h, w, 3) float maths was most of the generation time.
+    # The low-frequency colour field is computed on a coarse grid and upsampled: float maths at
+    # full resolution (h, w, 3) would dominate the generation time.
     cw, ch = -(-width // _COARSE) + 1, -(-height // _COARSE) + 1
     xs = np.linspace(0.0, width, cw, dtype=np.float32)
     ys = np.linspace(0.0, height, ch, dtype=np.float32)
@@ -238,36 +238,46 @@ def render_image(
     n_objects = 0 if rng.random() < _P_EMPTY_IMAGE else int(rng.integers(1, 6))
 
     for _ in range(n_objects):
-        for _try in range(_PLACEMENT_TRIES):
-            name, mask, x0, y0, truncated, small, low_contrast = _sample_placement(rng, width, height)
-            # Clip the shape's canvas to the image.
-            ix0, iy0 = max(x0, 0), max(y0, 0)
-            ix1, iy1 = min(x0 + mask.shape[1], width), min(y0 + mask.shape[0], height)
-            part = mask[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
-            count = int(part.sum())
-            if count == 0:
-                continue
-            box = np.array([ix0, iy0, ix1, iy1], dtype=np.float64)
-            if any(_box_iou(box, other) > _MAX_IOU for other in boxes[1:]):
-                continue
-            covered = np.bincount(labels[iy0:iy1, ix0:ix1][part], minlength=len(visible))
-            if any(covered[k] > _MAX_HIDDEN * visible[k] for k in range(1, len(visible))):
-                continue
-            break
-        else:
+        placed = _place_object(rng, width, height, labels, visible, boxes)
+        if placed is None:
             continue  # no room left for another object without hiding one
+        name, part, box, covered, truncated, difficult, low_contrast = placed
+        ix0, iy0, ix1, iy1 = (int(v) for v in box)
         colour = _pick_colour(rng, canvas[iy0:iy1, ix0:ix1], [m["color_arr"] for m in meta], low_contrast)
         k = len(visible)
         canvas[iy0:iy1, ix0:ix1][part] = colour
         labels[iy0:iy1, ix0:ix1][part] = k
         for j in range(1, k):
             visible[j] -= int(covered[j])
-        visible.append(count)
+        visible.append(int(part.sum()))
         boxes.append(box)
-        meta.append(
-            {"name": name, "truncated": truncated, "difficult": small or low_contrast, "color_arr": colour}
-        )
+        meta.append({"name": name, "truncated": truncated, "difficult": difficult, "color_arr": colour})
+    return Image.fromarray(canvas, mode="RGB"), _visible_objects(labels, boxes, meta)
 
+
+def _place_object(rng: np.random.Generator, width: int, height: int, labels: np.ndarray, visible: list[int],
+                  boxes: list[np.ndarray]):
+    """A placement that overlaps no earlier object too much: ``(name, mask part, box, covered
+    pixels per earlier object, truncated, difficult, low contrast)``, or None."""
+    for _try in range(_PLACEMENT_TRIES):
+        name, mask, x0, y0, truncated, small, low_contrast = _sample_placement(rng, width, height)
+        # Clip the shape's canvas to the image.
+        ix0, iy0 = max(x0, 0), max(y0, 0)
+        ix1, iy1 = min(x0 + mask.shape[1], width), min(y0 + mask.shape[0], height)
+        part = mask[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+        if int(part.sum()) == 0:
+            continue
+        box = np.array([ix0, iy0, ix1, iy1], dtype=np.float64)
+        if any(_box_iou(box, other) > _MAX_IOU for other in boxes[1:]):
+            continue
+        covered = np.bincount(labels[iy0:iy1, ix0:ix1][part], minlength=len(visible))
+        if any(covered[k] > _MAX_HIDDEN * visible[k] for k in range(1, len(visible))):
+            continue
+        return name, part, box, covered, truncated, small or low_contrast, low_contrast
+    return None
+
+
+def _visible_objects(labels: np.ndarray, boxes: list[np.ndarray], meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
     objects = []
     for k, info in enumerate(meta, start=1):
         # Recompute from the label map: a later object may have covered an extremity.
@@ -283,7 +293,7 @@ def render_image(
                 "color": tuple(int(c) for c in info["color_arr"]),
             }
         )
-    return Image.fromarray(canvas, mode="RGB"), objects
+    return objects
 
 
 # --------------------------------------------------------------------------- VOC writing
@@ -340,36 +350,28 @@ def generate(
     min_size: int = 160,
     max_size: int = 400,
     sizes: Sequence[tuple[int, int]] | None = None,
+    format: str = "voc",
 ) -> dict[str, Any]:
-    """Write ``out/VOCdevkit/VOC2007`` (local filesystem) and return a summary dict.
+    """Write the dataset under ``out`` (local filesystem) and return a summary dict.
+
+    ``format``: ``voc`` (``out/VOCdevkit/VOC2007``), ``coco`` (``out/annotations/
+    instances_<split>.json`` and ``out/<split>/``) or ``yolo`` (``out/data.yaml``,
+    ``out/images/<split>/``, ``out/labels/<split>/``); see ``pipelines.synth_layouts``. The
+    images, their splits and their boxes are the same in every format.
 
     Image sides are uniform in ``min_size..max_size``, or, with ``sizes``, one of those
     ``(width, height)`` pairs drawn uniformly per image (repeat a pair to weight it; e.g.
-    ``VOC_LIKE_SIZES``).
-
-    Split files are removed first and written last, so a reader never takes a
-    half-written directory for a complete dataset.
+    ``VOC_LIKE_SIZES``). Split lists are written last, so a reader never takes a half-written
+    directory for a complete dataset.
     """
-    if n_images < 1:
-        raise ValueError(f"n_images must be >= 1, got {n_images}")
-    if not 32 <= min_size <= max_size:
-        raise ValueError(f"need 32 <= min_size <= max_size, got {min_size}, {max_size}")
-    if sizes is not None:
-        sizes = [(int(w), int(h)) for w, h in sizes]
-        if not sizes or min(min(p) for p in sizes) < 32:
-            raise ValueError(f"sizes must be (width, height) pairs with sides >= 32, got {sizes[:4]}")
-    voc_dir = Path(out) / "VOCdevkit" / YEAR_DIR
-    ann_dir, img_dir, set_dir = voc_dir / "Annotations", voc_dir / "JPEGImages", voc_dir / "ImageSets" / "Main"
-    for d in (ann_dir, img_dir, set_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        (set_dir / f"{split}.txt").unlink(missing_ok=True)
-    (voc_dir / CLASSES_FILE).write_text("".join(f"{c}\n" for c in SYNTH_CLASSES), encoding="utf-8")
+    from pipelines.synth_layouts import writer_for
 
+    _check_args(n_images, min_size, max_size, sizes)
+    sizes = None if sizes is None else [(int(w), int(h)) for w, h in sizes]
+    writer = writer_for(format, Path(out))
     # Child i of the seed sequence depends only on (seed, i): image i is stable across n_images.
     split_seed, *image_seeds = np.random.SeedSequence(seed).spawn(n_images + 1)
-    per_class: Counter[str] = Counter()
-    n_truncated = n_difficult = n_empty = 0
+    stats: Counter[str] = Counter()
     ids: list[str] = []
     for i, image_seed in enumerate(image_seeds):
         rng = np.random.default_rng(image_seed)
@@ -381,26 +383,58 @@ def generate(
         image_id = f"{i:06d}"
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=JPEG_QUALITY)
-        (img_dir / f"{image_id}.jpg").write_bytes(buf.getvalue())
-        (ann_dir / f"{image_id}.xml").write_bytes(_annotation_xml(image_id, width, height, objects))
+        writer.add(image_id, buf.getvalue(), width, height, objects)
         ids.append(image_id)
-        per_class.update(o["name"] for o in objects)
-        n_truncated += sum(o["truncated"] for o in objects)
-        n_difficult += sum(o["difficult"] for o in objects)
-        n_empty += not objects
-
+        stats.update(o["name"] for o in objects)
+        stats.update({"_images": 1, "_truncated": sum(o["truncated"] for o in objects),
+                      "_difficult": sum(o["difficult"] for o in objects), "_empty": int(not objects)})
     splits = _split_ids(ids, np.random.default_rng(split_seed))
-    for split in SPLITS:
-        _write_atomic(set_dir / f"{split}.txt", "".join(f"{x}\n" for x in splits[split]).encode())
+    writer.finish(splits)
+    return _summary(out, writer.root, format, splits, stats)
+
+
+def _summary(out, root: Path, fmt: str, splits: dict[str, list[str]], stats: Counter[str]) -> dict[str, Any]:
     return {
         "root": str(out),
-        "voc_dir": str(voc_dir),
+        "voc_dir": str(root),
+        "format": fmt,
         "classes": SYNTH_CLASSES,
-        "images": n_images,
+        "images": stats["_images"],
         "splits": {s: len(splits[s]) for s in SPLITS},
-        "objects": sum(per_class.values()),
-        "objects_per_class": {c: per_class[c] for c in SYNTH_CLASSES},
-        "truncated": n_truncated,
-        "difficult": n_difficult,
-        "empty_images": n_empty,
+        "objects": sum(stats[c] for c in SYNTH_CLASSES),
+        "objects_per_class": {c: stats[c] for c in SYNTH_CLASSES},
+        "truncated": stats["_truncated"],
+        "difficult": stats["_difficult"],
+        "empty_images": stats["_empty"],
     }
+
+
+def _check_args(n_images: int, min_size: int, max_size: int, sizes) -> None:
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    if not 32 <= min_size <= max_size:
+        raise ValueError(f"need 32 <= min_size <= max_size, got {min_size}, {max_size}")
+    if sizes is not None and (not sizes or min(min(int(v) for v in p) for p in sizes) < 32):
+        raise ValueError(f"sizes must be (width, height) pairs with sides >= 32, got {list(sizes)[:4]}")
+
+
+class VocWriter:
+    """``out/VOCdevkit/VOC2007``: JPEGImages/, Annotations/, ImageSets/Main/<split>.txt, classes.txt."""
+
+    def __init__(self, out: Path) -> None:
+        self.root = out / "VOCdevkit" / YEAR_DIR
+        self.ann_dir, self.img_dir = self.root / "Annotations", self.root / "JPEGImages"
+        self.set_dir = self.root / "ImageSets" / "Main"
+        for d in (self.ann_dir, self.img_dir, self.set_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            (self.set_dir / f"{split}.txt").unlink(missing_ok=True)
+        (self.root / CLASSES_FILE).write_text("".join(f"{c}\n" for c in SYNTH_CLASSES), encoding="utf-8")
+
+    def add(self, image_id: str, jpeg: bytes, width: int, height: int, objects: list[dict[str, Any]]) -> None:
+        (self.img_dir / f"{image_id}.jpg").write_bytes(jpeg)
+        (self.ann_dir / f"{image_id}.xml").write_bytes(_annotation_xml(image_id, width, height, objects))
+
+    def finish(self, splits: dict[str, list[str]]) -> None:
+        for split in SPLITS:
+            _write_atomic(self.set_dir / f"{split}.txt", "".join(f"{x}\n" for x in splits[split]).encode())

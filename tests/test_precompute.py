@@ -573,16 +573,6 @@ def test_a_store_that_fails_to_read_stops_the_run_a_missing_file_is_skipped(synt
 # --------------------------------------------------------------------------- an object store that goes away
 
 
-def _rehearsal_module():
-    """infra/rehearsal/rehearse.py (a script, not a package): its cuttable TCP relay."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rehearse", REPO / "infra" / "rehearsal" / "rehearse.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture()
 def s3_behind_a_relay(tmp_path):
     """moto's S3 server on 127.0.0.1 with a bucket, reached through a relay the test can cut."""
@@ -591,18 +581,20 @@ def s3_behind_a_relay(tmp_path):
 
     import boto3
 
-    rh = _rehearsal_module()
-    moto_port, relay_port = rh.free_ports(2)
+    from infra.rehearsal.relay import Relay, free_ports, port_open
+    from infra.rehearsal.stack import wait_for
+
+    moto_port, relay_port = free_ports(2)
     keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     log = open(tmp_path / "moto.log", "wb")
     moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(moto_port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        rh.wait_for("moto", lambda: rh._port_open(moto_port), 30)
+        wait_for("moto", lambda: port_open(moto_port), 30)
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
         s3.create_bucket(Bucket="frcnn")
-        relay = rh.Relay(relay_port, moto_port)
+        relay = Relay(relay_port, moto_port)
         yield s3, relay, {**keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay_port}"}
         relay.cut()
     finally:

@@ -10,33 +10,31 @@ from click.testing import CliRunner
 
 from frcnn import tiny_config
 from frcnn.training import load_checkpoint
-from pipelines.synth import SYNTH_CLASSES, generate
+from pipelines.synth import SYNTH_CLASSES
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):
+def shards(tmp_path_factory, ray_session, synth_dataset):
     from pipelines.precompute import precompute
 
     root = tmp_path_factory.mktemp("early_stop_data")
-    generate(str(root / "voc"), n_images=16, seed=5, min_size=90, max_size=140)
+    voc = str(synth_dataset(n_images=16, seed=5, min_size=90, max_size=140).root)
     cfg = tiny_config(5, SYNTH_CLASSES, canvas=96)
     out = {}
     for split in ("train", "val"):
         out[split] = str(root / f"shards_{split}")
-        precompute(str(root / "voc"), split, out[split], cfg, progress=False)
+        precompute(voc, split, out[split], cfg, progress=False)
     return out
 
 
-def test_set_reaches_params_and_checkpoint_and_early_stop_ends_the_run(shards, tmp_path, monkeypatch):
+def test_set_reaches_params_and_checkpoint_and_early_stop_ends_the_run(shards, tmp_path, tracking_uri, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from jobs.cli import main
     from jobs.models import CHECKPOINT_FILE
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     # score_thresh 1.0: no detection passes, so val mAP@0.5 is 0 at every validation: the first
     # one is the best, the second brings no gain and (patience 1) stops the run at epoch 2 of 6.
@@ -50,7 +48,7 @@ def test_set_reaches_params_and_checkpoint_and_early_stop_ends_the_run(shards, t
     assert re.search(r"^stopped at epoch 2/6, early stop: val mAP@0\.5 did not improve for 1 validation\(s\) "
                      r"\(best 0\.0000 at epoch 1\)$", res.output, re.M), res.output
 
-    client = MlflowClient(uri)
+    client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("early").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["frcnn.stop_reason"] == "early_stop"

@@ -1,9 +1,9 @@
 """Test-only oracle: a plain-loop port of the walkthrough's anchors and anchor targets.
 
-Source: ``shared/seed/faster_rcnn_walkthrough.txt``, cells In [95]..In [98] (anchor generation) and
-In [99]..In [115] (anchor labels and regression targets). The port keeps the walkthrough's
+Source: the Faster R-CNN walkthrough notebook the detector follows, cells In [95]..In [98]
+(anchor generation) and In [99]..In [115] (anchor labels and regression targets). The port keeps the walkthrough's
 structure -- Python loops, one anchor and one box at a time -- and changes only what the project
-asked to change (``shared/seed/NOTES.md``):
+asked to change:
 
 - coordinates: the walkthrough's ``[y1, x1, y2, x2]`` become ``[x1, y1, x2, y2]`` and its deltas
   ``(dy, dx, dh, dw)`` become ``(dx, dy, dw, dh)``;

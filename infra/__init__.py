@@ -1,0 +1,1 @@
+"""Deployment files (Kubernetes, compose, images, the Ray launcher) and the cluster rehearsal."""
