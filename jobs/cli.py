@@ -16,8 +16,8 @@ import click
 from . import console
 
 # Modules that contribute commands, each exposing COMMANDS: a list of click commands.
-_COMMAND_MODULES = ("jobs.data_cmds", "jobs.train", "jobs.evaluate", "jobs.models", "jobs.infer", "jobs.ui",
-                    "jobs.demo", "jobs.export")
+_COMMAND_MODULES = ("jobs.data_cmds", "jobs.train", "jobs.sweep", "jobs.evaluate", "jobs.models", "jobs.infer",
+                    "jobs.ui", "jobs.demo", "jobs.export")
 
 
 class _Commands(click.Group):
@@ -40,7 +40,7 @@ class _Commands(click.Group):
 @click.option("-v", "--verbose", is_flag=True,
               help="Debug logging, plus Ray's own output: worker logs, Ray Data's execution plans and progress bars.")
 def main(verbose: bool) -> None:
-    """Faster R-CNN jobs: synth, precompute, train, evaluate, promote, infer, ui, demo, export."""
+    """Faster R-CNN jobs: synth, precompute, train, sweep, evaluate, promote, infer, ui, demo, export."""
     console.configure(verbose)
 
 

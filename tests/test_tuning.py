@@ -79,3 +79,44 @@ def test_set_reaches_params_and_checkpoint_and_early_stop_ends_the_run(shards, t
     last = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss_total"))
     assert len(val_steps) == 2 and 2 * val_steps[0] == val_steps[1] == last
 
+
+def test_sweep_parent_and_child_runs_one_stopped_early_best_registered(shards, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from frcnn.training import TrainConfig
+    from jobs.sweep import Dimension, Scheduling, run_sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    # Two trials, in grid order, one at a time. The first (score_thresh 0) finds objects: its val
+    # mAP@0.5 is above 0 and, first at every ASHA rung, it runs all 3 epochs. The second
+    # (score_thresh 1: no detection passes) has mAP 0 at its first rung, below the first trial's:
+    # ASHA (grace period 1) stops it there.
+    dims = [Dimension.parse("model.roi.score_thresh=grid(0.0, 1.0)")]
+    tc = TrainConfig(epochs=3, batch_size=2, warmup_steps=1, log_every=2, base_lr=0.02, lr_reference_batch=2)
+    res = run_sweep(shards["train"], shards["val"], dims, train_cfg=tc, sched=Scheduling(trials=1, max_concurrent=1),
+                    workers=1, experiment="sweep", storage_path=str(tmp_path / "ray"), model_name="sweep-best")
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweep").experiment_id
+    parent = client.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["frcnn.job"] == "sweep"
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{res.parent_run_id}'")
+    by_value = {c.data.params["model.roi.score_thresh"]: c for c in children}
+    assert sorted(by_value) == ["0.0", "1.0"], [c.data.params.get("model.roi.score_thresh") for c in children]
+    good, bad = by_value["0.0"], by_value["1.0"]
+    assert good.data.tags["frcnn.stopped_early"] == "false" and bad.data.tags["frcnn.stopped_early"] == "true"
+    assert good.info.status == bad.info.status == "FINISHED"
+    # Their params are the resolved configs, their curves their own.
+    assert good.data.params["train.epochs"] == "3" and good.data.params["sweep.model.roi.score_thresh"] == "0.0"
+    good_maps = [m.value for m in client.get_metric_history(good.info.run_id, "val/map50")]
+    bad_maps = [m.value for m in client.get_metric_history(bad.info.run_id, "val/map50")]
+    assert len(good_maps) == 3 and 1 <= len(bad_maps) < 3 and set(bad_maps) == {0.0}, (good_maps, bad_maps)
+    assert client.get_metric_history(bad.info.run_id, "train/loss_total")
+    # The best trial's model is registered, from its own run.
+    assert res.best_run_id == good.info.run_id and res.model_version == "1"
+    assert client.get_model_version("sweep-best", "1").run_id == good.info.run_id
+    assert parent.data.tags["frcnn.best_run_id"] == good.info.run_id
+    assert [t["stopped_early"] for t in sorted(res.trials, key=lambda t: t["run_id"] != good.info.run_id)] == \
+        [False, True]
