@@ -176,7 +176,7 @@ def run_training(data: str, val_data: str | None = None, *, model_cfg: ModelConf
             res = _finish(*_train(setup, job, run_id, resumed=bool(resume)), setup, job, run_id)
     finally:
         if held is not None:
-            held.release()
+            _let_go(held)
     _print_result(res, job.model_name)
     return res
 
@@ -220,6 +220,14 @@ def _setup(data: str, val_data: str | None, model_cfg: ModelConfig | None, train
               "job.lr": train_cfg.lr_for(batch), "job.train_rows": manifest["rows"], "job.data": data,
               "job.val_data": val_data}
     return _Setup(uri, data, val_data, model_cfg, train_cfg, prepared, batch, storage_path, run_name, tags, params)
+
+
+def _let_go(held: Any) -> None:
+    """Release a training run's lease, and its ``_staging`` folder when nothing else is in it."""
+    from pipelines.storage import drop_if_empty
+
+    held.release()
+    drop_if_empty(held.loc.parent)
 
 
 def _hold_run(storage_path: str, run_id: str) -> Any:

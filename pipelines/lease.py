@@ -259,7 +259,7 @@ class _S3Store(_Store):
         self.bucket, _, self.key = loc.path.partition("/")
 
     def _call(self, fn, **kw) -> Any | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(Bucket=self.bucket, Key=self.key, **kw)
@@ -267,6 +267,8 @@ class _S3Store(_Store):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "412", "409"):
                 return None
+            raise OSError(f"{self.loc.shown}: lease: {exc}") from exc
+        except BotoCoreError as exc:  # the store does not answer (connection refused, timeouts)
             raise OSError(f"{self.loc.shown}: lease: {exc}") from exc
 
     def read(self) -> tuple[bytes, Any] | None:
