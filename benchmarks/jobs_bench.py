@@ -1,6 +1,6 @@
 """Rows 8 and 9: what a user of the commands gets, against the bare model work in the same run.
 
-Run one row alone (about 2-4 minutes each on the 2-core machine; ``--quick``: under a minute):
+Run one row alone (a few minutes each on two cores; ``--quick``: under a minute):
 
     .venv/bin/python -m benchmarks.run --only 8          # or --only 9, --only 8,9
     .venv/bin/python -m benchmarks.run --only 9 --quick  # smoke test, results in a temp folder

@@ -120,12 +120,7 @@ def evaluate_coco(
 
     gt_dataset, det_dataset = _coco_datasets(gt, det, names)
     coco_eval = COCOeval(_coco_api(gt_dataset), _coco_api(det_dataset), iouType="bbox")
-    with _quiet():
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    stats = [float(s) for s in coco_eval.stats[: len(_COCO_KEYS)]]
-    return {k: (math.nan if s < 0 else s) for k, s in zip(_COCO_KEYS, stats)}
+    return _summary(coco_eval)
 
 
 def coco_results(detections: Mapping[str, Mapping[str, Any]], image_ids: Mapping[str, Any],
@@ -164,6 +159,11 @@ def evaluate_coco_results(instances: dict[str, Any], results: list[dict[str, Any
     coco_eval = COCOeval(gt, dt, iouType="bbox")
     if category_ids is not None:
         coco_eval.params.catIds = sorted(int(c) for c in category_ids)
+    return _summary(coco_eval)
+
+
+def _summary(coco_eval: Any) -> dict[str, float]:
+    """Run a configured ``COCOeval`` quietly; its headline numbers by name (NaN where COCO has none)."""
     with _quiet():
         coco_eval.evaluate()
         coco_eval.accumulate()

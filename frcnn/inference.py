@@ -79,6 +79,8 @@ class Detector:
         self.amp = autocast_dtype(amp, self.device)
         self.score_threshold = score_threshold
         self.class_names = tuple(model.cfg.class_names)
+        # The dataset's id of label k at [k - 1] (COCO); a model trained without ids answers its labels.
+        self.category_ids = tuple(model.cfg.category_ids) or tuple(range(1, model.cfg.num_classes + 1))
         workers = max(1, int(threads or torch.get_num_threads()))
         # One thread: decode in the caller's thread (concurrent callers then decode in parallel).
         self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
@@ -90,6 +92,12 @@ class Detector:
         """The detector of a checkpoint on ``device`` (never chosen for the caller: a CPU
         predictor on a GPU node stays on the CPU)."""
         return cls(load_model(checkpoint, device), **kwargs)
+
+    def category_id(self, label: int) -> int:
+        """The dataset's category id of label ``k`` (1..C): COCO's own id for a model trained on
+        COCO data, the label itself otherwise."""
+        ids = self.category_ids
+        return int(ids[label - 1]) if 0 < label <= len(ids) else int(label)
 
     def class_name(self, label: int) -> str:
         """The name of label ``k`` (1..C); the number itself for a model saved without names."""

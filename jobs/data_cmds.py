@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from frcnn.config import ModelConfig, Overrides, tiny_config
-from pipelines.datasets import DatasetSource
+from pipelines.datasets import FORMATS, DatasetSource
 from pipelines.runtime import init_ray
 from pipelines.storage import Location
 
@@ -179,7 +179,7 @@ def _log_coverage(summary: Any, title: str) -> None:
 @click.command("synth")
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="PATH",
               help="Folder to write (the --format layout; voc: VOCdevkit/VOC2007 with classes.txt).")
-@click.option("--format", "fmt", type=click.Choice(("voc", "coco", "yolo")), default="voc", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="voc", show_default=True,
               help="Layout: voc (VOCdevkit), coco (annotations/instances_<split>.json + <split>/), "
                    "yolo (data.yaml + images/ + labels/).")
 @click.option("--images", type=click.IntRange(1), default=600, show_default=True, help="Number of images.")

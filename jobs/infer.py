@@ -134,8 +134,9 @@ class OutputBusy(click.ClickException):
               help="models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id, or a checkpoint path. "
                    "Resolved once, at the start.")
 @click.option("--input", "input_uri", required=True, metavar="URI",
-              help="A folder or object-store prefix of images (jpg, jpeg, png; recursive), or a Parquet table "
-                   "(file or folder) with an 'image' bytes column and an 'image_id' or 'path' column.")
+              help="A folder or object-store prefix of images (jpg, jpeg, png, tif, tiff, webp, bmp; "
+                   "recursive), or a Parquet table (file or folder) with an 'image' bytes column and an "
+                   "'image_id' or 'path' column.")
 @click.option("--output", "output_uri", required=True, metavar="URI",
               help="Output root: each run publishes <URI>/run=<UTC time>-<id>/ (part-*.parquet, _errors/, _SUCCESS).")
 @click.option("--incremental", is_flag=True,

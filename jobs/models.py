@@ -36,6 +36,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipelines.datasets import FORMATS
+
 from . import tracking
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -115,6 +117,7 @@ def pyfunc_signature():
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema([ColSpec(Array(Array("double")), "boxes"), ColSpec(Array("double"), "scores"),
                         ColSpec(Array("long"), "labels"), ColSpec(Array("string"), "class_names"),
+                        ColSpec(Array("long"), "category_ids"),
                         ColSpec("string", "error", required=False)]))
 
 
@@ -363,7 +366,8 @@ def promote(model: str, alias: str, *, if_better_than: str | None = None, metric
               help="Only if MODEL's latest evaluation beats that of the version holding ALIAS (or nobody holds it).")
 @click.option("--metric", default="map50", show_default=True, help="Evaluation metric to compare (higher is better).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--dataset", type=click.Choice(("voc",)), default="voc", show_default=True)
+@click.option("--dataset", type=click.Choice(FORMATS), default="voc", show_default=True,
+              help="The layout of the evaluations to compare (as given to evaluate).")
 @click.option("--data-root", metavar="PATH", default=None,
               help="Compare evaluations on this data root. Default: the candidate's latest evaluation's.")
 def promote_cmd(model, alias, if_better_than, metric, split, dataset, data_root):

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import click
 
-from frcnn.config import CONFIG_NAMES, ConfigError, Overrides, config_file
+from frcnn.config import CONFIG_NAMES, ConfigError, Overrides, config_file, load_config
+from pipelines.datasets import FORMATS
 
 ADDRESS = click.option(
     "--address", envvar="RAY_ADDRESS", metavar="RAY_ADDRESS", default=None,
@@ -38,9 +39,11 @@ def _config(ctx: click.Context, param: click.Parameter, value: str | None) -> st
     if value is None:
         return None
     try:
-        return str(config_file(value))
+        path = str(config_file(value))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    load_config(path)  # a file that is not a usable config is refused before any data is read
+    return path
 
 
 CONFIG = click.option(
@@ -133,7 +136,7 @@ def ACTOR_RESOURCES(fn: Callable) -> Callable:
 
 
 DATASET = click.option(
-    "--dataset", type=click.Choice(("voc", "coco", "yolo")), default="voc", show_default=True,
+    "--dataset", type=click.Choice(FORMATS), default="voc", show_default=True,
     help="Dataset layout: voc (VOCdevkit), coco (instances JSON + images), yolo (Ultralytics data.yaml).")
 DATA_ROOT = click.option(
     "--data-root", default=None, metavar="PATH_OR_URI",

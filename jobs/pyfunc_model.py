@@ -8,7 +8,8 @@ only ``frcnn``, MLflow and pandas: never ``jobs`` or ``pipelines``, which a serv
     model = mlflow.pyfunc.load_model("models:/frcnn@champion")
     out = model.predict(pd.DataFrame({"image": [jpeg_bytes, ...]}))
     # one row per image: boxes (list of [x1, y1, x2, y2] in the image's pixels), scores, labels,
-    # class_names, and error (None, or why the image could not be decoded)
+    # class_names, category_ids (the dataset's id of each label: COCO's own), and error (None, or
+    # why the image could not be decoded)
 
 The ``error`` column has the object dtype: pandas would otherwise store it as strings with NaN for
 the missing ones, and MLflow's scoring server would answer ``"error": NaN`` (not JSON) instead of
@@ -38,9 +39,10 @@ class FrcnnPyfunc(PythonModel):
             for d in self.detector.predict(images[start:start + self.batch_size]):
                 labels = d.labels.tolist()
                 rows.append({"boxes": d.boxes.tolist(), "scores": d.scores.tolist(), "labels": labels,
-                             "class_names": [self.detector.class_name(k) for k in labels]})
+                             "class_names": [self.detector.class_name(k) for k in labels],
+                             "category_ids": [self.detector.category_id(k) for k in labels]})
                 errors.append(d.error)
-        frame = pd.DataFrame(rows, columns=["boxes", "scores", "labels", "class_names"])
+        frame = pd.DataFrame(rows, columns=["boxes", "scores", "labels", "class_names", "category_ids"])
         frame["error"] = pd.Series(errors, index=frame.index, dtype=object)
         return frame
 

@@ -317,8 +317,9 @@ def _finish(result: Any, folder: str, setup: _Setup, job: TrainJob, run_id: str)
 
 def _print_result(res: TrainResult, model_name: str | None) -> None:
     print(f"checkpoint: {res.checkpoint_path}\nbest checkpoint: {res.best_checkpoint_path}", flush=True)
+    shown = {k: v for k, v in res.metrics.items() if not k.startswith("early_stop_")}  # its state, not a metric
     print("final metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in sorted(res.metrics.items())), flush=True)
+                                        for k, v in sorted(shown.items())), flush=True)
     if res.model_version:
         print(f"registered model: models:/{model_name}/{res.model_version}", flush=True)
 

@@ -507,7 +507,7 @@ def _resume_state(registered, folder: str) -> dict[str, Any] | None:
     """The checkpoint state a (re)started group continues from, or None to start at step 0.
 
     Ray Train registers a reported checkpoint when its controller next polls the workers (every
-    2 s): a worker lost in between (seen here: a rank dying 5 steps after a checkpoint) restarts
+    2 s): a worker lost in between (a rank dying a few steps after a checkpoint) restarts
     the group from the previously registered one, or from scratch, although the newer checkpoint is
     complete in storage. So the newest complete ``epoch-NNNN`` folder of the run wins when it is
     later than Ray's; one that does not load (cut short) falls back to Ray's.

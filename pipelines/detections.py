@@ -33,9 +33,9 @@ RUN_PREFIX = "run="
 MODEL_COLUMNS = ("model_name", "model_version", "model_uri", "model_sha256")
 _TS = pa.timestamp("us", tz="UTC")
 
+_PREDICTION_COLUMNS = ("image_id", "boxes", "scores", "labels", "class_names", "category_ids", "height", "width")
 OUTPUT_SCHEMA = pa.schema([
-    *(PREDICTION_SCHEMA.field(c) for c in ("image_id", "boxes", "scores", "labels", "class_names", "height",
-                                           "width")),
+    *(PREDICTION_SCHEMA.field(c) for c in _PREDICTION_COLUMNS),
     *((c, pa.string()) for c in MODEL_COLUMNS),
     ("train_run_id", pa.string()),
     ("infer_run_id", pa.string()),
@@ -72,7 +72,7 @@ def write_part(batch: pa.Table, *, staging: Location, meta: dict[str, Any]) -> p
 
     if good.num_rows:
         n = good.num_rows
-        cols = [good.column(c) for c in ("image_id", "boxes", "scores", "labels", "class_names", "height", "width")]
+        cols = [good.column(c) for c in _PREDICTION_COLUMNS]
         table = pa.Table.from_arrays(
             [*cols, *consts(n, (*MODEL_COLUMNS, "train_run_id", "infer_run_id")), pa.array([now] * n, _TS)],
             schema=OUTPUT_SCHEMA)

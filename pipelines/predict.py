@@ -52,6 +52,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("scores", pa.list_(pa.float32())),
     ("labels", pa.list_(pa.int32())),  # 1..C, the model's labels
     ("class_names", pa.list_(pa.string())),  # the model's name of each label
+    ("category_ids", pa.list_(pa.int64())),  # the dataset's id of each label (COCO's; else the label)
     ("height", pa.int32()),
     ("width", pa.int32()),
     ("error", pa.string()),  # "" when the image was read and decoded
@@ -151,6 +152,7 @@ class Predictor:
         self.model_batch = model_batch
         self.detector = _detector(checkpoint, digest, resources.device, score_threshold, resources.threads)
         self.names = pa.array(["?", *self.detector.class_names], pa.string())  # label k -> names[k]
+        self.ids = pa.array([0, *self.detector.category_ids], pa.int64())  # label k -> ids[k]
         self.source = source
         self.niceness = niceness
 
@@ -183,11 +185,13 @@ class Predictor:
             errors.append(err)
         label_lists = _lists(labels, np.int32, pa.int32())
         flat = label_lists.values.to_numpy(zero_copy_only=False)
-        names_values = self.names.take(pa.array(np.where((flat > 0) & (flat < len(self.names)), flat, 0)))
+        known = pa.array(np.where((flat > 0) & (flat < len(self.names)), flat, 0))
+        names_values, id_values = self.names.take(known), self.ids.take(known)
         return pa.table([
             batch.column("image_id"), batch.column("path"),
             _lists(boxes, np.float32, pa.float32()), _lists(scores, np.float32, pa.float32()), label_lists,
             pa.ListArray.from_arrays(label_lists.offsets, names_values),
+            pa.ListArray.from_arrays(label_lists.offsets, id_values),
             pa.array(heights, pa.int32()), pa.array(widths, pa.int32()), pa.array(errors, pa.string()),
         ], schema=PREDICTION_SCHEMA)
 

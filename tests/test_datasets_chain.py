@@ -148,3 +148,9 @@ def test_coco_chain_train_evaluate_promote_infer(data, store, tmp_path):
                     experiment="chain", progress=False)
     assert out.summary.new == len(json.loads(
         (Path(coco_root) / "annotations" / "instances_test.json").read_text())["images"])
+    from pipelines.infer import read_published
+
+    dets = read_published(str(tmp_path / "dets"))
+    labels, ids = dets.column("labels").to_pylist(), dets.column("category_ids").to_pylist()
+    assert sum(map(len, labels)) > 0  # the model's detections go out with COCO's own category ids
+    assert [[(1, 3, 5, 7, 9)[k - 1] for k in row] for row in labels] == ids

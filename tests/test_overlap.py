@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 24
-# FRCNN_LEASE_TTL for the runs: the killed holders here are on this machine (their pid is gone:
+# FRCNN_LEASE_TTL for the runs: the killed holders run on the test's own host (their pid is gone:
 # expired at once); a live holder's heartbeat must not look stale on a loaded machine.
 TTL = "30"
 

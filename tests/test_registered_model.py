@@ -86,6 +86,7 @@ def _same_detections(row: dict, d) -> None:
     np.testing.assert_allclose(np.asarray(row["boxes"], np.float64).reshape(-1, 4), d.boxes, atol=1e-4)
     np.testing.assert_allclose(row["scores"], d.scores, atol=1e-6)
     assert row["class_names"] == [CLASSES[k - 1] for k in d.labels]
+    assert row["category_ids"] == d.labels.tolist()  # a model trained without ids answers its labels
 
 
 def test_registered_model_carries_its_code_and_pinned_requirements(registered):

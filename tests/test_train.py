@@ -114,8 +114,7 @@ def test_train_with_worker_failure_then_resume(shards, tracking_uri, tmp_path, c
     from jobs.models import CHECKPOINT_FILE
     from jobs.train import run_training
 
-    # 280 steps: the RoI head's box branch needs a few hundred steps to learn (measured on fixed
-    # samples, below: -1.5 % after 168 steps over 84 images, -28 % after 280 over 28).
+    # 280 steps: the RoI head's box branch needs a few hundred steps to learn on fixed samples.
     tc = TrainConfig(epochs=40, batch_size=2, base_lr=0.04, lr_reference_batch=4, warmup_steps=4,
                      log_every=1, checkpoint_every=10, val_every=10, keep_checkpoints=2, max_failures=2,
                      schedule="cosine")

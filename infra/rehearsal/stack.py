@@ -54,7 +54,7 @@ def log(msg: str) -> None:
 
 
 # Every wait below is sized for an idle 2-core machine, times this: a shared machine can be many
-# times slower (seen here: load average 45 on 2 cores), and a wait that gives up early fails the
+# times slower, and a wait that gives up early fails the
 # rehearsal for nothing. The test's own time limit bounds the whole.
 SLACK = 4
 
