@@ -38,7 +38,7 @@ def make_runs(work: Path, env: dict) -> None:
               "--set", "train.warmup_steps=5"]
     _cli("train", *common, "--epochs", "8", "--progress-every", "0", "--model-name", "frcnn-ui", env=env)
     _cli("sweep", *common, "--epochs", "4", "--trials", "1", "--model-name", "frcnn-ui-sweep",
-         "--search", "train.base_lr=grid(0.005, 0.02, 0.04)", env=env)
+         "--search", "train.base_lr=grid(0.005, 0.04)", env=env)
 
 
 def serve(work: Path, port: int, env: dict) -> subprocess.Popen:
@@ -64,8 +64,15 @@ def take(work: Path, port: int) -> None:
     exp = client.get_experiment_by_name("frcnn-ui")
     (train,) = client.search_runs([exp.experiment_id], "tags.`frcnn.job` = 'train'")
     base = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
-    screenshot(f"{base}/runs/{train.info.run_id}/model-metrics", str(DOCS / "mlflow-ui-train-run-metrics.png"))
-    screenshot(f"{base}/runs?compareRunsMode=CHART", str(DOCS / "mlflow-ui-sweep-trials.png"))
+    screenshot(f"{base}/runs/{train.info.run_id}/model-metrics", str(DOCS / "mlflow-ui-train-run-metrics.png"),
+               size=(1600, 2200), wait_ms=120_000)  # tall enough for the val section's map50 chart
+    # The sweep's parent run and its trials side by side (the experiment's chart view collapses the
+    # trials under their parent and leads with system metrics).
+    sweep_runs = client.search_runs([exp.experiment_id], "tags.`frcnn.job` LIKE 'sweep%'")
+    ids = ",".join(f'"{r.info.run_id}"' for r in sweep_runs)
+    screenshot(f"http://127.0.0.1:{port}/#/compare-runs?runs=[{ids}]&experiments=[\"{exp.experiment_id}\"]",
+               str(DOCS / "mlflow-ui-sweep-trials.png"),
+               size=(1600, 1200), wait_ms=120_000)
 
 
 def main() -> None:
@@ -76,7 +83,10 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    # On a small, loaded machine a trial's Ray Train worker can wait longer than Ray's default 60 s
+    # for the CPU the previous trial frees; the timeout then hangs the sweep.
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600", **os.environ,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     if not args.reuse:
         make_runs(work, env)
     proc = serve(work, args.port, env)
