@@ -41,61 +41,59 @@ class InferRun:
 
 @dataclass(frozen=True)
 class InferJob:
-    """Where and how ``run_infer`` runs (everything but the model, input and output)."""
+    """Where ``run_infer`` runs and what it processes (everything but the model, input and output)."""
 
-    incremental: bool = False
-    concurrency: int = 1
-    gpus_per_actor: float = 0
-    cpus_per_actor: float = 1
-    batch_size: int = 8
-    score_threshold: float | None = None
+    options: Any  # pipelines.infer.InferOptions
     address: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
     tracking_uri: str | None = None
-    progress: bool = True
-    wait: float = 0.0
 
     def params(self, model_uri: str, input_uri: str, output_uri: str) -> dict[str, Any]:
-        return {"input": input_uri, "output": output_uri, "incremental": self.incremental, "model": model_uri,
-                "concurrency": self.concurrency, "gpus_per_actor": self.gpus_per_actor,
-                "cpus_per_actor": self.cpus_per_actor, "batch_size": self.batch_size,
-                "score_threshold": self.score_threshold}
+        o = self.options
+        return {"input": input_uri, "output": output_uri, "incremental": o.incremental, "model": model_uri,
+                "concurrency": o.concurrency, "gpus_per_actor": o.gpus_per_actor,
+                "cpus_per_actor": o.cpus_per_actor, "batch_size": o.batch_size,
+                "score_threshold": o.score_threshold}
 
 
-def run_infer(model_uri: str, input_uri: str, output_uri: str, *, incremental: bool = False,
-              concurrency: int = 1, gpus_per_actor: float = 0, cpus_per_actor: float = 1, batch_size: int = 8,
-              score_threshold: float | None = None, address: str | None = None,
+def run_infer(model_uri: str, input_uri: str, output_uri: str, options: Any = None, *, address: str | None = None,
               experiment: str = tracking.DEFAULT_EXPERIMENT, tracking_uri: str | None = None,
-              progress: bool = True, wait: float = 0.0) -> InferRun:
+              **option_fields: Any) -> InferRun:
     """Resolve the model, run inference as one MLflow run, return its id and the summary.
-    ``wait``: seconds to queue behind a run that holds the output (else ``LeaseHeld`` at once)."""
+
+    ``options``: a ``pipelines.infer.InferOptions``, or its fields as keywords (``incremental=True,
+    concurrency=4``; ``wait`` is how long to queue behind a run that holds the output, else
+    ``LeaseHeld`` at once)."""
     import time
 
-    from pipelines.infer import ModelIdentity, output_lease
+    from pipelines.infer import InferOptions, ModelIdentity, output_lease
     from pipelines.lease import wait_free
     from pipelines.runtime import init_ray
     from pipelines.storage import Location
 
     from .models import resolve_model
 
-    job = InferJob(incremental, concurrency, gpus_per_actor, cpus_per_actor, batch_size, score_threshold, address,
-                   experiment, tracking_uri, progress, wait)
-    t0 = time.monotonic()
-    wait_free(output_lease(Location.of(output_uri)), job.wait, where=Location.of(output_uri).shown,
-              on_wait=lambda line: print(line, flush=True) if progress else None)
+    if options is not None and option_fields:
+        raise TypeError("pass options or its fields as keywords, not both")
+    job = InferJob(options or InferOptions(**option_fields), address, experiment, tracking_uri)
+    opts, t0 = job.options, time.monotonic()
+    wait_free(output_lease(Location.of(output_uri)), opts.wait, where=Location.of(output_uri).shown,
+              on_wait=lambda line: print(line, flush=True) if opts.progress else None)
     tracking.setup(tracking_uri, experiment)
     ref = resolve_model(model_uri)  # once: an alias is pinned for the whole run
     checkpoint = Path(ref.checkpoint).read_bytes()
     identity = ModelIdentity.of_checkpoint(checkpoint, uri=ref.uri, name=ref.name, version=ref.version,
                                            train_run_id=ref.run_id)
-    init_ray(address, concurrency * cpus_per_actor, log_to_driver=console.log_to_driver())
+    init_ray(address, opts.concurrency * opts.cpus_per_actor, log_to_driver=console.log_to_driver())
     console.quiet_ray()
-    left = max(job.wait - (time.monotonic() - t0), 0.0)
+    left = max(opts.wait - (time.monotonic() - t0), 0.0)
     return _tracked_inference(ref, identity, checkpoint, model_uri, input_uri, output_uri, job, left)
 
 
 def _tracked_inference(ref: Any, identity: Any, checkpoint: bytes, model_uri: str, input_uri: str,
                        output_uri: str, job: InferJob, wait: float) -> InferRun:
+    import dataclasses
+
     import mlflow
 
     from pipelines.infer import run_inference
@@ -109,11 +107,9 @@ def _tracked_inference(ref: Any, identity: Any, checkpoint: bytes, model_uri: st
                           tracking_uri=job.tracking_uri, tags=tags,
                           params=job.params(model_uri, input_uri, output_uri)) as active:
         run_id = active.info.run_id
-        summary = run_inference(
-            input_uri, output_uri, checkpoint, identity, incremental=job.incremental, concurrency=job.concurrency,
-            gpus_per_actor=job.gpus_per_actor, cpus_per_actor=job.cpus_per_actor, batch_size=job.batch_size,
-            score_threshold=job.score_threshold, infer_run_id=run_id, run_name=partition_run,
-            progress=job.progress, wait=wait)
+        summary = run_inference(input_uri, output_uri, checkpoint, identity,
+                                dataclasses.replace(job.options, wait=wait), infer_run_id=run_id,
+                                run_name=partition_run)
         tracking.safe(mlflow.log_metrics, {
             "inputs_seen": summary.seen, "inputs_new": summary.new, "inputs_skipped": summary.skipped,
             "inputs_failed": summary.failed, "detections": summary.detections,
@@ -155,13 +151,14 @@ def infer(ctx, model_uri, input_uri, output_uri, incremental, batch_size, concur
     """Detect objects in a folder, prefix or Parquet table of images; publish one partition per run."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.infer import AlreadyPublished
+    from pipelines.infer import AlreadyPublished, InferOptions
     from pipelines.lease import LeaseHeld, LeaseLost
 
+    opts = InferOptions(incremental=incremental, concurrency=concurrency, gpus_per_actor=gpus_per_actor,
+                        cpus_per_actor=cpus_per_actor, batch_size=batch_size, score_threshold=score_threshold,
+                        wait=wait)
     try:
-        res = run_infer(model_uri, input_uri, output_uri, incremental=incremental, concurrency=concurrency,
-                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-                        score_threshold=score_threshold, address=address, experiment=experiment, wait=wait)
+        res = run_infer(model_uri, input_uri, output_uri, opts, address=address, experiment=experiment)
     except LeaseHeld as exc:
         hint = "; --wait SECONDS queues behind it" if not wait else f" after waiting {wait:g} s"
         raise OutputBusy(f"{exc}{hint}") from exc

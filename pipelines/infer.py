@@ -159,6 +159,10 @@ class InferOptions:
     wait: float = 0.0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.concurrency, self.rows_per_file) < 1:
+            raise ValueError("batch_size, concurrency and rows_per_file must be >= 1")
+
     @property
     def resources(self) -> PredictorResources:
         return PredictorResources(batch_size=self.batch_size, concurrency=self.concurrency,
@@ -201,24 +205,22 @@ def _claim_output(out: Location, run: str, wait: float) -> Claim:
 
 
 def run_inference(input_uri: str | Location, output_uri: str | Location, checkpoint: bytes,
-                  model: ModelIdentity | None = None, *, incremental: bool = False, concurrency: int = 1,
-                  gpus_per_actor: float = 0, cpus_per_actor: float = 1, batch_size: int = 8,
-                  score_threshold: float | None = None, rows_per_file: int = 256, infer_run_id: str | None = None,
-                  run_name: str | None = None, progress: bool = True, wait: float = 0.0) -> InferSummary:
+                  model: ModelIdentity | None = None, options: InferOptions | None = None, *,
+                  infer_run_id: str | None = None, run_name: str | None = None, **option_fields: Any) -> InferSummary:
     """Detect objects in every input image (or only the new ones) and publish one partition.
 
     ``checkpoint``: the checkpoint file's bytes (``frcnn.training.checkpoint_state`` saved with
     ``torch.save``). ``model``: its identity (default: unregistered, keyed by the bytes' sha256).
-    ``infer_run_id`` is written into every row (the MLflow run id; default: the run name).
-    ``progress``: print a line about every 10 s and the summary. ``wait``: seconds to wait for a
-    run that holds the output (else :class:`~pipelines.lease.LeaseHeld` at once). Uses the running
-    Ray instance, or starts a local one. Raises on any failure (and on Ctrl-C or SIGTERM) after
-    deleting its staging folder; nothing is published then.
+    ``options``: an :class:`InferOptions`, or its fields as keywords (``incremental=True,
+    batch_size=4``). ``infer_run_id`` is written into every row (the MLflow run id; default: the
+    run name). With ``progress`` it prints a line about every 10 s and the summary; ``wait`` is how
+    long to wait for a run that holds the output (else :class:`~pipelines.lease.LeaseHeld` at
+    once). Uses the running Ray instance, or starts a local one. Raises on any failure (and on
+    Ctrl-C or SIGTERM) after deleting its staging folder; nothing is published then.
     """
-    opts = InferOptions(bool(incremental), int(concurrency), gpus_per_actor, cpus_per_actor, int(batch_size),
-                        score_threshold, int(rows_per_file), float(wait), progress)
-    if min(opts.batch_size, opts.concurrency, opts.rows_per_file) < 1:
-        raise ValueError("batch_size, concurrency and rows_per_file must be >= 1")
+    if options is not None and option_fields:
+        raise TypeError("pass options or its fields as keywords, not both")
+    opts = options or InferOptions(**option_fields)
     checkpoint = bytes(checkpoint)
     model = model or ModelIdentity.of_checkpoint(checkpoint, uri="<bytes>")
     run = run_name or new_run_name()
@@ -237,7 +239,7 @@ def run_inference(input_uri: str | Location, output_uri: str | Location, checkpo
     except BaseException:
         discard(held.staging)  # ends the claim too
         raise
-    if progress:
+    if opts.progress:
         print(summary, flush=True)
     return summary
 
