@@ -15,18 +15,15 @@ import dataclasses
 import hashlib
 import json
 import math
-import numbers
-import re
-import types
-import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from .errors import ConfigError
+from .typed_config import build_dataclass, flatten
 
 
 @dataclass(frozen=True)
@@ -180,23 +177,23 @@ class ModelConfig:
     def __post_init__(self) -> None:
         s = self.anchors.stride
         if self.canvas.height % s or self.canvas.width % s:
-            raise ValueError(
+            raise ConfigError(
                 f"canvas {self.canvas.height}x{self.canvas.width} must be a multiple of the stride {s}"
             )
         if self.class_names and len(self.class_names) != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.class_names)} class names given for num_classes={self.num_classes}"
             )
         if self.category_ids and len(self.category_ids) != self.num_classes:
-            raise ValueError(f"{len(self.category_ids)} category ids given for num_classes={self.num_classes}")
+            raise ConfigError(f"{len(self.category_ids)} category ids given for num_classes={self.num_classes}")
         _check_canvas(self.canvas, s)
         fmt, mean = self.backbone.input_format, self.canvas.mean
         if fmt not in ("torchvision", "caffe"):
-            raise ValueError(f"backbone.input_format {fmt!r}: torchvision or caffe")
+            raise ConfigError(f"backbone.input_format {fmt!r}: torchvision or caffe")
         # The two formats' means differ by 255x: one given for the other is a silent disaster.
         if (fmt == "caffe") != (min(mean) > 1.0):
             units = "BGR 0..255 (e.g. [102.9801, 115.9465, 122.7717])" if fmt == "caffe" else "RGB 0..1"
-            raise ValueError(f"backbone.input_format {fmt} takes canvas.mean in {units}, got {list(mean)}")
+            raise ConfigError(f"backbone.input_format {fmt} takes canvas.mean in {units}, got {list(mean)}")
 
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -208,7 +205,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        return _build(cls, data, "model")
+        return build_dataclass(cls, data, "model")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
@@ -288,7 +285,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.grad_compression not in ("none", "bf16"):
-            raise ValueError(f"train.grad_compression {self.grad_compression!r}: none or bf16")
+            raise ConfigError(f"train.grad_compression {self.grad_compression!r}: none or bf16")
 
     def lr_for(self, effective_batch: int) -> float:
         ratio = effective_batch / self.lr_reference_batch
@@ -298,14 +295,14 @@ class TrainConfig:
             return self.base_lr * math.sqrt(ratio)
         if self.lr_scaling == "none":
             return self.base_lr
-        raise ValueError(f"train.lr_scaling {self.lr_scaling!r}: linear, sqrt or none")
+        raise ConfigError(f"train.lr_scaling {self.lr_scaling!r}: linear, sqrt or none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        return _build(cls, data, "train")
+        return build_dataclass(cls, data, "train")
 
 
 def _check_canvas(c: CanvasConfig, stride: int) -> None:
@@ -313,11 +310,11 @@ def _check_canvas(c: CanvasConfig, stride: int) -> None:
     for h, w in c.sizes:
         if h <= 0 or w <= 0 or h % stride or w % stride:
             what = "canvas.buckets entry" if c.buckets else "canvas"
-            raise ValueError(f"{what} {h}x{w} must be positive multiples of the stride {stride}")
+            raise ConfigError(f"{what} {h}x{w} must be positive multiples of the stride {stride}")
     if c.buckets and (c.height, c.width) not in c.buckets:
-        raise ValueError(f"canvas {c.height}x{c.width} must be one of canvas.buckets {[list(b) for b in c.buckets]}")
+        raise ConfigError(f"canvas {c.height}x{c.width} must be one of canvas.buckets {[list(b) for b in c.buckets]}")
     if bool(c.short_side) != bool(c.max_long_side) or c.short_side < 0 or c.max_long_side < c.short_side:
-        raise ValueError(f"canvas.short_side {c.short_side}, max_long_side {c.max_long_side}: both 0 (no rule) "
+        raise ConfigError(f"canvas.short_side {c.short_side}, max_long_side {c.max_long_side}: both 0 (no rule) "
                          "or 0 < short_side <= max_long_side")
     if c.short_side:
         s, big = c.short_side, c.max_long_side
@@ -325,98 +322,22 @@ def _check_canvas(c: CanvasConfig, stride: int) -> None:
         portrait = any(h >= big and w >= s for h, w in c.sizes)
         if not (landscape and portrait):
             missing = " and ".join(n for n, ok in (("landscape", landscape), ("portrait", portrait)) if not ok)
-            raise ValueError(f"canvas sizes {[list(b) for b in c.sizes]} cannot hold every {missing} image at the "
+            raise ConfigError(f"canvas sizes {[list(b) for b in c.sizes]} cannot hold every {missing} image at the "
                              f"scale rule's size (short side {s}, long side up to {big}): add a bucket of at least "
                              f"{s}x{big} (landscape, height x width) and {big}x{s} (portrait), or one of {big}x{big}")
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> dotted keys (``model.rpn.nms_thresh``): what MLflow logs as params."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def _build(cls: type, data: Mapping[str, Any], where: str):
-    """Build a (nested) frozen dataclass from a mapping; unknown keys are an error, not ignored."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(map(str, unknown))}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        f = known[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        else:
-            kwargs[name] = _typed(value, hints[name], f"{where}.{name}")
-    return cls(**kwargs)
-
-
-def _typed(value: Any, hint: Any, key: str) -> Any:
-    """``value`` as the field's type: an int is a float, a list a tuple; anything else that does
-    not match (a word for a number, a bool for an int, a scalar for a list) is a ConfigError."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            try:
-                return _typed(value, option, key)
-            except ConfigError:
-                pass
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-            if len(items) == len(value):
-                return tuple(_typed(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, items, strict=True)))
-    elif hint is type(None):
-        if value is None:
-            return None
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
-    elif hint is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and every reader of it, as a number.
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    quote = " (quote it: YAML reads on/off/yes/no as true/false)" if isinstance(value, bool) and hint is str else ""
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}{quote}")
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "").replace("NoneType", "null")
-
-
 # Shipped inside the package (frcnn/configs/<name>.yaml): `--config NAME` works from a wheel.
 CONFIG_NAMES = ("tiny", "demo", "vgg16_voc")
-_SECTIONS = ("model", "train")
+SECTIONS = ("model", "train")
+
+
+class Settings(Protocol):
+    """What ``load_config`` applies to a file's mapping: ``frcnn.overrides.Overrides`` (``--set``)."""
+
+    def __bool__(self) -> bool: ...
+
+    def apply(self, data: Mapping[str, Any], sections: Iterable[str] = SECTIONS) -> dict[str, Any]: ...
 
 
 def config_file(name_or_path: str | Path) -> Path:
@@ -434,13 +355,14 @@ def config_file(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path,
-                overrides: Overrides | None = None) -> tuple[ModelConfig | None, dict[str, Any]]:
+                overrides: Settings | None = None) -> tuple[ModelConfig | None, dict[str, Any]]:
     """The one config loader: a YAML with a ``model:`` and/or a ``train:`` section (or a bare
-    model mapping), by packaged name or path, with ``overrides`` (``--set key=value``) applied to
-    it before anything is built. Returns the model config (None without a ``model:`` section: then
-    ``overrides.model(base)`` changes the caller's base) and the ``train:`` section as a dict
-    (validated against ``TrainConfig``; the caller applies its shorthand options and builds
-    ``TrainConfig.from_dict``). Anything unusable raises ``ConfigError`` naming the file and the key."""
+    model mapping), by packaged name or path, with ``overrides`` (``--set key=value``, a
+    ``frcnn.overrides.Overrides``) applied to it before anything is built. Returns the model
+    config (None without a ``model:`` section: then ``overrides.model(base)`` changes the caller's
+    base) and the ``train:`` section as a dict (validated against ``TrainConfig``; the caller
+    applies its shorthand options and builds ``TrainConfig.from_dict``). Anything unusable raises
+    ``ConfigError`` naming the file and the key."""
     path = config_file(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -453,121 +375,17 @@ def load_config(name_or_path: str | Path,
                           f"got {type(data).__name__}")
     if not data:
         return None, {}
-    if not any(k in data for k in _SECTIONS):  # a bare model mapping
+    if not any(k in data for k in SECTIONS):  # a bare model mapping
         data = {"model": data}
-    unknown = sorted(str(k) for k in set(data) - set(_SECTIONS))
+    unknown = sorted(str(k) for k in set(data) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; a config holds {' and '.join(_SECTIONS)} sections")
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; a config holds {' and '.join(SECTIONS)} sections")
     if overrides:
-        data = overrides.apply(data, sections=[k for k in _SECTIONS if k == "train" or data.get(k) is not None])
-    built = {}
-    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
-        try:
-            built[section] = _build(cls, data.get(section) or {}, f"{path}: {section}")
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as exc:  # a value the dataclass refuses (canvas vs stride, ...)
-            raise ConfigError(f"{path}: {section}: {exc}") from exc
+        data = overrides.apply(data, sections=[k for k in SECTIONS if k == "train" or data.get(k) is not None])
+    built = {section: build_dataclass(cls, data.get(section) or {}, f"{path}: {section}")
+             for section, cls in (("model", ModelConfig), ("train", TrainConfig))}
     model = built["model"] if data.get("model") is not None else None
     return model, dict(data.get("train") or {})
-
-
-@dataclass(frozen=True)
-class Overrides:
-    """``--set key=value`` settings: dotted keys under ``model.`` or ``train.``, values read with
-    YAML's scalar rules (``0.6``, ``true``, ``null``, ``[0.5, 1.0]``, ``tiny``). Each key and value
-    is checked against the config dataclasses when parsed, so a typo or a wrong type is refused
-    before any work starts, naming the key.
-
-        ov = Overrides.parse(["model.rpn.nms_thresh=0.6", "train.epochs=3"])
-        load_config("tiny", ov)       # the file with both settings applied
-        ov.model(cfg)                  # a ModelConfig with model.* applied
-    """
-
-    items: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def parse(cls, texts: Iterable[str]) -> Overrides:
-        items: dict[str, Any] = {}
-        for text in texts:
-            key, sep, raw = str(text).partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. train.epochs=3")
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"--set {key}: {raw!r} is not a YAML scalar or list ({type(exc).__name__})") from None
-            hint = _hint_of(key)
-            if isinstance(value, (bool, int, float)) and hint in (str, str | None):
-                value = raw.strip()  # a word field takes the text as written (amp=off, not False)
-            items[key] = _typed(value, hint, f"--set {key}")
-        return cls(tuple(items.items()))
-
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
-    def section(self, name: str) -> dict[str, Any]:
-        """The settings under ``name.`` (``model`` or ``train``), dotted keys without the prefix."""
-        return {k.split(".", 1)[1]: v for k, v in self.items if k.split(".", 1)[0] == name}
-
-    def apply(self, data: Mapping[str, Any], sections: Iterable[str] = _SECTIONS) -> dict[str, Any]:
-        """A copy of a ``{model: ..., train: ...}`` mapping with the settings of ``sections`` set."""
-        out = json.loads(json.dumps(dict(data), default=list))  # a deep copy, tuples as lists
-        for name in sections:
-            for key, value in self.section(name).items():
-                *parents, leaf = [name, *key.split(".")]
-                node = out
-                for part in parents:
-                    if not isinstance(node.get(part), dict):
-                        node[part] = {}
-                    node = node[part]
-                node[leaf] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    def model(self, cfg: ModelConfig) -> ModelConfig:
-        """``cfg`` with the ``model.*`` settings applied (through the loader's checks)."""
-        if not self.section("model"):
-            return cfg
-        try:
-            return ModelConfig.from_dict(self.apply({"model": cfg.to_dict()}, ["model"])["model"])
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as exc:  # a combination the dataclass refuses
-            raise ConfigError(f"--set: model: {exc}") from exc
-
-    def train(self, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """A ``train:`` section (a dict) with the ``train.*`` settings applied."""
-        return self.apply({"train": dict(data or {})}, ["train"])["train"]
-
-    def args(self) -> list[str]:
-        """As command-line text: ``["model.rpn.nms_thresh=0.6", ...]``."""
-        return [f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in self.items]
-
-
-def config_value(key: str, value: Any) -> Any:
-    """``value`` checked (and converted) for the dotted config key ``key``, as ``--set`` does;
-    ConfigError naming the key otherwise."""
-    return _typed(value, _hint_of(key), key)
-
-
-def _hint_of(key: str) -> Any:
-    """The declared type of a dotted config key; ConfigError naming the key if there is none."""
-    head, _, rest = key.partition(".")
-    cls: Any = {"model": ModelConfig, "train": TrainConfig}.get(head)
-    if cls is None or not rest:
-        raise ConfigError(f"--set {key}: unknown key; keys start with model. or train. (e.g. model.rpn.nms_thresh)")
-    where = head
-    for part in rest.split("."):
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        if part not in hints:
-            known = sorted(hints) if hints else []
-            raise ConfigError(f"--set {key}: unknown key {part!r} in {where}" +
-                              (f"; known: {', '.join(known)}" if known else f" ({where} is a value, not a section)"))
-        cls, where = hints[part], f"{where}.{part}"
-    if dataclasses.is_dataclass(cls):
-        raise ConfigError(f"--set {key}: a section; set one of its keys ({', '.join(f.name for f in fields(cls))})")
-    return cls
 
 
 def tiny_config(num_classes: int = 5, class_names: tuple[str, ...] = (), canvas: int = 192) -> ModelConfig:

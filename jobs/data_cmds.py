@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from frcnn.config import ModelConfig, Overrides, tiny_config
+from frcnn.config import ModelConfig, tiny_config
+from frcnn.overrides import Overrides
 from pipelines.datasets import FORMATS, DatasetSource
 from pipelines.runtime import init_ray
 from pipelines.storage import Location

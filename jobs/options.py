@@ -5,7 +5,7 @@
     @options.YEAR             # -> years: list[str] | None
     @options.CLASSES          # -> class_names: list[str] | None
     @options.CONFIG           # -> config_path: str | None (a real file; packaged names resolved)
-    @options.SET              # -> overrides: frcnn.config.Overrides (--set key=value, checked)
+    @options.SET              # -> overrides: frcnn.overrides.Overrides (--set key=value, checked)
     @options.ACTOR_RESOURCES  # -> batch_size, concurrency, gpus_per_actor, cpus_per_actor
     @options.EXPERIMENT
     @options.ADDRESS
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import click
 
-from frcnn.config import CONFIG_NAMES, ConfigError, Overrides, config_file, load_config
+from frcnn.config import CONFIG_NAMES, config_file, load_config
+from frcnn.errors import ConfigError
+from frcnn.overrides import Overrides
 from pipelines.datasets import FORMATS
 
 ADDRESS = click.option(

@@ -37,8 +37,10 @@ import click
 import yaml
 
 from frcnn import ModelConfig
-from frcnn.config import ConfigError, Overrides, config_value, flatten
+from frcnn.errors import ConfigError
+from frcnn.overrides import Overrides, config_value
 from frcnn.training import TrainConfig
+from frcnn.typed_config import flatten
 
 from . import console, options, tracking
 

@@ -31,15 +31,19 @@ from typing import Any
 import click
 
 from frcnn import ModelConfig
-from frcnn.config import ConfigError, Overrides, flatten, load_config
+from frcnn.config import load_config
+from frcnn.errors import ConfigError
+from frcnn.overrides import Overrides
 from frcnn.training import TrainConfig
+from frcnn.typed_config import flatten
 from pipelines.runtime import driver_niceness, init_ray
 
 from . import console, options, tracking
 from .models import CHECKPOINT_FILE
 from .progress import Progress
 from .train_data import WorkerShape, prepare_data, steps_per_epoch
-from .train_loop import TRAIN, StepContext, TrainCallback, train_loop
+from .train_loop import StepContext, TrainCallback, train_loop
+from .train_metrics import TRAIN
 from .train_state import checkpoint_step, clear_status, latest_checkpoint, read_status, run_folder
 
 __all__ = ["NonFiniteLoss", "StepContext", "TrainCallback", "TrainResult", "TrainingInterrupted", "run_training"]

@@ -1,5 +1,6 @@
-"""The per-worker training loop (``TorchTrainer``'s ``train_loop_per_worker``) and what it needs:
-metric logging from rank 0, validation, checkpoints, and callbacks.
+"""The per-worker training loop (``TorchTrainer``'s ``train_loop_per_worker``): its config, set-up,
+steps, checkpoints and callbacks. Validation and early stopping are in ``jobs.train_eval``, the
+metric names and rank 0's MLflow writer in ``jobs.train_metrics``.
 
 Each step: a batch of decoded rows (``jobs.train_data``), a fresh anchor sample from the stored
 labels, an exact flip of half the canvases with their targets, forward, backward, SGD. Nothing in
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from frcnn import LOSS_KEYS, FasterRCNN, ModelConfig, total_loss
-from frcnn.precision import autocast, autocast_dtype
+from frcnn.precision import autocast_dtype
 from frcnn.training import (
     DDP_OPTIONS,
     TrainConfig,
@@ -35,7 +35,6 @@ from frcnn.training import (
     checkpoint_state,
     hflip_batch,
     load_checkpoint,
-    loss_mode,
     lr_factor,
     training_model,
 )
@@ -46,11 +45,11 @@ from pipelines.storage import Location
 from . import tracking
 from .models import CHECKPOINT_FILE
 from .train_data import WorkerData, steps_per_epoch
+from .train_eval import STAT_KEYS, EarlyStop, all_reduce_mean, rank_weight_diff, to_device, validate
+from .train_metrics import PERF, TRAIN, VAL, RankZeroMetrics, start_system_metrics, train_metrics, val_metrics
 from .train_state import checkpoint_dir_name, write_status
 
 log = logging.getLogger(__name__)
-
-STAT_KEYS = (*LOSS_KEYS, "loss_total")
 
 
 @dataclass
@@ -75,121 +74,6 @@ class TrainCallback:
         """After each optimizer step, on every rank."""
 
 
-class RankZeroMetrics:
-    """MLflow metrics from rank 0, by run id, through ``tracking.MetricBuffer``: a step only
-    enqueues, a background thread writes, and a tracking server outage buffers instead of stopping
-    the training.
-
-    Steps at or below the last one already in the run (per ``key``) are not logged again: after a
-    restart the group redoes the steps after the last checkpoint. The buffer writes in step order,
-    so what a killed rank 0 did not write is a tail of steps, which the restarted group logs.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.buffer = tracking.MetricBuffer(run_id, tracking_uri)
-        self.run_id = run_id
-        self._last: dict[str, int] = {}
-
-    def last_step(self, key: str) -> int:
-        if key not in self._last:
-            history = tracking.safe(self.buffer.client.get_metric_history, self.run_id, key) or []
-            self._last[key] = max((m.step for m in history), default=-1)
-        return self._last[key]
-
-    def log(self, metrics: dict[str, float], step: int, key: str) -> None:
-        if step > self.last_step(key):
-            self.buffer.log(metrics, step)
-            self._last[key] = step
-
-    def flush(self) -> None:
-        self.buffer.flush()
-
-    def close(self) -> None:
-        self.buffer.close()
-
-
-def _to_device(images: torch.Tensor, targets: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-    nb = device.type == "cuda"
-    out = {
-        "boxes": [b.to(device, non_blocking=nb) for b in targets["boxes"]],
-        "labels": [lb.to(device, non_blocking=nb) for lb in targets["labels"]],
-    }
-    if "anchor_labels" in targets:
-        out["anchor_labels"] = targets["anchor_labels"].to(device, non_blocking=nb)
-        out["anchor_deltas"] = targets["anchor_deltas"].to(device, non_blocking=nb)
-    return images.to(device, non_blocking=nb), out
-
-
-def _all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-        t = t / world
-    return t
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def rank_weight_diff(core: torch.nn.Module, world: int) -> float:
-    """Largest difference between ranks of per-parameter fingerprints (0.0: DDP kept the replicas
-    identical). BatchNorm running statistics are buffers, updated from each rank's own batch, and
-    are left out: the checkpoint holds rank 0's."""
-    with torch.no_grad():
-        fp = torch.stack([torch.stack((p.double().sum(), p.double().pow(2).sum())) for p in core.parameters()]).cpu()
-    prints = _gather(fp, world)
-    return float(max((a - prints[0]).abs().max() for a in prints))
-
-
-def validate(core: FasterRCNN, batches, use_difficult: bool, device: torch.device, world: int,
-             amp: torch.dtype | None = None) -> dict[str, float]:
-    """Validation loss and VOC mAP@0.5 (all-point) over this worker's rows, combined across ranks,
-    under the training step's autocast ``amp`` (detections stay float32)."""
-    from frcnn.evaluation import evaluate_voc
-
-    cfg = core.cfg
-    loss_sum = torch.zeros(len(STAT_KEYS), device=device)
-    n_batches = torch.zeros(1, device=device)
-    dets: dict[str, dict] = {}
-    gts: dict[str, dict] = {}
-    for batch in batches:
-        images, targets = _to_device(*to_model_inputs(batch, use_difficult), device)
-        with torch.no_grad(), loss_mode(core), autocast(device, amp):
-            losses = core(images, targets)
-        loss_sum += torch.stack([losses[k].float() for k in LOSS_KEYS] + [total_loss(losses).float()])
-        n_batches += 1
-        scales = [float(s) for s in batch["scale"]]
-        sizes = list(zip(batch["orig_height"].tolist(), batch["orig_width"].tolist(), strict=True))
-        with autocast(device, amp):
-            found = core.detect(images, scales, sizes)
-        for i, d in enumerate(found):
-            iid = str(batch["image_id"][i])
-            dets[iid] = {k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
-            gts[iid] = {
-                "boxes": np.asarray(batch["boxes"][i], dtype=np.float32).reshape(-1, 4) / scales[i],
-                "labels": np.asarray(batch["labels"][i], dtype=np.int64),
-                "difficult": np.asarray(batch["difficult"][i], dtype=bool),
-            }
-    totals = _all_reduce_mean(torch.cat([loss_sum, n_batches]), world)
-    mean = (totals[:-1] / totals[-1].clamp(min=1e-9)).tolist()
-    out = {f"val_{k}": v for k, v in zip(STAT_KEYS, mean, strict=True)}
-    all_dets, all_gts = {}, {}
-    for part_d, part_g in _gather((dets, gts), world):
-        all_dets.update(part_d)
-        all_gts.update(part_g)
-    names = list(cfg.class_names) or [f"class{i}" for i in range(1, cfg.num_classes + 1)]
-    out["val_map50"] = float(evaluate_voc(all_dets, all_gts, names).map)
-    return out
-
-
 class _Window:
     """Per-step loss statistics kept on the device until the next check, then reduced across
     ranks in one collective and copied to the host once."""
@@ -209,7 +93,7 @@ class _Window:
         """The first step whose loss is NaN/Inf on any rank, else None (and the window grows)."""
         if not self.pending:
             return None
-        rows = _all_reduce_mean(torch.stack(self.pending), world).cpu().numpy()
+        rows = all_reduce_mean(torch.stack(self.pending), world).cpu().numpy()
         self.pending = []
         bad = ~np.isfinite(rows).all(axis=1)
         if bad.any():
@@ -257,40 +141,6 @@ class LoopConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**out, "model": self.model.to_dict(), "train": self.train.to_dict(), "callbacks": list(self.callbacks)}
-
-
-@dataclass
-class EarlyStop:
-    """``train.early_stop_patience``: validations in a row without a gain in val mAP@0.5 before
-    the run stops (0: never). Its state travels in every checkpoint's metrics, so a restarted or
-    resumed group goes on counting."""
-
-    patience: int
-    best: float = float("-inf")
-    best_epoch: int = -1
-    stale: int = 0
-
-    @classmethod
-    def resume(cls, patience: int, metrics: dict[str, Any] | None) -> EarlyStop:
-        m = metrics or {}
-        if "early_stop_best" not in m:
-            return cls(patience)
-        return cls(patience, float(m["early_stop_best"]), int(m["early_stop_best_epoch"]), int(m["early_stop_stale"]))
-
-    def update(self, map50: float, epoch: int) -> bool:
-        """Count one validation; True when the run should stop here."""
-        if map50 > self.best:
-            self.best, self.best_epoch, self.stale = map50, epoch, 0
-        else:
-            self.stale += 1
-        return 0 < self.patience <= self.stale
-
-    def metrics(self) -> dict[str, float]:
-        return {"early_stop_best": self.best, "early_stop_best_epoch": self.best_epoch, "early_stop_stale": self.stale}
-
-    def reason(self) -> str:
-        return (f"early stop: val mAP@0.5 did not improve for {self.stale} validation(s) "
-                f"(best {self.best:.4f} at epoch {self.best_epoch + 1})")
 
 
 @dataclass
@@ -376,7 +226,7 @@ def _set_up(cfg: LoopConfig, config: dict[str, Any]) -> _Worker:
                 EarlyStop.resume(tcfg.early_stop_patience, state and state.get("metrics")))
     if rank == 0:
         w.writer = RankZeroMetrics(cfg.tracking_uri, cfg.run_id)
-        w.monitor = _start_system_metrics(cfg)
+        w.monitor = start_system_metrics(cfg.tracking_uri, cfg.run_id)
         if state is not None:
             # A group restarted after a lost worker (or a --resume) records where it picked up: one
             # point per restart in the run's system/perf/resumed_from_step chart.
@@ -415,7 +265,7 @@ def _train_step(w: _Worker, batch: dict[str, Any], t_data: float, t0: float) -> 
     tcfg, mcfg = w.cfg.train, w.cfg.model
     images, targets = to_model_inputs(batch, w.cfg.use_difficult)
     flip = torch.rand(images.shape[0]) < tcfg.hflip_prob
-    images, targets = _to_device(*hflip_batch(images, targets, flip, mcfg), w.device)
+    images, targets = to_device(*hflip_batch(images, targets, flip, mcfg), w.device)
     for g in w.optimizer.param_groups:
         g["lr"] = w.base_lr * lr_factor(w.step, w.total_steps, tcfg)
     amp = autocast_dtype(tcfg.amp, w.device)
@@ -466,28 +316,6 @@ def _end_epoch(w: _Worker, epoch: int) -> bool:
 
         ray.train.report(metrics)
     return stop
-
-
-# MLflow metric names, grouped by prefix: the UI shows one section per prefix, sections and charts
-# in alphabetical order, and "system/" ones on the System metrics tab. So the Model metrics tab
-# opens on the training losses (train/), then validation (val/: its losses and map50), and
-# throughput and progress (system/perf/) sit beside CPU and memory. Each metric's latest value,
-# the run's summary, is on the run's Overview tab.
-TRAIN, VAL, PERF = "train/", "val/", "system/perf/"
-
-
-def train_metrics(window: dict[str, float], lr: float, epoch: int) -> dict[str, float]:
-    """A logging window's values under their MLflow names: ``train/loss_total``, ``train/lr``,
-    ``system/perf/images_per_s``, ``system/perf/epoch``, ..."""
-    perf = ("images_per_s", "data_wait_frac")
-    out = {TRAIN + k: v for k, v in window.items() if k not in perf}
-    out.update({PERF + k: window[k] for k in perf if k in window})
-    return {**out, TRAIN + "lr": lr, PERF + "epoch": epoch}
-
-
-def val_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """A validation's values under their MLflow names: ``val_map50`` -> ``val/map50``, ..."""
-    return {VAL + k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_")}
 
 
 def _wrap_ddp(model: FasterRCNN, tcfg: TrainConfig) -> torch.nn.Module:
@@ -541,17 +369,3 @@ def _report_with_checkpoint(metrics, core, optimizer, epoch, step, mcfg, tcfg, r
         torch.save(checkpoint_state(core, optimizer, epoch, step, mcfg, tcfg, metrics), Path(d) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=checkpoint_dir_name(epoch))
-
-
-def _start_system_metrics(cfg: LoopConfig):
-    """CPU, memory (and GPU, where pynvml is present) of rank 0's node, into the same run."""
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
-        monitor = SystemMetricsMonitor(cfg.run_id, sampling_interval=5, samples_before_logging=1)
-        monitor.start()
-        return monitor
-    except Exception as exc:  # noqa: BLE001 - system metrics are optional (psutil missing, ...)
-        log.warning("system metrics disabled: %s", exc)
-        return None

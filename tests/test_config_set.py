@@ -7,9 +7,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from frcnn.config import ConfigError, ModelConfig, Overrides, load_config, tiny_config
+from frcnn.config import ModelConfig, load_config, tiny_config
+from frcnn.errors import ConfigError
+from frcnn.overrides import Overrides
 from frcnn.training import TrainConfig
-from jobs.train_loop import EarlyStop
+from jobs.train_eval import EarlyStop
 
 
 def test_values_follow_yaml_scalars_and_the_field_types():
