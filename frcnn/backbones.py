@@ -35,7 +35,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BackboneConfig, RoIHeadConfig
-from .errors import JobError
+from .errors import ConfigError, JobError
 
 
 @dataclass
@@ -237,7 +237,7 @@ def _frozen_bn(module: nn.Module) -> nn.Module:
 def freeze_stages(body: nn.Sequential, stage_ends: tuple[int, ...], n: int, name: str) -> None:
     """Fix the weights of the first ``n`` stages; stage k ends before child ``stage_ends[k-1]``."""
     if not 0 <= n <= len(stage_ends):
-        raise ValueError(f"backbone.freeze_at {n}: {name} has {len(stage_ends)} stages (0..{len(stage_ends)})")
+        raise ConfigError(f"backbone.freeze_at {n}: {name} has {len(stage_ends)} stages (0..{len(stage_ends)})")
     if n == 0:
         return
     for i in range(stage_ends[n - 1]):
@@ -288,13 +288,13 @@ def build_backbone(cfg: BackboneConfig, roi: RoIHeadConfig, stride: int, *, load
     or DDP's broadcast from rank 0)."""
     spec = BACKBONES.get(cfg.name)
     if spec is None:
-        raise ValueError(f"unknown backbone {cfg.name!r}: {', '.join(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {cfg.name!r}: {', '.join(BACKBONES)}")
     if roi.reduce_channels and roi.head in ("vgg", "resnet"):
-        raise ValueError(f"roi.reduce_channels needs the light head, not {roi.head!r}")
+        raise ConfigError(f"roi.reduce_channels needs the light head, not {roi.head!r}")
     own = spec.own_head is not None and (roi.head == spec.own_head or (roi.head == "auto" and not roi.reduce_channels))
     parts = spec.build(cfg, roi, own, load_weights)
     if parts.stride != stride:
-        raise ValueError(f"backbone {cfg.name} has stride {parts.stride}, the anchor config says {stride}")
+        raise ConfigError(f"backbone {cfg.name} has stride {parts.stride}, the anchor config says {stride}")
     freeze_stages(parts.body, parts.stage_ends, cfg.freeze_at, cfg.name)
     if parts.head is None:
         p = roi.pool_size
@@ -324,7 +324,7 @@ def _vgg16(cfg: BackboneConfig, roi: RoIHeadConfig, own_head: bool, load_weights
     head = None
     if own_head:
         if roi.pool_size != 7:
-            raise ValueError("the VGG head (fc6 of 25088 inputs) needs roi.pool_size 7")
+            raise ConfigError("the VGG head (fc6 of 25088 inputs) needs roi.pool_size 7")
         head = (vgg_head(vgg, roi.dropout), 4096)
     # Stages end after pool1 .. pool4, then at conv5_3's ReLU.
     return BackboneParts(body, 512, 16, (5, 10, 17, 24, 30), head)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import nms
 
 from .boxes import clip_boxes
+from .errors import ConfigError
 from .model import FasterRCNN
 
 __all__ = ["ExportableDetector"]
@@ -45,7 +46,7 @@ class ExportableDetector(nn.Module):
         hw = tuple(int(v) for v in (canvas_hw or model.canvas_hw))
         if hw not in model.cfg.canvas.sizes:
             sizes = " or ".join(f"{h}x{w}" for h, w in model.cfg.canvas.sizes)
-            raise ValueError(f"canvas {hw[0]}x{hw[1]}: the model's canvas is {sizes}")
+            raise ConfigError(f"canvas {hw[0]}x{hw[1]}: the model's canvas is {sizes}")
         self.canvas_hw = hw
         self.register_buffer("anchors", model.anchors_for(hw).clone(), persistent=False)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 __all__ = ["autocast", "autocast_dtype", "float32_layer"]
 
 
@@ -26,7 +28,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
-    raise ValueError(f"train.amp {amp!r}: auto, bf16, fp16 or off")
+    raise ConfigError(f"train.amp {amp!r}: auto, bf16, fp16 or off")
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> torch.autocast:

@@ -10,6 +10,7 @@ from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
 from .anchors import random_subset
 from .boxes import BoxCoder, clip_boxes
 from .config import RoIHeadConfig
+from .errors import ConfigError
 from .precision import float32_layer
 
 
@@ -96,7 +97,7 @@ class RoIHeads(nn.Module):
                 return roi_align(features, boxes, (p, p), self.spatial_scale, self.cfg.sampling_ratio, aligned=True)
             if self.cfg.pool == "pool":
                 return roi_pool(features, boxes, (p, p), self.spatial_scale)
-        raise ValueError(f"roi.pool {self.cfg.pool!r}: align or pool")
+        raise ConfigError(f"roi.pool {self.cfg.pool!r}: align or pool")
 
     def predict(self, features: Tensor, rois: list[Tensor]) -> tuple[Tensor, Tensor]:
         """-> class logits (R, K) and class-specific deltas (R, 4K), both float32."""
@@ -117,7 +118,7 @@ class RoIHeads(nn.Module):
         elif cfg.loc_normalizer == "positives":
             norm = fg.sum().clamp(min=1)
         else:
-            raise ValueError(f"roi.loc_normalizer {cfg.loc_normalizer!r}: sampled or positives")
+            raise ConfigError(f"roi.loc_normalizer {cfg.loc_normalizer!r}: sampled or positives")
         return {"loss_roi_cls": loss_cls, "loss_roi_loc": cfg.loc_weight * loc_sum / norm}
 
     def forward_train(self, features: Tensor, proposals: list[Tensor], gt_boxes: list[Tensor],

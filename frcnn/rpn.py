@@ -10,6 +10,7 @@ from torchvision.ops import nms
 from .anchors import sample_anchor_labels
 from .boxes import BoxCoder, clip_boxes
 from .config import RPNConfig
+from .errors import ConfigError
 from .precision import float32_layer
 
 
@@ -106,5 +107,5 @@ def rpn_loss(cfg: RPNConfig, logits: Tensor, deltas: Tensor, anchor_labels: Tens
     elif cfg.loc_normalizer == "sampled":
         norm = n_sampled
     else:
-        raise ValueError(f"rpn.loc_normalizer {cfg.loc_normalizer!r}: locations, positives or sampled")
+        raise ConfigError(f"rpn.loc_normalizer {cfg.loc_normalizer!r}: locations, positives or sampled")
     return {"loss_rpn_cls": loss_cls, "loss_rpn_loc": cfg.loc_weight * loc_sum / norm}

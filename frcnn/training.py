@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .anchors import hflip_anchor_targets
 from .boxes import hflip_boxes
 from .config import ModelConfig, TrainConfig
+from .errors import ConfigError, DatasetError
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -41,7 +42,7 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "step":
         passed = sum(step >= int(m * total_steps) for m in cfg.milestones)
         return warm * cfg.gamma**passed
-    raise ValueError(f"train.schedule {cfg.schedule!r}: step or cosine")
+    raise ConfigError(f"train.schedule {cfg.schedule!r}: step or cosine")
 
 
 def hflip_batch(images: Tensor, targets: dict, flip: Tensor, cfg: ModelConfig) -> tuple[Tensor, dict]:
@@ -96,7 +97,7 @@ def checkpoint_state(model: nn.Module, optimizer, epoch: int, step: int, model_c
 def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != "frcnn-checkpoint/1":
-        raise ValueError(f"{path}: not an frcnn checkpoint")
+        raise DatasetError(f"{path}: not an frcnn checkpoint")
     return state
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from frcnn.config import ModelConfig, tiny_config
+from frcnn.errors import ConfigError, StorageError
 from frcnn.overrides import Overrides
 from pipelines.datasets import FORMATS, DatasetSource
 from pipelines.runtime import init_ray
@@ -72,9 +73,9 @@ def _resolve_config(data_root: str | None, config_path: str | None = None,
         if cfg.class_names:
             return cfg
         if len(names()) != cfg.num_classes:
-            raise ValueError(f"{config_path}: num_classes={cfg.num_classes}, but the dataset has "
-                             f"{len(names())} classes {list(names())}; set class_names in the config to train "
-                             "on some of them")
+            raise ConfigError(f"{config_path}: num_classes={cfg.num_classes}, but the dataset has "
+                              f"{len(names())} classes {list(names())}; set class_names in the config to train "
+                              "on some of them")
         return cfg.replace(class_names=names())
     return tiny_config(num_classes=len(names()), class_names=names())
 
@@ -89,8 +90,8 @@ def run_precompute(data: str | DatasetSource, split: str, out: str, *, config_pa
     ``data``: a :class:`~pipelines.datasets.DatasetSource`, or a data root of format ``dataset``.
     ``options`` (or its fields as keywords): :class:`~pipelines.precompute.PrecomputeOptions`.
     Raises (before any MLflow run exists) on bad input: ``FileExistsError`` for an existing
-    ``out`` without ``overwrite``, ``ValueError`` (``LayoutError``...) for configs, classes or
-    datasets that do not fit. A run that fails (``on_error="fail"``: ``PrecomputeError``
+    ``out`` without ``overwrite``, ``ConfigError`` or ``DatasetError`` (``LayoutError``...) for
+    configs, classes or datasets that do not fit. A run that fails (``on_error="fail"``: ``PrecomputeError``
     ``"<file>: <reason>"``) ends FAILED, one interrupted (Ctrl-C) ends KILLED; the error goes on.
     """
     from pipelines import precompute as pc
@@ -223,7 +224,7 @@ def precompute_cmd(dataset, data_root, annotations, images_dir, split, out, year
                    class_names, on_error, overwrite, use_difficult, drop_empty, rows_per_shard, jpeg_quality,
                    experiment, address) -> None:
     """Decode, resize and label anchors once, with Ray Data: Parquet shards + manifest for training."""
-    from pipelines.precompute import PrecomputeError, PrecomputeOptions
+    from pipelines.precompute import PrecomputeOptions
 
     source = options.dataset_source(dataset, data_root, annotations, images_dir, years, class_names)
     opts = PrecomputeOptions(on_error=on_error, overwrite=overwrite, use_difficult=use_difficult,
@@ -231,11 +232,11 @@ def precompute_cmd(dataset, data_root, annotations, images_dir, split, out, year
     try:
         run_precompute(source, split, out, config_path=config_path, overrides=overrides, options=opts,
                        experiment=experiment, address=address)
-    except (PrecomputeError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # storage gone mid-run (an S3 endpoint that stops answering): name the URIs
-        raise click.ClickException(f"precompute of {source.shown} into {out} failed, nothing published: "
-                                   f"{exc}") from exc
+        if isinstance(exc, (FileExistsError, FileNotFoundError)):  # bad input (or a live lease), named
+            raise
+        raise StorageError(f"precompute of {source.shown} into {out} failed, nothing published: "
+                           f"{console.error_line(exc)}") from exc
     except KeyboardInterrupt:
         click.echo("Interrupted: the MLflow run is marked KILLED and its staging folder deleted. "
                    f"Rerun with: frcnn-jobs {shlex.join(sys.argv[1:])}", err=True)

@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from frcnn.errors import DatasetError
+
 __all__ = ["EvaluationError", "detections_from_file", "per_image_detections", "split_id"]
 
 log = logging.getLogger(__name__)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DatasetError):
     """An evaluation that cannot be run as asked (wrong classes, bad detections file...)."""
 
 
@@ -57,7 +59,7 @@ def detections_from_file(path: str, gt) -> tuple[dict, set[str], dict[str, int],
 
     try:
         table, errors_table = read_detections(path)
-    except ValueError as exc:
+    except DatasetError as exc:
         raise EvaluationError(str(exc)) from exc
     runs = table.column("run").to_pylist()
     table = table.take(sorted(range(table.num_rows), key=lambda k: runs[k] or ""))  # newer partitions win

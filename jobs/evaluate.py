@@ -397,8 +397,6 @@ def evaluate_cmd(ctx, model_uri, detections, dataset, data_root, annotations, im
     """Evaluate a model (or detections) on a split: VOC and COCO AP, tracked as its own MLflow run.
     On --dataset coco, COCO AP is pycocotools' COCOeval against the original annotation file, and
     the detections are logged as a COCO results JSON (coco_results.json)."""
-    from mlflow.exceptions import MlflowException
-
     if (model_uri is None) == (detections is None):
         raise click.UsageError("give exactly one of --model or --detections")
     source = options.dataset_source(dataset, data_root, annotations, images_dir, years, class_names)
@@ -416,8 +414,6 @@ def evaluate_cmd(ctx, model_uri, detections, dataset, data_root, annotations, im
                                  *(["--annotations", annotations, "--images", images_dir] if annotations else []),
                                  "--split", split]), err=True)
         ctx.exit(console.exit_status())
-    except (EvaluationError, ValueError, FileNotFoundError, MlflowException) as exc:
-        raise click.ClickException(str(getattr(exc, "message", None) or exc)) from exc
 
 
 COMMANDS = [evaluate_cmd]

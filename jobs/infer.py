@@ -149,10 +149,8 @@ class OutputBusy(click.ClickException):
 def infer(ctx, model_uri, input_uri, output_uri, incremental, batch_size, concurrency, gpus_per_actor, cpus_per_actor,
           score_threshold, wait, address, experiment):
     """Detect objects in a folder, prefix or Parquet table of images; publish one partition per run."""
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.infer import AlreadyPublished, InferOptions
-    from pipelines.lease import LeaseHeld, LeaseLost
+    from pipelines.infer import InferOptions
+    from pipelines.lease import LeaseHeld
 
     opts = InferOptions(incremental=incremental, concurrency=concurrency, gpus_per_actor=gpus_per_actor,
                         cpus_per_actor=cpus_per_actor, batch_size=batch_size, score_threshold=score_threshold,
@@ -176,8 +174,6 @@ def infer(ctx, model_uri, input_uri, output_uri, incremental, batch_size, concur
                  "--incremental"]
         click.echo(f"to process what is left: {shlex.join(rerun)}", err=True)
         ctx.exit(console.exit_status())
-    except (FileNotFoundError, FileExistsError, ValueError, MlflowException, AlreadyPublished, LeaseLost) as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo(f"MLflow run {res.run_id}; model {res.model.label} ({res.model.uri})")
 
 

@@ -36,6 +36,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from frcnn.errors import JobError
 from pipelines.datasets import FORMATS
 
 from . import tracking
@@ -46,6 +47,10 @@ PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
 MODEL_DISTRIBUTIONS = ("torch", "torchvision", "pillow", "numpy", "pyyaml", "pandas", "mlflow")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _REGISTRY = re.compile(r"^(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
+
+
+class ModelRefError(JobError, ValueError):
+    """A MODEL reference that names no model: not a registry URI, run id or checkpoint path."""
 
 
 class PromotionError(click.ClickException):
@@ -73,14 +78,14 @@ class ModelRef:
 def parse_registry_ref(ref: str, bare: bool = False) -> tuple[str, str | None, str | None] | None:
     """``models:/NAME/VERSION`` -> (NAME, VERSION, None); ``models:/NAME@ALIAS`` -> (NAME, None,
     ALIAS). With ``bare``, ``NAME/VERSION`` and ``NAME@ALIAS`` too. None when ``ref`` is not in a
-    registry form at all; ``ValueError`` for a ``models:/`` URI that does not parse."""
+    registry form at all; ``ModelRefError`` for a ``models:/`` URI that does not parse."""
     body = ref[len("models:/"):] if ref.startswith("models:/") else (ref if bare else None)
     if body is None:
         return None
     m = _REGISTRY.match(body)
     if not m:
         if ref.startswith("models:/"):
-            raise ValueError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+            raise ModelRefError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
         return None
     return m.group("name"), m.group("version"), m.group("alias")
 
@@ -192,7 +197,7 @@ def resolve_model(ref: str, client: MlflowClient | None = None) -> ModelRef:
                 continue
             return ModelRef(ref, str(_find_checkpoint(folder)), run_id=ref)
         raise FileNotFoundError(f"run {ref} has no checkpoints/best or checkpoints/final artifact")
-    raise ValueError(f"{ref}: not a models:/ URI, an MLflow run id, or an existing checkpoint path")
+    raise ModelRefError(f"{ref}: not a models:/ URI, an MLflow run id, or an existing checkpoint path")
 
 
 def load_model(ref: str | ModelRef, device: str = "cpu"):
@@ -281,7 +286,7 @@ def _candidate(client, model: str) -> tuple[str, str]:
     """MODEL (models:/NAME/VERSION or NAME/VERSION) -> (name, version), or a PromotionError."""
     try:
         mv = registry_version(model, client, bare=True)
-    except (MlflowException, ValueError) as exc:
+    except (MlflowException, ModelRefError) as exc:
         raise PromotionError(f"{model}: no such registered model version ({getattr(exc, 'message', exc)})") from exc
     if mv is None:
         raise PromotionError(f"{model}: expected a registry version, models:/NAME/VERSION or NAME/VERSION")

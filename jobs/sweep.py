@@ -393,14 +393,11 @@ def sweep_cmd(ctx, data, val_data, config_path, overrides, searches, search_file
     run; the best trial's model is registered. Ctrl-C stops every trial (exit status 130)."""
     from .train import resolve_configs
 
-    try:
-        dims = parse_space(searches, search_file)
-        model_cfg, train_over = resolve_configs(data, config_path, overrides)
-        if epochs is not None:
-            train_over["epochs"] = epochs
-        train_cfg = TrainConfig.from_dict(train_over)
-    except (ConfigError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    dims = parse_space(searches, search_file)
+    model_cfg, train_over = resolve_configs(data, config_path, overrides)
+    if epochs is not None:
+        train_over["epochs"] = epochs
+    train_cfg = TrainConfig.from_dict(train_over)
     try:
         run_sweep(data, val_data, dims, model_cfg=model_cfg, train_cfg=train_cfg,
                   sched=Scheduling(trials, max_concurrent, grace_period, reduction_factor, seed), workers=workers,
@@ -410,8 +407,6 @@ def sweep_cmd(ctx, data, val_data, config_path, overrides, searches, search_file
         click.echo("\ninterrupted: every trial is stopped; the sweep run and its unfinished trial runs are KILLED",
                    err=True)
         ctx.exit(130)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 COMMANDS = [sweep_cmd]

@@ -32,7 +32,7 @@ import click
 
 from frcnn import ModelConfig
 from frcnn.config import load_config
-from frcnn.errors import ConfigError
+from frcnn.errors import JobError
 from frcnn.overrides import Overrides
 from frcnn.training import TrainConfig
 from frcnn.typed_config import flatten
@@ -49,8 +49,8 @@ from .train_state import checkpoint_step, clear_status, latest_checkpoint, read_
 __all__ = ["NonFiniteLoss", "StepContext", "TrainCallback", "TrainResult", "TrainingInterrupted", "run_training"]
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(JobError, RuntimeError):
+    """Training diverged: a loss that is not finite (the message names the step and the last good checkpoint)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -395,10 +395,7 @@ def train_cmd(ctx, data, val_data, workers, gpus_per_worker, cpus_per_worker, co
               batch_size, lr, experiment, resume, address, storage_path, model_name, progress_every):
     """Train the detector with Ray Train DDP; prints the MLflow run id, checkpoint and metrics.
     Ctrl-C or SIGTERM stops it cleanly and prints the --resume command (exit status 130 / 143)."""
-    try:
-        model_cfg, train_over = resolve_configs(data, config_path, overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    model_cfg, train_over = resolve_configs(data, config_path, overrides)
     for key, value in (("epochs", epochs), ("batch_size", batch_size), ("base_lr", lr)):
         if value is not None:
             train_over[key] = value
@@ -416,8 +413,6 @@ def train_cmd(ctx, data, val_data, workers, gpus_per_worker, cpus_per_worker, co
     except KeyboardInterrupt:
         click.echo("\ninterrupted before training started; nothing to resume", err=True)
         ctx.exit(console.exit_status())
-    except (NonFiniteLoss, FileNotFoundError, FileExistsError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 COMMANDS = [train_cmd]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from frcnn.errors import DatasetError
 from pipelines.predict import PREDICTION_SCHEMA
 from pipelines.storage import Location, is_published
 
@@ -152,7 +153,7 @@ def _read_files(folder: Location, names: list[str], schema: pa.Schema) -> pa.Tab
     try:
         return ds.dataset(files, schema=schema, filesystem=folder.fs, format="parquet").to_table()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"{folder.shown}: not readable as detections Parquet: {exc}") from exc
+        raise DatasetError(f"{folder.shown}: not readable as detections Parquet: {exc}") from exc
 
 
 def read_detections(path: str | Location) -> tuple[pa.Table, pa.Table]:
@@ -169,14 +170,14 @@ def read_detections(path: str | Location) -> tuple[pa.Table, pa.Table]:
         raise FileNotFoundError(f"{loc.shown}: detections not found")
     if loc.is_dir() and any(d.startswith(RUN_PREFIX) for d in loc.list_dirs()):
         if not published_runs(loc):
-            raise ValueError(f"{loc.shown}: no published run=... partition (none holds {SUCCESS} yet)")
+            raise DatasetError(f"{loc.shown}: no published run=... partition (none holds {SUCCESS} yet)")
         return read_published(loc), read_published(loc, errors=True)
     run = pa.field("run", pa.string())
     if loc.is_file():
         try:
             raw = pq.read_table(loc.path, filesystem=loc.fs)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"{loc.shown}: not a readable Parquet file: {exc}") from exc
+            raise DatasetError(f"{loc.shown}: not a readable Parquet file: {exc}") from exc
         errors = ERROR_SCHEMA.append(run).empty_table()
         if "error" in raw.column_names:
             failed = pc.not_equal(pc.fill_null(raw.column("error"), ""), "")
@@ -188,7 +189,7 @@ def read_detections(path: str | Location) -> tuple[pa.Table, pa.Table]:
         return _conform(raw, OUTPUT_SCHEMA.append(run)), errors
     names = loc.list_files(".parquet")
     if not names:
-        raise ValueError(f"{loc.shown}: no *.parquet detections inside")
+        raise DatasetError(f"{loc.shown}: no *.parquet detections inside")
     dets = _read_files(loc, names, OUTPUT_SCHEMA.append(run))
     errs = _read_files(loc.child(ERRORS), loc.child(ERRORS).list_files(".parquet"), ERROR_SCHEMA.append(run))
     return dets, errs
@@ -202,7 +203,7 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             try:
                 cols.append(table.column(f.name).cast(f.type))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise ValueError(f"column {f.name!r} is {table.column(f.name).type}, expected {f.type}") from exc
+                raise DatasetError(f"column {f.name!r} is {table.column(f.name).type}, expected {f.type}") from exc
         else:
             cols.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(cols, schema=schema)

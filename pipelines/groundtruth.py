@@ -91,7 +91,7 @@ def load_ground_truth(data: str | DatasetSource, split: str, years: Sequence[str
     reader = open_split(source, split)
     items = reader.items()
     if not items:
-        raise ValueError(f"{source.shown}: split {split!r} is empty")
+        raise DatasetError(f"{source.shown}: split {split!r} is empty")
     names = tuple(model_classes) if model_classes else reader.classes
     extra = map_classes(names, reader.classes, source.shown)
     parsed = _parse_all(items, names, extra, reader.classes)

@@ -48,6 +48,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from frcnn.errors import JobError
 from pipelines.detections import ERRORS, RUN_PREFIX, SUCCESS, published_ids, published_runs, read_published, write_part
 from pipelines.inputs import Inputs, list_inputs, table_images
 from pipelines.lease import LEASE_SUFFIX, Claim, claim, live_runs
@@ -141,7 +142,7 @@ class InferSummary:
         return "\n".join(lines)
 
 
-class AlreadyPublished(RuntimeError):
+class AlreadyPublished(JobError, RuntimeError):
     """Another run published rows for some of this run's inputs after it listed them."""
 
 

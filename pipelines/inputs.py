@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from frcnn.errors import DatasetError
 from pipelines.predict import IMAGES_SCHEMA
 from pipelines.storage import Location
 
@@ -49,8 +50,8 @@ def list_inputs(input_uri: str | Location) -> Inputs:
         raise FileNotFoundError(f"{root.shown}: input not found")
     if kind == pafs.FileType.File:
         if not root.path.endswith(".parquet"):
-            raise ValueError(f"{root.shown}: a file input must be a Parquet table (.parquet); "
-                             "give the folder for images")
+            raise DatasetError(f"{root.shown}: a file input must be a Parquet table (.parquet); "
+                               "give the folder for images")
         return _table_inputs(root, [root.path])
     infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True))
     images, tables = [], []
@@ -79,18 +80,18 @@ def _table_inputs(root: Location, files: list[str]) -> Inputs:
     dataset = ds.dataset(files, filesystem=root.fs, format="parquet")
     names = dataset.schema.names
     if "image" not in names:
-        raise ValueError(f"{root.shown}: Parquet input needs an 'image' column (encoded bytes); it has {names}")
+        raise DatasetError(f"{root.shown}: Parquet input needs an 'image' column (encoded bytes); it has {names}")
     image_type = dataset.schema.field("image").type
     if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
-        raise ValueError(f"{root.shown}: column 'image' is {image_type}, not binary")
+        raise DatasetError(f"{root.shown}: column 'image' is {image_type}, not binary")
     id_col = "image_id" if "image_id" in names else "path" if "path" in names else None
     if id_col is None:
-        raise ValueError(f"{root.shown}: Parquet input needs an id column 'image_id' or 'path'; it has {names}")
+        raise DatasetError(f"{root.shown}: Parquet input needs an id column 'image_id' or 'path'; it has {names}")
     ids = [str(v) for v in dataset.to_table(columns=[id_col]).column(id_col).to_pylist() if v is not None]
     dupes = [i for i, n in Counter(ids).items() if n > 1]
     if dupes:
-        raise ValueError(f"{root.shown}: {len(dupes)} {id_col} value(s) appear more than once (first: {dupes[0]!r}); "
-                         "ids must be unique")
+        raise DatasetError(f"{root.shown}: {len(dupes)} {id_col} value(s) appear more than once (first: {dupes[0]!r}); "
+                           "ids must be unique")
     return Inputs("table", root, [{"image_id": i} for i in ids], table_files=files, id_column=id_col)
 
 

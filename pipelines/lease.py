@@ -50,6 +50,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from frcnn.errors import ConfigError, StorageError
 from pipelines import storage
 from pipelines.storage import Location
 
@@ -71,9 +72,9 @@ def lease_ttl() -> float:
     try:
         ttl = float(raw) if raw else DEFAULT_TTL_S
     except ValueError as exc:
-        raise ValueError(f"{TTL_ENV}={raw!r}: not a number of seconds") from exc
+        raise ConfigError(f"{TTL_ENV}={raw!r}: not a number of seconds") from exc
     if ttl <= 0:
-        raise ValueError(f"{TTL_ENV}={raw!r}: must be > 0")
+        raise ConfigError(f"{TTL_ENV}={raw!r}: must be > 0")
     return ttl
 
 
@@ -151,7 +152,7 @@ class Holder:
                 f"last heartbeat {max(time.time() - self.heartbeat, 0):.0f} s ago")
 
 
-class LeaseHeld(FileExistsError):
+class LeaseHeld(StorageError, FileExistsError):
     """The destination is being written by a live run."""
 
     def __init__(self, where: str, holder: Holder) -> None:
@@ -159,7 +160,7 @@ class LeaseHeld(FileExistsError):
         self.where, self.holder = where, holder
 
 
-class LeaseLost(OSError):
+class LeaseLost(StorageError):
     """This run's lease expired and another run took the destination over: nothing is published."""
 
 

@@ -68,6 +68,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from frcnn.config import ModelConfig
+from frcnn.errors import DatasetError
 from pipelines import lease, runtime, schema, storage
 from pipelines.datasets import DatasetSource, items_digest, open_split
 from pipelines.precompute_job import PrecomputeError, Progress, get_ledger, precompute_block
@@ -128,15 +129,15 @@ def check_output(out: str, overwrite: bool) -> Location:
 
 def model_classes(cfg: ModelConfig, dataset_classes: Sequence[str], dataset: str) -> tuple[str, ...]:
     """The model's class names (the config's when set, else the dataset's), checked against the
-    dataset's: every model class must be one of them (``ValueError`` naming those that are not)."""
+    dataset's: every model class must be one of them (``DatasetError`` naming those that are not)."""
     names = tuple(cfg.class_names) if cfg.class_names else tuple(dataset_classes)
     if len(names) != cfg.num_classes:
-        raise ValueError(f"{len(names)} class names {list(names)} for a model config with "
-                         f"num_classes={cfg.num_classes}")
+        raise DatasetError(f"{len(names)} class names {list(names)} for a model config with "
+                           f"num_classes={cfg.num_classes}")
     missing = [n for n in names if n not in set(dataset_classes)]
     if missing:
-        raise ValueError(f"model class(es) {', '.join(map(repr, missing))} not in the dataset {dataset} "
-                         f"(its classes: {', '.join(dataset_classes)}); pass --classes if its list differs")
+        raise DatasetError(f"model class(es) {', '.join(map(repr, missing))} not in the dataset {dataset} "
+                           f"(its classes: {', '.join(dataset_classes)}); pass --classes if its list differs")
     return names
 
 
@@ -277,7 +278,7 @@ def _plan(source: DatasetSource, split: str, cfg: ModelConfig, opts: PrecomputeO
     names = model_classes(cfg, reader.classes, source.shown)
     items = reader.items()
     if not items:
-        raise ValueError(f"{source.shown}: split {split!r} is empty")
+        raise DatasetError(f"{source.shown}: split {split!r} is empty")
     if reader.problems and opts.on_error == "fail":
         first = reader.problems[0]
         raise PrecomputeError(f"{first['source']}: image {first['image_id']}: {first['reason']}",

@@ -204,3 +204,65 @@ def test_anticipated_errors_become_one_line_and_bugs_keep_their_traceback(restor
     # Anything else is a bug: not turned into a line, Click's runner sees the exception itself.
     bug = CliRunner().invoke(_probe_group(KeyError("boxes")), ["probe"])
     assert bug.exit_code == 1 and isinstance(bug.exception, KeyError) and not console.anticipated(bug.exception)
+
+
+def test_the_commands_own_errors_are_typed_and_a_plain_value_error_is_a_bug():
+    import io
+
+    import torch
+
+    from frcnn.errors import ConfigError, DatasetError, JobError, StorageError
+    from frcnn.precision import autocast_dtype
+    from frcnn.training import load_checkpoint
+    from jobs.eval_detections import EvaluationError
+    from jobs.models import ModelRefError, parse_registry_ref
+    from jobs.train import NonFiniteLoss
+    from pipelines.datasets import DatasetSource, open_split
+    from pipelines.infer import AlreadyPublished
+    from pipelines.lease import LeaseHeld, LeaseLost
+
+    # The classes keep the standard bases callers catch, and are JobErrors of the kind that fits.
+    assert issubclass(EvaluationError, DatasetError) and issubclass(EvaluationError, ValueError)
+    assert issubclass(NonFiniteLoss, JobError) and issubclass(NonFiniteLoss, RuntimeError)
+    assert issubclass(AlreadyPublished, JobError) and issubclass(AlreadyPublished, RuntimeError)
+    assert issubclass(LeaseHeld, StorageError) and issubclass(LeaseHeld, FileExistsError)
+    assert issubclass(LeaseLost, StorageError)
+    assert issubclass(ModelRefError, JobError) and issubclass(ModelRefError, ValueError)
+    # Raise sites that take a user's value raise the typed kind.
+    with pytest.raises(ConfigError, match="train.amp 'fp8'") as amp:
+        autocast_dtype("fp8", torch.device("cpu"))
+    with pytest.raises(DatasetError, match="--dataset yolo needs --data-root") as layout:
+        open_split(DatasetSource("yolo"), "train")
+    with pytest.raises(ModelRefError, match="models:/a/b/c: expected models:/NAME/VERSION") as ref:
+        parse_registry_ref("models:/a/b/c")
+    not_ckpt = io.BytesIO()
+    torch.save({"model": {}}, not_ckpt)
+    not_ckpt.seek(0)
+    with pytest.raises(DatasetError, match="not an frcnn checkpoint") as ckpt:
+        load_checkpoint(not_ckpt)
+    for err in (amp.value, layout.value, ref.value, ckpt.value, NonFiniteLoss("loss became NaN/Inf at step 3"),
+                AlreadyPublished("out: published 1 of this run's 1 inputs"), LeaseLost("out: lease taken over")):
+        assert console.anticipated(err), err
+    # What is not typed stays a bug: a traceback, not a quiet line.
+    assert not console.anticipated(ValueError("expected boxes shaped (..., 4), got (3,)"))
+    assert not console.anticipated(RuntimeError("CUDA error"))
+
+
+def test_a_dataset_that_does_not_fit_the_config_is_one_line_before_ray_starts(tmp_path, restore_console):
+    from jobs.cli import main
+
+    voc = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    (voc / "ImageSets/Main/trainval.txt").write_text("000001\n")
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text("model:\n  num_classes: 1\n  class_names: [unicorn]\n")
+    args = ["precompute", "--data-root", str(voc), "--classes", "cat,dog", "--config", str(cfg),
+            "--out", str(tmp_path / "out")]
+    line = _one_error_line(CliRunner().invoke(main, args))
+    assert line == (f"model class(es) 'unicorn' not in the dataset {voc} (its classes: cat, dog); "
+                    "pass --classes if its list differs")
+    assert not (tmp_path / "out").exists()
+    verbose = CliRunner().invoke(main, ["-v", *args])
+    assert verbose.exit_code == 1
+    assert "Traceback" in verbose.output and "frcnn.errors.DatasetError" in verbose.output

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from frcnn.errors import DatasetError
 from pipelines.datasets.base import (
     DatasetSource,
     LayoutError,
@@ -66,12 +67,12 @@ def split_paths(source: DatasetSource, split: str) -> tuple[Location, Location]:
     """``(instances JSON, image folder)`` of a split."""
     if source.annotations:
         if not source.images and not source.root:
-            raise ValueError("--dataset coco --annotations FILE needs --images DIR (the images' folder)")
+            raise DatasetError("--dataset coco --annotations FILE needs --images DIR (the images' folder)")
         images = Location.of(source.images) if source.images else Location.of(source.root).child(split)
         return Location.of(source.annotations), images
     if not source.root:
-        raise ValueError("--dataset coco needs --data-root (with annotations/instances_<split>.json) or "
-                         "--annotations FILE --images DIR")
+        raise DatasetError("--dataset coco needs --data-root (with annotations/instances_<split>.json) or "
+                           "--annotations FILE --images DIR")
     root = Location.of(source.root)
     images = Location.of(source.images) if source.images else root.child(split)
     return root.child("annotations", f"instances_{split}.json"), images

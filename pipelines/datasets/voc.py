@@ -6,6 +6,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Collection, Sequence
 
+from frcnn.errors import DatasetError
 from pipelines.datasets.base import AnnotationError, DatasetSource, Read, Reader, SplitItem
 from pipelines.voc_xml import Annotation, Problem, parse_annotation
 
@@ -29,7 +30,7 @@ def open(source: DatasetSource, split: str) -> VocReader:
     from pipelines.voc import load_class_names
 
     if not source.root:
-        raise ValueError("--dataset voc needs --data-root")
+        raise DatasetError("--dataset voc needs --data-root")
     classes = tuple(source.classes) if source.classes else tuple(load_class_names(source.root))
     reader = VocReader(source, classes)
     reader.split = split

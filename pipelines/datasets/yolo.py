@@ -24,6 +24,7 @@ from collections.abc import Collection, Sequence
 
 import pyarrow.fs as pafs
 
+from frcnn.errors import DatasetError
 from pipelines.datasets.base import (
     AnnotationError,
     DatasetSource,
@@ -74,7 +75,7 @@ def open(source: DatasetSource, split: str) -> YoloReader:
     import yaml
 
     if not source.root:
-        raise ValueError("--dataset yolo needs --data-root (data.yaml or the folder holding it)")
+        raise DatasetError("--dataset yolo needs --data-root (data.yaml or the folder holding it)")
     yml = _yaml_location(source.root)
     try:
         doc = yaml.safe_load(yml.read_bytes())
