@@ -27,6 +27,7 @@ share one set of shards.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from frcnn.training import TrainConfig
 from frcnn.typed_config import flatten
 
 from . import console, options, tracking
+
+log = logging.getLogger(__name__)
 
 SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 _SEARCH = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*(\w+)\((.*)\)\s*$")
@@ -225,7 +228,32 @@ def _tuner(plan: TrialPlan, dims: Sequence[Dimension], sched: Scheduling, epochs
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=epochs,
                                     grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)),
         run_config=tune.RunConfig(name=plan.sweep_name, storage_path=plan.storage_path,
-                                  verbose=1 if console.verbose() else 0))
+                                  verbose=1 if console.verbose() else 0, callbacks=[_released_trials()]))
+
+
+def _released_trials():
+    """A Tune callback that gives back what a stopped trial's Ray Train run held: when ASHA stops
+    a trial, Tune ends its actor and the Train controller with it, but the workers' placement
+    group outlives them while this driver runs (``pipelines.runtime.release_orphaned_placement_groups``).
+    Checked every couple of seconds of Tune's loop, so the next trial gets the CPUs and GPUs."""
+    import time
+
+    from ray import tune
+
+    from pipelines.runtime import release_orphaned_placement_groups
+
+    class ReleaseStoppedTrials(tune.Callback):
+        def __init__(self) -> None:
+            self._next = 0.0
+
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            if time.monotonic() >= self._next:
+                self._next = time.monotonic() + 2.0
+                released = release_orphaned_placement_groups()
+                if released:
+                    log.debug("released %d placement group(s) of stopped trials", released)
+
+    return ReleaseStoppedTrials()
 
 
 def run_sweep(data: str, val_data: str, dims: Sequence[Dimension], *, model_cfg: ModelConfig | None = None,

@@ -21,6 +21,7 @@ __all__ = [
     "driver_niceness",
     "init_ray",
     "match_priority",
+    "release_orphaned_placement_groups",
     "retried_io_patterns",
     "stop_local_ray",
 ]
@@ -121,6 +122,34 @@ def _start_local(reserved_cpus: float, log_to_driver: bool) -> None:
 
 
 _STARTED_HERE = False
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose creating actor has died; return how many.
+
+    Ray ends a placement group when both the job and the actor that created it are gone. A Ray
+    Train controller that Ray Tune stops with its trial (an ASHA stop) leaves its workers'
+    placement group reserved for as long as the sweep's driver lives, and the next trial waits
+    for CPUs that never come back. Ray Train's own cleaner for this asks the State API, which a
+    local instance started without the dashboard does not serve. Placement groups made by a
+    driver (Tune's own) or detached ones are left alone.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    table = gcs_pb2.PlacementGroupTableData
+    live = {table.PENDING, table.PREPARED, table.CREATED, table.RESCHEDULING}
+    released = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = table.FromString(raw)
+        creator = ray.ActorID(pg.creator_actor_id) if pg.creator_actor_id else None
+        if (pg.state in live and not pg.is_detached and pg.creator_actor_dead and creator is not None
+                and not creator.is_nil()):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            released += 1
+    return released
 
 
 def match_priority(niceness: int | None) -> None:

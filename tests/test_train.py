@@ -22,6 +22,8 @@ from frcnn.training import TrainConfig, load_checkpoint, model_from_checkpoint
 from jobs.train_loop import StepContext, TrainCallback
 from pipelines.synth import SYNTH_CLASSES
 
+from .procs import frcnn_jobs, group_ends, interrupt_when
+
 CANVAS = 128
 
 pytestmark = pytest.mark.integration
@@ -291,23 +293,13 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     config = tmp_path / "train.yaml"
     config.write_text("train: {checkpoint_every: 1, log_every: 1, warmup_steps: 1, batch_size: 2}\n")
     storage = tmp_path / "ray"
-    exe = str(Path(sys.executable).parent / "frcnn-jobs")
-    cmd = [exe, "train", "--data", shards["train"], "--workers", "1", "--config", str(config), "--epochs", "12",
-           "--experiment", "sigint", "--storage-path", str(storage), "--model-name", "sigint-test",
-           "--progress-every", "1"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(storage.glob("train-*/epoch-0001")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, (out, err)
+    cmd = frcnn_jobs("train", "--data", shards["train"], "--workers", "1", "--config", str(config), "--epochs", "12",
+                     "--experiment", "sigint", "--storage-path", str(storage), "--model-name", "sigint-test",
+                     "--progress-every", "1")
+    stopped = interrupt_when(cmd, lambda: bool(list(storage.glob("train-*/epoch-0001"))), cwd=tmp_path)
+    out, err = stopped.out, stopped.err
+    assert stopped.status == 130, (out, err)
+    assert group_ends(stopped.pgid), subprocess.getoutput(f"pgrep -a -g {stopped.pgid}")  # Ray's processes too
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sigint").experiment_id])
     assert run.info.status == "KILLED" and run.info.run_name == "train-tiny-synth-1w"
@@ -323,7 +315,8 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     assert "PlacementGroupCleaner" not in out + err and "Execution plan" not in out + err, (out, err)
     assert all(line.startswith(("MLflow run", "train ")) for line in out.splitlines() if line.strip()), out
 
-    done = subprocess.run([exe, *shlex.split(resume)[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(frcnn_jobs(*shlex.split(resume)[1:]), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, (done.stdout, done.stderr)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"

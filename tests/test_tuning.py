@@ -4,6 +4,8 @@ stopping, and a two-trial ``sweep`` that ASHA must cut short."""
 from __future__ import annotations
 
 import re
+import subprocess
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -11,6 +13,8 @@ from click.testing import CliRunner
 from frcnn import tiny_config
 from frcnn.training import load_checkpoint
 from pipelines.synth import SYNTH_CLASSES
+
+from .procs import frcnn_jobs, group_ends, interrupt_when
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +124,72 @@ def test_sweep_parent_and_child_runs_one_stopped_early_best_registered(shards, t
     assert parent.data.tags["frcnn.best_run_id"] == good.info.run_id
     assert [t["stopped_early"] for t in sorted(res.trials, key=lambda t: t["run_id"] != good.info.run_id)] == \
         [False, True]
+
+
+def test_ctrl_c_stops_every_trial_and_marks_the_runs_killed(shards, tracking_uri, tmp_path):
+    """A real ``frcnn-jobs sweep`` process gets SIGINT (its whole process group, as a terminal's
+    Ctrl-C) while its first trial trains: it exits 130, the sweep run and every trial run that
+    had started are KILLED (none left RUNNING), nothing is registered, and no process of it lives on."""
+    from mlflow.tracking import MlflowClient
+
+    cmd = frcnn_jobs("sweep", "--data", shards["train"], "--val-data", shards["val"], "--experiment", "sweep-int",
+                     "--storage-path", str(tmp_path / "ray"), "--model-name", "sweep-int", "--epochs", "30",
+                     "--trials", "1", "--search", "train.base_lr=grid(0.01, 0.02)", "--set", "train.batch_size=2",
+                     "--set", "train.log_every=1", "--set", "train.warmup_steps=1")
+    client = MlflowClient(tracking_uri)
+
+    def first_trial_trains() -> bool:
+        exp = client.get_experiment_by_name("sweep-int")
+        runs = [] if exp is None else client.search_runs([exp.experiment_id], "tags.`frcnn.job` = 'sweep-trial'")
+        return any("train/loss_total" in r.data.metrics for r in runs)
+
+    stopped = interrupt_when(cmd, first_trial_trains, cwd=tmp_path, wait_s=400)
+    out, err = stopped.out, stopped.err
+    assert stopped.status == 130, (out, err)
+    assert "interrupted: every trial is stopped" in err and "Traceback" not in err, err
+    exp = client.get_experiment_by_name("sweep-int").experiment_id
+    runs = client.search_runs([exp])
+    (parent,) = [r for r in runs if r.data.tags["frcnn.job"] == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "KILLED"
+    assert trials and {r.info.status for r in trials} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in trials]
+    assert client.search_registered_models("name = 'sweep-int'") == []
+    # Ray's processes, started by the sweep, end with it.
+    assert group_ends(stopped.pgid), subprocess.getoutput(f"pgrep -a -g {stopped.pgid}")
+
+
+def test_placement_group_of_a_dead_actor_is_released_a_drivers_is_kept(ray_session):
+    """What an ASHA stop leaves: an actor (a Ray Train controller) that made a placement group
+    dies while the job lives on, and Ray keeps the group reserved. The sweep releases it; a group
+    the driver made (Tune's own) stays."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from pipelines.runtime import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self) -> str:
+            pg = placement_group([{"CPU": 1}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    def state(pg_id: str) -> str:
+        return placement_group_table()[pg_id]["state"]
+
+    drivers = placement_group([{"CPU": 0.5}])
+    ray.get(drivers.ready())
+    controller = Controller.remote()
+    orphan = ray.get(controller.reserve.remote())
+    release_orphaned_placement_groups()
+    assert state(orphan) == "CREATED"  # its creator lives
+    ray.kill(controller)
+    time.sleep(1)
+    assert state(orphan) == "CREATED"  # Ray keeps it while the job lives
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and state(orphan) != "REMOVED":
+        release_orphaned_placement_groups()
+        time.sleep(0.5)
+    assert state(orphan) == "REMOVED"
+    assert state(drivers.id.hex()) == "CREATED"
+    remove_placement_group(drivers)
