@@ -5,13 +5,15 @@
 generates shapes, precomputes them, trains the tiny detector (one run) and sweeps two settings of
 it (a parent run and its trials) into ``<workdir>/mlflow.db``, starts ``frcnn-jobs ui`` on it and
 writes ``docs/mlflow-ui-train-run-metrics.png`` (the training run's Model metrics tab) and
-``docs/mlflow-ui-sweep-trials.png`` (the sweep's trials compared in the experiment's chart view).
-Needs ``chromium`` (Debian's package).
+``docs/mlflow-ui-sweep-trials.png`` (the sweep's parent run expanded in the experiment's chart
+view, the trials' val mAP@0.5 side by side), both in MLflow's "Model training" mode. Needs
+``chromium`` (Debian's package); ``benchmarks/cdp.py`` drives it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -56,23 +58,41 @@ def serve(work: Path, port: int, env: dict) -> subprocess.Popen:
 
 
 def take(work: Path, port: int) -> None:
+    """Both pictures, in MLflow's "Model training" mode (no assistant panel)."""
+    import urllib.parse
+
     from mlflow.tracking import MlflowClient
 
-    from jobs.ui import screenshot
+    from .cdp import drive
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("frcnn-ui")
     (train,) = client.search_runs([exp.experiment_id], "tags.`frcnn.job` = 'train'")
     base = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
-    screenshot(f"{base}/runs/{train.info.run_id}/model-metrics", str(DOCS / "mlflow-ui-train-run-metrics.png"),
-               size=(1600, 2200), wait_ms=120_000)  # tall enough for the val section's map50 chart
-    # The sweep's parent run and its trials side by side (the experiment's chart view collapses the
-    # trials under their parent and leads with system metrics).
-    sweep_runs = client.search_runs([exp.experiment_id], "tags.`frcnn.job` LIKE 'sweep%'")
-    ids = ",".join(f'"{r.info.run_id}"' for r in sweep_runs)
-    screenshot(f"http://127.0.0.1:{port}/#/compare-runs?runs=[{ids}]&experiments=[\"{exp.experiment_id}\"]",
-               str(DOCS / "mlflow-ui-sweep-trials.png"),
-               size=(1600, 1200), wait_ms=120_000)
+    training_mode = "b.innerText.trim() === 'Model training'"
+
+    async def train_run(page) -> None:
+        await page.open(f"{base}/runs", settle_s=15)
+        await page.click(training_mode)  # the mode switch opens the runs list: then go to the run
+        await page.js(f"location.hash = '#/experiments/{exp.experiment_id}/runs/{train.info.run_id}/model-metrics'")
+        await asyncio.sleep(15)
+        await page.click("b.getAttribute('aria-label') === 'Close'", required=False, settle_s=15)  # the assistant
+        await page.screenshot(DOCS / "mlflow-ui-train-run-metrics.png")
+
+    async def sweep(page) -> None:
+        # The sweep's parent run expanded to show its trials, in the chart view, charts searched to mAP.
+        query = urllib.parse.quote("tags.`frcnn.job` LIKE 'sweep%'")
+        await page.open(f"{base}/runs?searchFilter={query}", settle_s=15)
+        await page.click(training_mode)
+        await page.click("(b.getAttribute('data-component-id') || '').includes('runnamecellrenderer')")
+        await page.js("location.hash = location.hash + '&compareRunsMode=CHART'")
+        await asyncio.sleep(10)
+        await page.click("b.getAttribute('aria-label') === 'Close'", required=False)  # the assistant
+        await page.type_into('input[placeholder="Search metric charts"]', "map50", settle_s=20)
+        await page.screenshot(DOCS / "mlflow-ui-sweep-trials.png")
+
+    drive((1600, 2000), train_run)  # tall enough for the val section's map50 chart
+    drive((1600, 900), sweep)
 
 
 def main() -> None:

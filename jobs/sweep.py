@@ -434,7 +434,7 @@ def sweep_cmd(ctx, data, val_data, config_path, overrides, searches, search_file
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every trial is stopped; the sweep run and its unfinished trial runs are KILLED",
                    err=True)
-        ctx.exit(130)
+        ctx.exit(console.exit_status())
 
 
 COMMANDS = [sweep_cmd]

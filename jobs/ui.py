@@ -27,24 +27,6 @@ def ui_url(port: int = 5000, host: str = "127.0.0.1") -> str:
     return f"http://{shown}:{port}"
 
 
-# Headless Chromium for a root user on a machine without a screen or network: no sandbox, no GPU,
-# and none of the background connections (updates, sync) a closed network refuses.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
-
-
-def screenshot(url: str, out: str, *, size: tuple[int, int] = (1600, 1000), wait_ms: int = 30_000,
-               chromium: str = "chromium") -> None:
-    """A PNG of ``url`` as headless Chromium renders it after ``wait_ms`` of page time (the MLflow
-    UI draws its charts after fetching the metric histories)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="frcnn-chromium-") as profile:
-        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-               f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-
-
 @click.command("ui")
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)

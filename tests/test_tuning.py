@@ -4,6 +4,7 @@ stopping, and a two-trial ``sweep`` that ASHA must cut short."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 
@@ -126,10 +127,14 @@ def test_sweep_parent_and_child_runs_one_stopped_early_best_registered(shards, t
         [False, True]
 
 
-def test_ctrl_c_stops_every_trial_and_marks_the_runs_killed(shards, tracking_uri, tmp_path):
+@pytest.mark.parametrize(("sig", "group", "status"), [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_stops_every_trial_and_marks_the_runs_killed(shards, tracking_uri, tmp_path, sig, group,
+                                                                   status):
     """A real ``frcnn-jobs sweep`` process gets SIGINT (its whole process group, as a terminal's
-    Ctrl-C) while its first trial trains: it exits 130, the sweep run and every trial run that
-    had started are KILLED (none left RUNNING), nothing is registered, and no process of it lives on."""
+    Ctrl-C) or SIGTERM (the driver alone, as a scheduler sends it) while its first trial trains:
+    it exits 130 or 143, the sweep run and every trial run that had started are KILLED (none left
+    RUNNING), nothing is registered, and no process of it lives on."""
     from mlflow.tracking import MlflowClient
 
     cmd = frcnn_jobs("sweep", "--data", shards["train"], "--val-data", shards["val"], "--experiment", "sweep-int",
@@ -143,9 +148,9 @@ def test_ctrl_c_stops_every_trial_and_marks_the_runs_killed(shards, tracking_uri
         runs = [] if exp is None else client.search_runs([exp.experiment_id], "tags.`frcnn.job` = 'sweep-trial'")
         return any("train/loss_total" in r.data.metrics for r in runs)
 
-    stopped = interrupt_when(cmd, first_trial_trains, cwd=tmp_path, wait_s=400)
+    stopped = interrupt_when(cmd, first_trial_trains, cwd=tmp_path, sig=sig, group=group, wait_s=400)
     out, err = stopped.out, stopped.err
-    assert stopped.status == 130, (out, err)
+    assert stopped.status == status, (out, err)
     assert "interrupted: every trial is stopped" in err and "Traceback" not in err, err
     exp = client.get_experiment_by_name("sweep-int").experiment_id
     runs = client.search_runs([exp])
