@@ -61,3 +61,15 @@ def group_ends(pgid: int, within_s: float = 60) -> bool:
             return True
         time.sleep(1)
     return False
+
+
+def printed_resume(err: str) -> list[str]:
+    """The ``--resume`` command an interrupted ``train`` printed, without the ``--address`` it
+    repeats from a ``RAY_ADDRESS`` set in the environment."""
+    import re
+    import shlex
+
+    cmd = shlex.split(re.search(r"continue with:\n  (.+)", err).group(1))
+    if "--address" in cmd:
+        del cmd[cmd.index("--address"):cmd.index("--address") + 2]
+    return cmd

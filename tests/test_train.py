@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from frcnn.training import TrainConfig, load_checkpoint, model_from_checkpoint
 from jobs.train_loop import StepContext, TrainCallback
 from pipelines.synth import SYNTH_CLASSES
 
-from .procs import frcnn_jobs, group_ends, interrupt_when
+from .procs import frcnn_jobs, group_ends, interrupt_when, printed_resume
 
 CANVAS = 128
 
@@ -309,13 +308,13 @@ def test_ctrl_c_stops_cleanly_marks_killed_and_resume_continues(shards, tracking
     assert re.fullmatch(r"epoch-\d{4}", Path(ckpt).name) and Path(ckpt).parent.parent == storage, err
     assert reached >= max(logged, load_checkpoint(f"{ckpt}/{CHECKPOINT_FILE}")["step"])
     assert f"MLflow run {run.info.run_id} is KILLED" in err, err
-    resume = re.search(r"continue with:\n  (.+)", err).group(1)
-    assert shlex.split(resume) == ["frcnn-jobs", *cmd[1:], "--resume", run.info.run_id]
+    resume = printed_resume(err)
+    assert resume == ["frcnn-jobs", *cmd[1:], "--resume", run.info.run_id]
     # Quiet: our lines, not Ray's worker logs or Ray Data's operator stream.
     assert "PlacementGroupCleaner" not in out + err and "Execution plan" not in out + err, (out, err)
     assert all(line.startswith(("MLflow run", "train ")) for line in out.splitlines() if line.strip()), out
 
-    done = subprocess.run(frcnn_jobs(*shlex.split(resume)[1:]), cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run(frcnn_jobs(*resume[1:]), cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, (done.stdout, done.stderr)
     run = client.get_run(run.info.run_id)
@@ -360,8 +359,6 @@ def test_sigterm_stops_like_ctrl_c_and_a_second_attempt_is_refused_meanwhile(sha
     assert proc.returncode == 143, (out, err)
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert f"MLflow run {run.info.run_id} is KILLED" in err and "Traceback" not in err, err
-    resume = shlex.split(re.search(r"continue with:\n  (.+)", err).group(1))
-    if "--address" in resume:  # RAY_ADDRESS set in the environment is repeated as --address
-        del resume[resume.index("--address"):resume.index("--address") + 2]
+    resume = printed_resume(err)
     assert resume == ["frcnn-jobs", *cmd[1:], "--resume", run.info.run_id]
     assert not (storage / "_staging").exists()  # the run's lease is released
