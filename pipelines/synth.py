@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipelines.synth_layouts import CocoWriter, YoloWriter, category_ids
 from pipelines.voc import CLASSES_FILE, xyxy_to_voc
 
-__all__ = ["SYNTH_CLASSES", "SPLITS", "VOC_LIKE_SIZES", "generate", "render_image", "shape_mask"]
+__all__ = ["CATEGORY_IDS", "SYNTH_CLASSES", "SPLITS", "VOC_LIKE_SIZES", "generate", "render_image", "shape_mask"]
 
 SYNTH_CLASSES: tuple[str, ...] = ("ellipse", "rectangle", "triangle", "cross", "diamond")
 # An approximation of PASCAL VOC 2007's image sizes (long side 500 px; landscape 500x375 and
@@ -39,6 +40,7 @@ VOC_LIKE_SIZES: tuple[tuple[int, int], ...] = (
     (400, 500), (500, 500),
 )
 SPLITS: tuple[str, ...] = ("train", "val", "trainval", "test")
+CATEGORY_IDS = category_ids(SYNTH_CLASSES)  # the COCO layout's: 1, 3, 5, 7, 9
 YEAR_DIR = "VOC2007"
 JPEG_QUALITY = 90
 
@@ -364,11 +366,9 @@ def generate(
     ``VOC_LIKE_SIZES``). Split lists are written last, so a reader never takes a half-written
     directory for a complete dataset.
     """
-    from pipelines.synth_layouts import writer_for
-
     _check_args(n_images, min_size, max_size, sizes)
     sizes = None if sizes is None else [(int(w), int(h)) for w, h in sizes]
-    writer = writer_for(format, Path(out))
+    writer = _writer(format, Path(out))
     # Child i of the seed sequence depends only on (seed, i): image i is stable across n_images.
     split_seed, *image_seeds = np.random.SeedSequence(seed).spawn(n_images + 1)
     stats: Counter[str] = Counter()
@@ -391,6 +391,13 @@ def generate(
     splits = _split_ids(ids, np.random.default_rng(split_seed))
     writer.finish(splits)
     return _summary(out, writer.root, format, splits, stats)
+
+
+def _writer(fmt: str, out: Path):
+    writers = {"voc": VocWriter, "coco": CocoWriter, "yolo": YoloWriter}
+    if fmt not in writers:
+        raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(writers)}")
+    return VocWriter(out) if fmt == "voc" else writers[fmt](out, SYNTH_CLASSES, SPLITS)
 
 
 def _summary(out, root: Path, fmt: str, splits: dict[str, list[str]], stats: Counter[str]) -> dict[str, Any]:

@@ -21,21 +21,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.synth import SPLITS, SYNTH_CLASSES, VocWriter
-
-__all__ = ["CATEGORY_IDS", "CocoWriter", "YoloWriter", "writer_for"]
-
-CATEGORY_IDS = tuple(2 * k + 1 for k in range(len(SYNTH_CLASSES)))
+__all__ = ["CocoWriter", "YoloWriter", "category_ids"]
 
 
-def writer_for(fmt: str, out: Path):
-    writers = {"voc": VocWriter, "coco": CocoWriter, "yolo": YoloWriter}
-    if fmt not in writers:
-        raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(writers)}")
-    return writers[fmt](out)
+def category_ids(classes: Sequence[str]) -> tuple[int, ...]:
+    """The COCO layout's category id of each class: ``1, 3, 5, ...``."""
+    return tuple(2 * k + 1 for k in range(len(classes)))
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -50,8 +45,9 @@ def _link(src: Path, dst: Path) -> None:
 class _SplitImages:
     """Images written once into a pool folder, linked into each split's folder at the end."""
 
-    def __init__(self, out: Path, pool: str) -> None:
+    def __init__(self, out: Path, pool: str, classes: Sequence[str], splits: Sequence[str]) -> None:
         self.root = out
+        self.classes, self.splits = tuple(classes), tuple(splits)
         self.pool = out / pool
         self.pool.mkdir(parents=True, exist_ok=True)
         self.meta: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}
@@ -62,14 +58,15 @@ class _SplitImages:
 
 
 class CocoWriter(_SplitImages):
-    def __init__(self, out: Path) -> None:
-        super().__init__(out, ".images")
+    def __init__(self, out: Path, classes: Sequence[str], splits: Sequence[str]) -> None:
+        super().__init__(out, ".images", classes, splits)
         (out / "annotations").mkdir(parents=True, exist_ok=True)
 
     def finish(self, splits: dict[str, list[str]]) -> None:
-        categories = [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(CATEGORY_IDS, SYNTH_CLASSES)]
-        cat_of = dict(zip(SYNTH_CLASSES, CATEGORY_IDS))
-        for split in SPLITS:
+        ids = category_ids(self.classes)
+        categories = [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(ids, self.classes)]
+        cat_of = dict(zip(self.classes, ids))
+        for split in self.splits:
             images, anns = [], []
             for image_id in splits[split]:
                 _link(self.pool / f"{image_id}.jpg", self.root / split / f"{image_id}.jpg")
@@ -87,12 +84,12 @@ class CocoWriter(_SplitImages):
 
 
 class YoloWriter(_SplitImages):
-    def __init__(self, out: Path) -> None:
-        super().__init__(out, ".images")
+    def __init__(self, out: Path, classes: Sequence[str], splits: Sequence[str]) -> None:
+        super().__init__(out, ".images", classes, splits)
 
     def finish(self, splits: dict[str, list[str]]) -> None:
-        label_of = {n: k for k, n in enumerate(SYNTH_CLASSES)}
-        for split in SPLITS:
+        label_of = {n: k for k, n in enumerate(self.classes)}
+        for split in self.splits:
             for image_id in splits[split]:
                 _link(self.pool / f"{image_id}.jpg", self.root / "images" / split / f"{image_id}.jpg")
                 width, height, objects = self.meta[image_id]
@@ -106,6 +103,6 @@ class YoloWriter(_SplitImages):
                 label = self.root / "labels" / split / f"{image_id}.txt"
                 label.parent.mkdir(parents=True, exist_ok=True)
                 label.write_text("".join(lines), encoding="utf-8")
-        names = "".join(f"  {k}: {n}\n" for k, n in enumerate(SYNTH_CLASSES))
-        splits_yaml = "".join(f"{s}: images/{s}\n" for s in SPLITS)
+        names = "".join(f"  {k}: {n}\n" for k, n in enumerate(self.classes))
+        splits_yaml = "".join(f"{s}: images/{s}\n" for s in self.splits)
         (self.root / "data.yaml").write_text(f"path: .\n{splits_yaml}names:\n{names}", encoding="utf-8")

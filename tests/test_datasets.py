@@ -16,8 +16,7 @@ from frcnn import tiny_config
 from pipelines.datasets import DatasetSource, LayoutError, open_split, parse_item
 from pipelines.precompute_rows import process_item
 from pipelines.storage import Location
-from pipelines.synth import SYNTH_CLASSES, generate
-from pipelines.synth_layouts import CATEGORY_IDS
+from pipelines.synth import CATEGORY_IDS, SYNTH_CLASSES, generate
 
 N = 12
 N_TRAINVAL = 10  # generate()'s trainval share of 12 images
