@@ -117,7 +117,11 @@ def test_sweep_parent_and_child_runs_one_stopped_early_best_registered(shards, t
     assert good.data.params["train.epochs"] == "3" and good.data.params["sweep.model.roi.score_thresh"] == "0.0"
     good_maps = [m.value for m in client.get_metric_history(good.info.run_id, "val/map50")]
     bad_maps = [m.value for m in client.get_metric_history(bad.info.run_id, "val/map50")]
-    assert len(good_maps) == 3 and 1 <= len(bad_maps) < 3 and set(bad_maps) == {0.0}, (good_maps, bad_maps)
+    assert len(good_maps) == 3 and bad_maps and set(bad_maps) == {0.0}, (good_maps, bad_maps)
+    # Tune stopped the second trial after the one epoch of its first rung. (Its workers do not wait
+    # for Tune's decision, so on these tiny epochs its run may log another epoch or two first.)
+    by_run = {t["run_id"]: t for t in res.trials}
+    assert by_run[good.info.run_id]["epochs"] == 3 and by_run[bad.info.run_id]["epochs"] == 1, res.trials
     assert client.get_metric_history(bad.info.run_id, "train/loss_total")
     # The best trial's model is registered, from its own run.
     assert res.best_run_id == good.info.run_id and res.model_version == "1"
