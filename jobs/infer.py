@@ -73,9 +73,7 @@ def run_infer(model_uri: str, input_uri: str, output_uri: str, options: Any = No
 
     from .models import resolve_model
 
-    if options is not None and option_fields:
-        raise TypeError("pass options or its fields as keywords, not both")
-    job = InferJob(options or InferOptions(**option_fields), address, experiment, tracking_uri)
+    job = InferJob(InferOptions.given(options, option_fields), address, experiment, tracking_uri)
     opts, t0 = job.options, time.monotonic()
     wait_free(output_lease(Location.of(output_uri)), opts.wait, where=Location.of(output_uri).shown,
               on_wait=lambda line: print(line, flush=True) if opts.progress else None)

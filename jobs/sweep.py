@@ -418,7 +418,7 @@ def sweep_cmd(ctx, data, val_data, config_path, overrides, searches, search_file
               grace_period, reduction_factor, seed, workers, cpus_per_worker, gpus_per_worker, experiment, address,
               storage_path, model_name):
     """Search config keys with Ray Tune and ASHA; each trial is a Ray Train run and an MLflow child
-    run; the best trial's model is registered. Ctrl-C stops every trial (exit status 130)."""
+    run; the best trial's model is registered. Ctrl-C or SIGTERM stops every trial (exit status 130 / 143)."""
     from .train import resolve_configs
 
     dims = parse_space(searches, search_file)

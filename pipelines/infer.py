@@ -164,6 +164,13 @@ class InferOptions:
         if min(self.batch_size, self.concurrency, self.rows_per_file) < 1:
             raise ValueError("batch_size, concurrency and rows_per_file must be >= 1")
 
+    @classmethod
+    def given(cls, options: InferOptions | None, fields: dict[str, Any]) -> InferOptions:
+        """``options``, or one made of its ``fields`` (the keyword form of the run functions)."""
+        if options is not None and fields:
+            raise TypeError("pass options or its fields as keywords, not both")
+        return options or cls(**fields)
+
     @property
     def resources(self) -> PredictorResources:
         return PredictorResources(batch_size=self.batch_size, concurrency=self.concurrency,
@@ -219,9 +226,7 @@ def run_inference(input_uri: str | Location, output_uri: str | Location, checkpo
     once). Uses the running Ray instance, or starts a local one. Raises on any failure (and on
     Ctrl-C or SIGTERM) after deleting its staging folder; nothing is published then.
     """
-    if options is not None and option_fields:
-        raise TypeError("pass options or its fields as keywords, not both")
-    opts = options or InferOptions(**option_fields)
+    opts = InferOptions.given(options, option_fields)
     checkpoint = bytes(checkpoint)
     model = model or ModelIdentity.of_checkpoint(checkpoint, uri="<bytes>")
     run = run_name or new_run_name()

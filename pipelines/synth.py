@@ -394,10 +394,12 @@ def generate(
 
 
 def _writer(fmt: str, out: Path):
-    writers = {"voc": VocWriter, "coco": CocoWriter, "yolo": YoloWriter}
-    if fmt not in writers:
-        raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(writers)}")
-    return VocWriter(out) if fmt == "voc" else writers[fmt](out, SYNTH_CLASSES, SPLITS)
+    layouts = {"coco": CocoWriter, "yolo": YoloWriter}
+    if fmt == "voc":
+        return VocWriter(out)
+    if fmt not in layouts:
+        raise ValueError(f"unknown format {fmt!r}; supported: voc, {', '.join(layouts)}")
+    return layouts[fmt](out, SYNTH_CLASSES, SPLITS)
 
 
 def _summary(out, root: Path, fmt: str, splits: dict[str, list[str]], stats: Counter[str]) -> dict[str, Any]:
